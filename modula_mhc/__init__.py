@@ -1,0 +1,13 @@
+"""modula_mhc: modular-norm networks, manifold Muon and manifold-constrained hyper-connections.
+
+    import modula_mhc as mm
+    from modula_mhc import atoms, bonds, compounds
+    net = atoms.Linear(64, 10) @ bonds.ReLU() @ atoms.Linear(784, 64)
+    net.mass, net.sensitivity, net.sharpness, net.norm()
+"""
+from . import kernels, manifolds  # noqa: F401  (atoms need manifolds)
+from . import atoms, bonds, compounds, optim, symbolic  # noqa: F401
+from .algebra import Compose, Parallel, Scale, Sum, repeat, residual  # noqa: F401
+from .module import Atom, Bond, Module, Sharpness  # noqa: F401
+
+__version__ = "0.1.0"

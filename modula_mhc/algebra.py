@@ -1,0 +1,378 @@
+"""The composition algebra: ``@`` (composition), ``+`` (sum on one input), tuples (parallel),
+``a * M`` (scalar multiple), ``M ** L`` (depth) and the residual helper.
+
+Each construction derives mass μ, sensitivity ν, sharpness (α, β, γ) and norm coefficients from
+its parts (rules in docs/algebra.md):
+
+=================  =========  =========  ==============================================
+construction       mass       sens.      norm of (w1, w2)
+=================  =========  =========  ==============================================
+M2 ∘ M1            μ1+μ2      ν1·ν2      max(ν2·(μ/μ1)‖w1‖, (μ/μ2)‖w2‖)
+(M1, M2), M1+M2    μ1+μ2      ν1+ν2      max((μ/μ1)‖w1‖, (μ/μ2)‖w2‖)
+a·M                μ          |a|·ν      |a|·‖w‖
+=================  =========  =========  ==============================================
+
+Terms with μ_i = 0 drop out, so modules without weights never divide by zero.
+"""
+from __future__ import annotations
+
+import copy
+
+import sympy
+import torch
+from torch import nn
+
+from . import scalars as S
+from .module import Atom, Bond, Module, Sharpness
+
+
+def _merge(target: dict, source: dict, factor):
+    """Add scaled coefficients; an atom reached along two paths keeps the larger one."""
+    for atom, c in source.items():
+        c = c * factor
+        target[atom] = S.maximum(target[atom], c) if atom in target else c
+
+
+def _dim_str(m):
+    return f"{type(m).__name__}(in={m.in_dim}, out={m.out_dim})"
+
+
+def _dims_conflict(a, b):
+    return a is not None and b is not None and S.is_number(a) and S.is_number(b) and not isinstance(a, tuple) \
+        and not isinstance(b, tuple) and a != b
+
+
+def compose2_sharpness(m2_mass, m2_sens, m2_sharp, m1_mass, m1_sens, m1_sharp):
+    """Sharpness of M2 ∘ M1 (derivation in docs/algebra.md). With p1 = μ1/(μν2), p2 = μ2/μ:
+    α = α2 p2² + 2β2 p1 p2 + (γ2 + ν2 α1) p1²,  β = β2 ν1 p2 + (γ2 ν1 + ν2 β1) p1,
+    γ = γ2 ν1² + ν2 γ1."""
+    a1, b1, g1 = m1_sharp
+    a2, b2, g2 = m2_sharp
+    mu = m1_mass + m2_mass
+    m = S.product  # 0·∞ = 0: a term that cannot occur contributes nothing
+    gamma = m(g2, m1_sens ** 2) + m(m2_sens, g1)
+    if S.is_zero(mu):
+        return Sharpness(0.0, 0.0, gamma)
+    p2 = 0 if S.is_zero(m2_mass) else m2_mass / mu
+    p1 = 0 if (S.is_zero(m1_mass) or S.is_zero(m2_sens)) else m1_mass / (mu * m2_sens)
+    alpha = m(a2, p2 ** 2) + 2 * m(b2, p1, p2) + m(g2, p1 ** 2) + m(m2_sens, a1, p1 ** 2)
+    beta = m(b2, m1_sens, p2) + m(g2, m1_sens, p1) + m(m2_sens, b1, p1)
+    return Sharpness(alpha, beta, gamma)
+
+
+class Compose(Module):
+    """Sequential composition; ``mods`` in execution order (``M2 @ M1`` runs M1 first)."""
+
+    def __init__(self, *mods):
+        super().__init__()
+        flat = []
+        for m in mods:
+            if not isinstance(m, Module):
+                raise TypeError(f"cannot compose {type(m).__name__}: expected a modula_mhc Module")
+            flat.extend(m.layers if type(m) is Compose else [m])
+        # propagate widths into dimension-agnostic neighbours, then validate
+        for _ in range(2):
+            for prev, nxt in zip(flat, flat[1:]):
+                if nxt.in_dim is None and nxt.preserves_dim and prev.out_dim is not None:
+                    nxt.bind_dim(prev.out_dim)
+                if prev.out_dim is None and prev.preserves_dim and nxt.in_dim is not None:
+                    prev.bind_dim(nxt.in_dim)
+        for prev, nxt in zip(flat, flat[1:]):
+            if _dims_conflict(prev.out_dim, nxt.in_dim):
+                raise ValueError(f"shape mismatch in composition: {_dim_str(nxt)} @ {_dim_str(prev)}: "
+                                 f"the output width {prev.out_dim} of {type(prev).__name__} does not match "
+                                 f"the input width {nxt.in_dim} of {type(nxt).__name__}")
+        self.layers = nn.ModuleList(flat)
+        self.in_dim = next((m.in_dim for m in flat if m.in_dim is not None or not m.preserves_dim), None)
+        out = None
+        for m in flat:
+            if m.out_dim is not None or not m.preserves_dim:
+                out = m.out_dim
+        self.out_dim = out
+        self.preserves_dim = all(m.preserves_dim for m in flat)
+
+    def forward(self, x):
+        for m in self.layers:
+            x = m(x)
+        return x
+
+    @property
+    def mass(self):
+        return sum((m.mass for m in self.layers), 0.0)
+
+    @property
+    def sensitivity(self):
+        nu = 1.0
+        for m in self.layers:
+            nu = nu * m.sensitivity
+        return nu
+
+    @property
+    def sharpness(self):
+        mass, sens, sharp = 0.0, 1.0, Sharpness(0.0, 0.0, 0.0)
+        for m in self.layers:
+            sharp = compose2_sharpness(m.mass, m.sensitivity, m.sharpness, mass, sens, sharp)
+            mass, sens = mass + m.mass, sens * m.sensitivity
+        return sharp
+
+    def _coefficient_map(self):
+        mu = self.mass
+        out = {}
+        if S.is_zero(mu):
+            return out
+        after = 1.0  # product of sensitivities of the modules after layer i
+        for m in reversed(self.layers):
+            if not S.is_zero(m.mass) and not S.is_zero(after):
+                _merge(out, m._coefficient_map(), after * mu / m.mass)
+            after = after * m.sensitivity
+        return out
+
+
+class _Branches(Module):
+    """Shared rules of modules that apply several branches to one input."""
+
+    def __init__(self, *mods):
+        super().__init__()
+        for m in mods:
+            if not isinstance(m, Module):
+                raise TypeError(f"expected modula_mhc Modules, got {type(m).__name__}")
+        ins = [m.in_dim for m in mods if m.in_dim is not None]
+        for a in ins:
+            if _dims_conflict(a, ins[0]):
+                raise ValueError(f"branches take different input widths: {[_dim_str(m) for m in mods]}")
+        if ins:
+            for m in mods:
+                if m.in_dim is None and m.preserves_dim:
+                    m.bind_dim(ins[0])
+        self.branches = nn.ModuleList(mods)
+        self.in_dim = ins[0] if ins else None
+
+    @property
+    def mass(self):
+        return sum((m.mass for m in self.branches), 0.0)
+
+    @property
+    def sensitivity(self):
+        return sum((m.sensitivity for m in self.branches), 0.0)
+
+    @property
+    def sharpness(self):
+        mu = self.mass
+        a = b = g = 0.0
+        for m in self.branches:
+            ma, mb, mg = m.sharpness
+            g = g + mg
+            if not S.is_zero(m.mass):
+                p = m.mass / mu
+                a, b = a + S.product(ma, p ** 2), b + S.product(mb, p)
+        return Sharpness(a, b, g)
+
+    def _coefficient_map(self):
+        mu = self.mass
+        out = {}
+        for m in self.branches:
+            if not S.is_zero(m.mass):
+                _merge(out, m._coefficient_map(), mu / m.mass)
+        return out
+
+
+class Parallel(_Branches):
+    """Tuple of modules on one input: x ↦ (M1(x), M2(x), …); output norm = sum of norms."""
+
+    def __init__(self, *mods):
+        super().__init__(*mods)
+        self.out_dim = tuple(m.out_dim for m in mods)
+
+    def forward(self, x):
+        return tuple(m(x) for m in self.branches)
+
+
+class Sum(_Branches):
+    """M1 + M2 on the same input: x ↦ M1(x) + M2(x)."""
+
+    def __init__(self, *mods):
+        super().__init__(*mods)
+        outs = [m.out_dim if m.out_dim is not None else (m.in_dim if m.preserves_dim else None) for m in mods]
+        known = [o for o in outs if o is not None]
+        for o in known:
+            if _dims_conflict(o, known[0]):
+                raise ValueError(f"cannot add modules with output widths {known}: "
+                                 f"{[_dim_str(m) for m in mods]}")
+        self.out_dim = known[0] if known else None
+        self.preserves_dim = all(m.preserves_dim for m in mods)
+
+    def forward(self, x):
+        out = None
+        for m in self.branches:
+            y = m(x)
+            out = y if out is None else out + y
+        return out
+
+
+class Scale(Module):
+    """a · M: output scaled by the constant a (sensitivity |a|·ν, norm |a|·‖w‖)."""
+
+    def __init__(self, a, module):
+        super().__init__()
+        if isinstance(a, Module) and not isinstance(module, Module):
+            a, module = module, a
+        if not isinstance(module, Module):
+            raise TypeError(f"can only scale a modula_mhc Module, got {type(module).__name__}")
+        if not (S.is_number(a) or S.is_symbolic(a)):
+            raise TypeError(f"scale factor must be a number, got {type(a).__name__}")
+        self.a = a
+        self.module = module
+        self.in_dim, self.out_dim, self.preserves_dim = module.in_dim, module.out_dim, module.preserves_dim
+
+    def bind_dim(self, dim):
+        self.module.bind_dim(dim)
+        self.in_dim, self.out_dim = self.module.in_dim, self.module.out_dim
+
+    def forward(self, x):
+        a = float(self.a) if not S.is_symbolic(self.a) else self.a
+        return a * self.module(x)
+
+    @property
+    def mass(self):
+        return self.module.mass
+
+    @property
+    def sensitivity(self):
+        return S.absolute(self.a) * self.module.sensitivity
+
+    @property
+    def sharpness(self):
+        al, be, ga = self.module.sharpness
+        if S.is_zero(self.a):
+            return Sharpness(0.0, 0.0, 0.0)
+        a = S.absolute(self.a)
+        return Sharpness(al / a, be, a * ga)
+
+    def _coefficient_map(self):
+        if S.is_zero(self.a):
+            return {}
+        out = {}
+        _merge(out, self.module._coefficient_map(), S.absolute(self.a))
+        return out
+
+    def extra_repr(self):
+        return f"a={self.a}"
+
+
+class Identity(Bond):
+    """x ↦ x."""
+
+    preserves_dim = True
+
+    def forward(self, x):
+        return x
+
+
+def _fresh_copy(module: Module) -> Module:
+    """A deep copy with newly initialised weights (for ``M ** L``)."""
+    new = copy.deepcopy(module)
+    for a in new.atoms():
+        a.reset_parameters()
+    return new
+
+
+class SymbolicRepeat(Module):
+    """M ** L for a symbolic depth L: one prototype, closed-form properties.
+
+    For L copies of M (mass μ, sensitivity ν): mass Lμ, sensitivity ν^L; the copy at depth
+    l (1 = nearest the input) has norm coefficient L·ν^(L−l)·c; sharpness solves the
+    composition recurrence (docs/algebra.md)."""
+
+    layer_index = sympy.Symbol("l", positive=True, integer=True)
+
+    def __init__(self, module, depth):
+        super().__init__()
+        self.module, self.depth = module, depth
+        self.in_dim, self.out_dim, self.preserves_dim = module.in_dim, module.out_dim, module.preserves_dim
+
+    def forward(self, x):
+        raise RuntimeError("a network with symbolic depth cannot run; build it with an integer depth")
+
+    @property
+    def mass(self):
+        return self.depth * self.module.mass
+
+    @property
+    def sensitivity(self):
+        return self.module.sensitivity ** self.depth
+
+    @property
+    def sharpness(self):
+        return repeated_sharpness(self.module.mass, self.module.sensitivity, self.module.sharpness, self.depth)
+
+    def _coefficient_map(self):
+        if S.is_zero(self.module.mass):
+            return {}
+        L, nu = self.depth, self.module.sensitivity
+        out = {}
+        _merge(out, self.module._coefficient_map(), L * nu ** (L - self.layer_index))
+        return out
+
+
+def repeated_sharpness(mass, nu, sharp, depth):
+    """Closed-form sharpness of M∘…∘M (depth copies) by solving the composition recurrence
+    P_k = M ∘ P_{k−1}; exact for integer depth (tests compare it with the unrolled fold)."""
+    k = sympy.Symbol("k", positive=True, integer=True)
+    alpha, beta, gamma = (sympy.sympify(v) for v in sharp)
+    nu = sympy.sympify(nu)
+    # gamma_k = gamma nu^(2k-2) + nu gamma_{k-1}
+    g_k = _solve_first_order(k, nu, gamma * nu ** (2 * k - 2))
+    if S.is_zero(mass):
+        return Sharpness(0, 0, sympy.simplify(g_k.subs(k, depth)))
+    # beta_k = beta nu^(k-1)/k + (gamma nu^(k-1) + nu beta_{k-1}) (k-1)/(k nu);  with B_k = k beta_k:
+    # B_k = B_{k-1} + beta nu^(k-1) + gamma (k-1) nu^(k-2)
+    B_k = _sum_closed(beta * nu ** (k - 1) + gamma * (k - 1) * nu ** (k - 2), k)
+    beta_k = B_k / k
+    # alpha_k = alpha/k^2 + 2 beta (k-1)/(k^2 nu) + (gamma + nu alpha_{k-1}) (k-1)^2/(k^2 nu^2)
+    # with A_k = k^2 nu^k alpha_k:  A_k = A_{k-1} + nu^k alpha + 2 beta (k-1) nu^(k-1) + gamma (k-1)^2 nu^(k-2)
+    A_k = _sum_closed(nu ** k * alpha + 2 * beta * (k - 1) * nu ** (k - 1) + gamma * (k - 1) ** 2 * nu ** (k - 2), k)
+    alpha_k = A_k / (k ** 2 * nu ** k)
+    return Sharpness(*(sympy.simplify(e.subs(k, depth)) for e in (alpha_k, beta_k, g_k)))
+
+
+def _sum_closed(term, k):
+    j = sympy.Symbol("j", positive=True, integer=True)
+    return sympy.summation(term.subs(k, j), (j, 1, k))
+
+
+def _solve_first_order(k, nu, inhom):
+    """x_k = nu x_{k-1} + inhom_k with x_0 = 0  →  x_k = Σ_{j≤k} nu^(k−j) inhom_j."""
+    j = sympy.Symbol("j", positive=True, integer=True)
+    return sympy.summation(nu ** (k - j) * inhom.subs(k, j), (j, 1, k))
+
+
+def repeat(module: Module, depth) -> Module:
+    """M ** L: L copies of M with their own weights, composed (integer L), or a closed form
+    for a symbolic L."""
+    if S.is_symbolic(depth):
+        return SymbolicRepeat(module, depth)
+    if not S.is_number(depth) or int(depth) != depth or depth < 1:
+        raise ValueError(f"depth in M ** L must be a positive integer or a sympy symbol, got {depth!r}")
+    depth = int(depth)
+    return Compose(module, *[_fresh_copy(module) for _ in range(depth - 1)])
+
+
+def compose(m2, m1) -> Module:
+    """M2 @ M1 (M1 runs first); a tuple/list of modules on either side becomes a Parallel."""
+    if isinstance(m2, (tuple, list)):
+        m2 = Parallel(*m2)
+    if isinstance(m1, (tuple, list)):
+        m1 = Parallel(*m1)
+    if not isinstance(m1, Module) or not isinstance(m2, Module):
+        bad = m1 if not isinstance(m1, Module) else m2
+        raise TypeError(f"cannot compose with {type(bad).__name__}: expected a modula_mhc Module or a tuple of them")
+    return Compose(m1, m2)
+
+
+def residual(block: Module, depth) -> Module:
+    """(1 − 1/L)·x + (1/L)·block(x): sensitivity 1 − 1/L + ν/L (= 1 when ν = 1) and a 1/L share of
+    the output per block, which is what makes the learning rate transfer in depth."""
+    if S.is_number(depth) and depth < 1:
+        raise ValueError(f"residual depth must be >= 1, got {depth}")
+    one = sympy.Integer(1) if S.is_symbolic(depth) else 1.0
+    return Sum(Scale(one - one / depth, Identity()), Scale(one / depth, block))

@@ -1,0 +1,42 @@
+"""Linear atom: y = √(fan_out/fan_in) · W x with W on a matrix manifold."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .. import scalars as S
+from ..module import Atom
+
+
+class Linear(Atom):
+    """Linear(in_features, out_features, manifold="euclidean", mass=1, bias=False).
+
+    The stored weight W (out, in) lives on its manifold at unit spectral scale (a semi-orthogonal
+    matrix at init); the forward pass applies the fixed gain √(fan_out/fan_in), so the natural
+    norm ‖W‖₂ equals the RMS→RMS operator norm of the map. Dualize: t·msign(G) (Muon) or the
+    manifold's constrained steepest direction. Sensitivity 1, sharpness (0, 1, 0).
+
+    ``bias=True`` returns ``Linear(...) + Bias(out_features)``: the bias is its own atom with its
+    own norm (a compound, so ``isinstance(..., Linear)`` is False then).
+    """
+
+    def __new__(cls, in_features=None, out_features=None, manifold="euclidean", mass=1.0, bias=False, role=None):
+        if bias:
+            from .bias import Bias
+            return Linear(in_features, out_features, manifold=manifold, mass=mass, role=role) + \
+                Bias(out_features, mass=mass)
+        return super().__new__(cls)
+
+    def __init__(self, in_features, out_features, manifold="euclidean", mass=1.0, bias=False, role=None):
+        super().__init__((out_features, in_features), manifold=manifold, mass=mass, role=role)
+        self.in_features, self.out_features = in_features, out_features
+        self.in_dim, self.out_dim = in_features, out_features
+        self.gain = S.sqrt(S.fraction(out_features, in_features, like=in_features)) if self.symbolic \
+            else math.sqrt(out_features / in_features)
+
+    def forward(self, x):
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"Linear({self.in_features}, {self.out_features}) got input with last dim {x.shape[-1]}")
+        return F.linear(x, self.weight) * self.gain

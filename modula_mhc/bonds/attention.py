@@ -1,0 +1,131 @@
+"""Attention pieces: rotary embedding, causal mask, softmax and the fused attention core.
+
+Norm convention for token sequences: the max over tokens of the per-token RMS. With it, and with
+Modula's convention that each head's slice of q, k, v is well-normed (RMS ≤ 1), the attention
+core softmax(q kᵀ/d) v with 1/d (not 1/√d) scaling is 1-sensitive in the tuple norm
+‖q‖+‖k‖+‖v‖: the value path is a convex combination, and the q and k paths are covariances
+Cov_p(v, ⟨Δq, k⟩/d) bounded by Cauchy–Schwarz (docs/algebra.md). Its second derivative is
+bounded by 3 along one direction, hence γ = 6 for two directions (polarisation).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .. import scalars as S
+from ..module import Bond, Sharpness
+
+
+def rope_tables(T: int, d: int, base: float, device, dtype):
+    """cos/sin tables (T, d/2) for angles θ_{t,i} = t · base^(−2i/d)."""
+    inv = base ** (-torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
+    ang = torch.arange(T, device=device, dtype=torch.float32)[:, None] * inv[None, :]
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each pair (x1_i, x2_i) (first and second half of the last dim) by θ:
+    (x1 cos θ − x2 sin θ, x1 sin θ + x2 cos θ)."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+def attention_reference(q, k, v, causal: bool, scale: float):
+    """softmax(scale·q kᵀ + causal mask) v, written out (supports every autograd mode)."""
+    scores = scale * (q @ k.transpose(-2, -1))
+    if causal:
+        T, Sk = scores.shape[-2:]
+        mask = torch.ones(T, Sk, dtype=torch.bool, device=q.device).triu(diagonal=Sk - T + 1)
+        scores = scores.masked_fill(mask, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+class Rope(Bond):
+    """Rotary position embedding on (…, T, d): a rotation per token (norm-preserving, linear):
+    sensitivity 1, sharpness 0. ⟨Rope(q)_m, Rope(k)_n⟩ depends only on m − n."""
+
+    preserves_dim = True
+
+    def __init__(self, base: float = 10000.0):
+        super().__init__()
+        self.base = base
+
+    def forward(self, x):
+        T, d = x.shape[-2], x.shape[-1]
+        if d % 2:
+            raise ValueError(f"Rope needs an even feature size, got {d}")
+        cos, sin = rope_tables(T, d, self.base, x.device, x.dtype)
+        return apply_rope(x, cos, sin)
+
+
+class CausalMask(Bond):
+    """Scores (…, T, S) ↦ scores with entries above the diagonal set to −∞ (a coordinate
+    projection on the finite entries: sensitivity 1, linear)."""
+
+    preserves_dim = True
+
+    def forward(self, scores):
+        T, Sk = scores.shape[-2:]
+        mask = torch.ones(T, Sk, dtype=torch.bool, device=scores.device).triu(diagonal=Sk - T + 1)
+        return scores.masked_fill(mask, float("-inf"))
+
+
+class Softmax(Bond):
+    """softmax(scale·x) over the last dim. ‖diag(p) − ppᵀ‖₂ ≤ 1/2, so sensitivity |scale|/2;
+    second derivative p⊙(h−h̄)⊙(k−k̄) − p·Cov_p(h,k) is ≤ 5‖h‖₂‖k‖₂, i.e. γ = 5·scale²·√n in RMS
+    norms over n entries (∞ until the width n is bound)."""
+
+    preserves_dim = True
+
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x):
+        return torch.softmax(self.scale * x, dim=-1)
+
+    @property
+    def sensitivity(self):
+        return S.absolute(self.scale) / 2
+
+    @property
+    def sharpness(self):
+        if self.in_dim is None:
+            return Sharpness(0.0, 0.0, S.infinity())
+        return Sharpness(0.0, 0.0, 5 * self.scale ** 2 * S.sqrt(self.in_dim))
+
+
+class AttentionCore(Bond):
+    """(q, k, v) ↦ softmax(q kᵀ / d + mask) v per head, heads merged; q, k, v are (…, T, H·d).
+
+    1/d scaling (d = head width), optional causal mask and rotary embedding of q and k.
+    Sensitivity 1 and γ = 6 in the tuple norm (module docstring)."""
+
+    _sensitivity = 1.0
+    _sharpness = Sharpness(0.0, 0.0, 6.0)
+
+    def __init__(self, heads: int, causal: bool = True, rope: bool = True, rope_base: float = 10000.0):
+        super().__init__()
+        if not S.is_symbolic(heads) and (int(heads) != heads or heads < 1):
+            raise ValueError(f"heads must be a positive integer, got {heads}")
+        self.heads, self.causal, self.rope, self.rope_base = heads, causal, rope, rope_base
+
+    def forward(self, qkv):
+        q, k, v = qkv
+        *lead, T, W = q.shape
+        H = self.heads
+        if W % H:
+            raise ValueError(f"width {W} is not divisible by heads {H}")
+        d = W // H
+        q, k, v = (t.reshape(*lead, T, H, d).transpose(-3, -2) for t in (q, k, v))
+        if self.rope:
+            cos, sin = rope_tables(T, d, self.rope_base, q.device, q.dtype)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        try:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=1.0 / d)
+        except NotImplementedError:  # fused kernels lack forward-mode AD (jvp) on some backends
+            o = attention_reference(q, k, v, self.causal, 1.0 / d)
+        return o.transpose(-3, -2).reshape(*lead, T, W)

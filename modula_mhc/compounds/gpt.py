@@ -1,0 +1,81 @@
+"""A GPT: embedding, residual blocks of attention and MLP, head."""
+from __future__ import annotations
+
+from .. import atoms, bonds
+from .. import scalars as S
+from ..algebra import Compose, repeat, residual
+from ._util import check_positive_int, set_total_mass
+from .attention import Attention
+
+RESIDUALS = ("plain", "hc", "mhc")
+
+
+def attention_branch(width, heads, manifold="euclidean"):
+    """x ↦ Attention(RMSNorm(x))."""
+    return Attention(width, heads, manifold=manifold) @ bonds.RMSNorm()
+
+
+def mlp_branch(width, ratio=4, manifold="euclidean", activation_fn=None):
+    """x ↦ W_out φ(W_in RMSNorm(x)) with hidden width ratio·width."""
+    act = activation_fn if activation_fn is not None else bonds.GELU()
+    hidden = ratio * width
+    return atoms.Linear(hidden, width, manifold=manifold, role="mlp_out") @ act \
+        @ atoms.Linear(width, hidden, manifold=manifold, role="mlp_in") @ bonds.RMSNorm()
+
+
+class Block(Compose):
+    """Block(width, heads, depth): two residual branches, attention then MLP, each
+    x ↦ (1 − 1/(2L))x + 1/(2L)·branch(x) with L = depth (the number of blocks in the network)."""
+
+    def __init__(self, width, heads, depth, mlp_ratio=4, attn_manifold="euclidean", mlp_manifold="euclidean"):
+        check_positive_int("depth", depth)
+        two_l = 2 * depth
+        super().__init__(residual(attention_branch(width, heads, attn_manifold), two_l),
+                         residual(mlp_branch(width, mlp_ratio, mlp_manifold), two_l))
+        self.in_dim = self.out_dim = width
+
+
+class GPT(Compose):
+    """GPT(vocab_size, context, width, depth, heads, residual="plain"|"hc"|"mhc", streams=4,
+    attn_manifold="stiefel", mlp_manifold="dgram").
+
+    Embed → depth blocks → RMSNorm → Linear head (logits). Masses: embed 1, head 1, and the
+    blocks together ``blocks_mass`` (split equally between their atoms), so the share of learning
+    per part does not drift with depth. Input: token ids (B, T) with T ≤ context."""
+
+    def __init__(self, vocab_size, context, width, depth, heads, residual="plain", streams=4,
+                 attn_manifold="stiefel", mlp_manifold="dgram", mlp_ratio=4, blocks_mass=5.0,
+                 embed_mass=1.0, head_mass=1.0, **hyper_options):
+        for n, v in (("vocab_size", vocab_size), ("context", context), ("width", width), ("depth", depth),
+                     ("heads", heads), ("streams", streams)):
+            check_positive_int(n, v)
+        if residual not in RESIDUALS:
+            raise ValueError(f"residual must be one of {RESIDUALS}, got {residual!r}")
+        if not S.is_symbolic(width, heads) and width % heads:
+            raise ValueError(f"heads ({heads}) must divide width ({width})")
+        self.vocab_size, self.context, self.width, self.depth, self.heads = vocab_size, context, width, depth, heads
+        self.residual_kind, self.streams = residual, streams
+        if residual == "plain":
+            if hyper_options:
+                raise TypeError(f"unexpected options for residual='plain': {sorted(hyper_options)}")
+            block = Block(width, heads, depth, mlp_ratio, attn_manifold, mlp_manifold)
+        else:
+            from .hyper import hyper_block
+            block = hyper_block(width, heads, depth, streams=streams, constrained=(residual == "mhc"),
+                                mlp_ratio=mlp_ratio, attn_manifold=attn_manifold, mlp_manifold=mlp_manifold,
+                                **hyper_options)
+        set_total_mass(block, S.fraction(1, 1, like=depth) * blocks_mass / depth)
+        body = repeat(block, depth)
+        layers = [atoms.Embed(vocab_size, width, mass=embed_mass)]
+        if residual != "plain":
+            from .hyper import CollapseStreams, ExpandStreams
+            layers += [ExpandStreams(streams), body, CollapseStreams(streams)]
+        else:
+            layers.append(body)
+        layers += [bonds.RMSNorm(), atoms.Linear(width, vocab_size, manifold="euclidean", mass=head_mass, role="head")]
+        super().__init__(*layers)
+
+    def forward(self, idx):
+        if idx.dim() < 1 or idx.shape[-1] > self.context:
+            raise ValueError(f"GPT(context={self.context}) got a sequence of length {idx.shape[-1]}")
+        return super().forward(idx)

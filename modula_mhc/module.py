@@ -1,0 +1,290 @@
+"""The module base: every network piece knows its mass, sensitivity, sharpness and norm.
+
+A :class:`Module` is a ``torch.nn.Module`` that additionally carries
+
+* ``mass`` μ ≥ 0 — its share of learning,
+* ``sensitivity`` ν ≥ 0 — Lipschitz constant in its input at well-normed weights and inputs,
+* ``sharpness`` (α, β, γ) — bounds on the weight-weight, weight-input and input-input second
+  derivatives (see docs/algebra.md for the derivation of the composition rules),
+* the *modular norm* ‖w‖_M = max_a c_a ‖w_a‖_a over its atoms a, with coefficients c_a derived
+  recursively from the construction (``norm_coefficients``).
+
+Three kinds of module exist: :class:`Atom` (owns exactly one ``nn.Parameter`` called ``weight``),
+:class:`Bond` (no weights) and compounds (built from other modules with ``@``, ``+``, ``*``,
+``**``; see :mod:`modula_mhc.algebra`).
+"""
+from __future__ import annotations
+
+import weakref
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from . import scalars as S
+
+
+class Sharpness(NamedTuple):
+    """Second-order constants: ‖∇²_ww f‖ ≤ α, ‖∇²_wx f‖ ≤ β, ‖∇²_xx f‖ ≤ γ (bilinear bounds in the
+    modular norm of the weights and the RMS norm of the input)."""
+
+    alpha: object = 0.0
+    beta: object = 0.0
+    gamma: object = 0.0
+
+
+class Module(nn.Module):
+    """Base class. Subclasses define ``mass``, ``sensitivity``, ``sharpness`` and
+    ``_coefficient_map`` (atoms → norm coefficient)."""
+
+    #: feature size of the input's last dimension (None: any / inferred)
+    in_dim = None
+    #: feature size of the output's last dimension (None: same as input for dim-preserving modules)
+    out_dim = None
+    #: True for modules whose output has the input's last-dim size (activations, norms, …)
+    preserves_dim = False
+
+    # ----------------------------------------------------------------- properties to override
+    @property
+    def mass(self):
+        raise NotImplementedError  # abstract: defined by Atom, Bond and every compound
+
+    @property
+    def sensitivity(self):
+        raise NotImplementedError  # abstract
+
+    @property
+    def sharpness(self) -> Sharpness:
+        raise NotImplementedError  # abstract
+
+    def _coefficient_map(self) -> dict:
+        """{atom: c_a} with ‖w‖_M = max_a c_a ‖w_a‖_a (atoms of zero mass are absent)."""
+        raise NotImplementedError  # abstract
+
+    # ----------------------------------------------------------------- derived queries
+    def atoms(self) -> list:
+        """Atoms in the order of ``self.parameters()``."""
+        return [m for m in self.modules() if isinstance(m, Atom)]
+
+    def norm_coefficients(self) -> list:
+        """c_a for each atom, aligned with ``atoms()``; ``inf`` for atoms with no influence
+        (zero mass), so that the target t/c_a of such an atom is 0."""
+        cmap = self._coefficient_map()
+        return [cmap.get(a, S.infinity()) for a in self.atoms()]
+
+    def _aligned(self, tensors, what):
+        atoms = self.atoms()
+        if tensors is None:
+            return atoms, [a.weight for a in atoms]
+        tensors = list(tensors)
+        if len(tensors) != len(atoms):
+            raise ValueError(f"{what}: got {len(tensors)} tensors for {len(atoms)} parameters "
+                             f"(they must be aligned with module.parameters())")
+        for a, t in zip(atoms, tensors):
+            if a.weight is not None and t is not None and t.shape != a.weight.shape:
+                raise ValueError(f"{what}: tensor of shape {tuple(t.shape)} given for "
+                                 f"{type(a).__name__} weight of shape {tuple(a.weight.shape)}")
+        return atoms, tensors
+
+    @torch.no_grad()
+    def norm(self, tensors=None) -> torch.Tensor:
+        """Modular norm max_a c_a ‖t_a‖_a of the weights (or of weight-shaped ``tensors``)."""
+        atoms, tensors = self._aligned(tensors, "norm")
+        values = []
+        for a, c, t in zip(atoms, self.norm_coefficients(), tensors):
+            c = S.to_number(c)
+            if t is None or c == S.INF:
+                continue
+            values.append(c * a.weight_norm(t))
+        if not values:
+            return torch.zeros(())
+        return torch.stack([v.float().reshape(()) for v in values]).max()
+
+    def dualize(self, grads, target_norm: float = 1.0) -> list:
+        """Steepest direction in the modular norm: atom a gets its own dual with norm
+        target/c_a, so ``norm(dualize(g, t)) == t`` (0 for a zero gradient, never NaN)."""
+        atoms, grads = self._aligned(grads, "dualize")
+        out = []
+        for a, c, g in zip(atoms, self.norm_coefficients(), grads):
+            c = S.to_number(c)
+            if g is None:
+                out.append(None)
+            elif c == S.INF or c == 0:
+                out.append(torch.zeros_like(g))
+            else:
+                out.append(a.dualize_weight(g, target_norm / c))
+        return out
+
+    @torch.no_grad()
+    def retract(self):
+        """Put every atom's weight back on its manifold, in place."""
+        for a in self.atoms():
+            a.retract_()
+        return self
+
+    # ----------------------------------------------------------------- algebra (see algebra.py)
+    def __matmul__(self, other):
+        from .algebra import compose
+        return compose(self, other)
+
+    def __rmatmul__(self, other):
+        from .algebra import compose
+        return compose(other, self)
+
+    def __add__(self, other):
+        from .algebra import Sum
+        return Sum(self, other)
+
+    def __radd__(self, other):
+        from .algebra import Sum
+        return Sum(other, self)
+
+    def __mul__(self, a):
+        from .algebra import Scale
+        return Scale(a, self)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, a):
+        from .algebra import Scale
+        return Scale(1 / a, self)
+
+    def __pow__(self, depth):
+        from .algebra import repeat
+        return repeat(self, depth)
+
+    # ----------------------------------------------------------------- dims
+    def bind_dim(self, dim):
+        """Fix the width of a dimension-agnostic module (called by the algebra)."""
+        if not self.preserves_dim:
+            return
+        if self.in_dim is not None and S.is_number(self.in_dim) and S.is_number(dim) and self.in_dim != dim:
+            raise ValueError(f"{type(self).__name__} is already bound to width {self.in_dim}; "
+                             f"cannot reuse it at width {dim}")
+        self.in_dim = dim
+        self.out_dim = dim
+
+
+class Bond(Module):
+    """A module without weights: mass 0; subclasses set sensitivity and sharpness."""
+
+    _sensitivity = 1.0
+    _sharpness = Sharpness(0.0, 0.0, 0.0)
+
+    @property
+    def mass(self):
+        return 0.0
+
+    @property
+    def sensitivity(self):
+        return self._sensitivity
+
+    @property
+    def sharpness(self):
+        return self._sharpness
+
+    def _coefficient_map(self):
+        return {}
+
+
+class Atom(Module):
+    """A module that owns exactly one ``nn.Parameter`` named ``weight`` living on a manifold.
+
+    Subclasses implement ``forward`` and may override the natural norm (``weight_norm``),
+    ``dualize_weight`` and ``retract_``; the defaults delegate to ``self.manifold``.
+    In symbolic mode (a sympy dimension) no tensor is allocated and ``weight`` is None.
+    """
+
+    #: manifold names an atom accepts (None: any registered manifold)
+    allowed_manifolds = None
+
+    def __init__(self, shape, manifold="euclidean", mass=1.0, role=None):
+        super().__init__()
+        if not S.is_symbolic(mass) and (not S.is_number(mass) or S.to_number(mass) < 0):
+            raise ValueError(f"{type(self).__name__}: mass must be a number >= 0, got {mass!r}")
+        self._mass = mass
+        self.role = role
+        self.shape = tuple(shape)
+        for s in self.shape:
+            if not S.is_symbolic(s) and (not S.is_number(s) or int(s) != s or s <= 0):
+                raise ValueError(f"{type(self).__name__}: dimensions must be positive integers, got {self.shape}")
+        self.symbolic = S.is_symbolic(*self.shape)
+        self.manifold = self._check_manifold(manifold)
+        if self.symbolic:
+            self.register_parameter("weight", None)
+        else:
+            self.weight = nn.Parameter(torch.empty(tuple(int(s) for s in self.shape)))
+            self.reset_parameters()
+
+    def _check_manifold(self, manifold):
+        from . import manifolds
+        m = manifolds.get(manifold)
+        if self.allowed_manifolds is not None and m.name not in self.allowed_manifolds:
+            raise ValueError(f"{type(self).__name__} supports manifolds {sorted(self.allowed_manifolds)}, "
+                             f"got {m.name!r}")
+        return m
+
+    def _tag(self):
+        if self.weight is not None:
+            self.weight._mm_atom = weakref.ref(self)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator=None):
+        """Initialise on the manifold (at the scale of the natural norm)."""
+        if self.weight is None:
+            return
+        self.weight.copy_(self.manifold.random(self.weight.shape, generator=generator, dtype=self.weight.dtype,
+                                               device=self.weight.device))
+        self._tag()
+
+    # -- module properties
+    @property
+    def mass(self):
+        return self._mass
+
+    @mass.setter
+    def mass(self, value):
+        self._mass = value
+
+    @property
+    def sensitivity(self):
+        return 1.0
+
+    @property
+    def sharpness(self):
+        return Sharpness(0.0, 1.0, 0.0)
+
+    def _coefficient_map(self):
+        return {} if S.is_zero(self._mass) else {self: 1.0}
+
+    # -- the natural norm, its dual and the manifold
+    def weight_norm(self, W=None) -> torch.Tensor:
+        """Natural norm ‖W‖_a of this atom (of its weight if W is None)."""
+        return self.manifold.norm(self.weight if W is None else W)
+
+    def dualize_weight(self, G, target=1.0, state=None) -> torch.Tensor:
+        """argmax ⟨G, A⟩ over tangent directions with ‖A‖_a = target."""
+        return target * self.manifold.dualize(self.weight, G, state)
+
+    @torch.no_grad()
+    def step_weight(self, A, lr):
+        """W ← manifold.step(W, A, lr) = retract(W − lr·A) (in place)."""
+        self.weight.copy_(self.manifold.step(self.weight, A, lr))
+
+    @torch.no_grad()
+    def retract_(self):
+        if self.weight is not None:
+            self.weight.copy_(self.manifold.retract(self.weight))
+
+    @torch.no_grad()
+    def set_manifold(self, manifold):
+        """Move this atom to another manifold (the weight is retracted onto it)."""
+        self.manifold = self._check_manifold(manifold)
+        self.retract_()
+        return self
+
+    def diagnostics(self) -> dict:
+        return self.manifold.diagnostics(self.weight) if self.weight is not None else {}
+
+    def extra_repr(self):
+        return f"shape={self.shape}, manifold={self.manifold.name}, mass={self._mass}, role={self.role}"

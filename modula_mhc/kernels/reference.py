@@ -139,78 +139,86 @@ def _check_sinkhorn_input(logits: torch.Tensor, iters: int, tol, max_iters: int)
             raise ValueError(f"sinkhorn: max_iters must be a positive int, got {max_iters!r}")
 
 
-def _row_spread(L: torch.Tensor) -> float:
+# Internally the matrices are stored batch-last, shape (n, n, B): entry [i, j, b] is row i, column
+# j of matrix b. Reductions over i or j then run over contiguous runs of B values (vectorised),
+# which on CPU is 5-15x faster per op than reducing the size-n inner dim of (B, n, n).
+_ROW, _COL = 1, 0  # summing over dim 1 gives row sums, over dim 0 column sums
+
+
+def _to_batch_last(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    n = t.size(-1)
+    return t.reshape(-1, n, n).to(dtype).permute(1, 2, 0).contiguous()
+
+
+def _from_batch_last(t: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    return t.permute(2, 0, 1).to(dtype).contiguous().reshape(shape)
+
+
+def _row_spread(Lt: torch.Tensor) -> float:
     """Largest max−min over rows; raises on non-finite logits (one host sync)."""
-    if L.numel() == 0:
+    if Lt.numel() == 0:
         return 0.0
-    spread = float((L.amax(-1) - L.amin(-1)).amax())
+    spread = float((Lt.amax(_ROW) - Lt.amin(_ROW)).amax())
     if not math.isfinite(spread):
         raise ValueError("sinkhorn: logits contain inf or NaN")
     return spread
 
 
-def _marginal_error(P: torch.Tensor) -> torch.Tensor:
+def _marginal_error(Pt: torch.Tensor) -> torch.Tensor:
     """max over the batch of |row sum − 1| and |column sum − 1| (0-dim tensor)."""
-    if P.numel() == 0:
-        return P.new_zeros(())
-    row = (P.sum(-1) - 1).abs().amax()
-    col = (P.sum(-2) - 1).abs().amax()
+    if Pt.numel() == 0:
+        return Pt.new_zeros(())
+    row = (Pt.sum(_ROW) - 1).abs().amax()
+    col = (Pt.sum(_COL) - 1).abs().amax()
     return torch.maximum(row, col)
 
 
-def _iterates(L: torch.Tensor, n_iters: int, log_domain: bool, keep: bool):
-    """Run ``n_iters`` Sinkhorn iterations (rows then columns) on fp32 logits L (..., n, n).
+def _first_row_step(Lt: torch.Tensor, log_domain: bool) -> torch.Tensor:
+    """Row-normalised exp(L) (a softmax over each row); log of it in the log domain."""
+    if log_domain:
+        return Lt - torch.logsumexp(Lt, dim=_ROW, keepdim=True)
+    P = (Lt - Lt.amax(_ROW, keepdim=True)).exp_()
+    return P.div_(P.sum(_ROW, keepdim=True))
 
-    Returns (P, states) where states lists every half-step's normalised matrix P_k (k = 1..2T)
-    when ``keep`` is set (needed by the backward pass), else an empty list.
+
+def _half_step(X: torch.Tensor, dim: int, log_domain: bool, inplace: bool) -> torch.Tensor:
+    if log_domain:
+        return X - torch.logsumexp(X, dim=dim, keepdim=True)
+    s = X.sum(dim, keepdim=True)
+    return X.div_(s) if inplace else X / s
+
+
+def _iterates(Lt: torch.Tensor, n_iters: int, log_domain: bool, keep: bool):
+    """Run ``n_iters`` Sinkhorn iterations (rows then columns) on batch-last logits (n, n, B).
+
+    Returns (P, states): states lists every half-step's normalised matrix P_k (k = 1..2T,
+    probabilities, not logs) when ``keep`` is set (the backward pass needs them), else is empty.
     """
     states = []
-    if log_domain:
-        Y = L - torch.logsumexp(L, dim=-1, keepdim=True)
-        for it in range(n_iters):
-            if it > 0:
-                Y = Y - torch.logsumexp(Y, dim=-1, keepdim=True)
-            if keep:
-                states.append(Y.exp())
-            Y = Y - torch.logsumexp(Y, dim=-2, keepdim=True)
-            if keep:
-                states.append(Y.exp())
-        return Y.exp(), states
-    # Exp domain: the first row normalisation of exp(L) is exactly softmax over rows.
-    P = torch.softmax(L, dim=-1)
+    X = _first_row_step(Lt, log_domain)
     for it in range(n_iters):
         if it > 0:
-            P = P / P.sum(dim=-1, keepdim=True) if keep else P.div_(P.sum(dim=-1, keepdim=True))
+            X = _half_step(X, _ROW, log_domain, inplace=not keep)
         if keep:
-            states.append(P)
-        P = P / P.sum(dim=-2, keepdim=True) if keep else P.div_(P.sum(dim=-2, keepdim=True))
+            states.append(X.exp() if log_domain else X)
+        X = _half_step(X, _COL, log_domain, inplace=not keep)
         if keep:
-            states.append(P)
-    return P, states
+            states.append(X.exp() if log_domain else X)
+    return (X.exp() if log_domain else X), states
 
 
-def _run_to_tol(L: torch.Tensor, tol: float, max_iters: int, log_domain: bool):
-    """Iterate until the max row-marginal error < tol (columns are exact after each iteration)."""
-    if log_domain:
-        Y = L - torch.logsumexp(L, dim=-1, keepdim=True)
-        Y = Y - torch.logsumexp(Y, dim=-2, keepdim=True)
-        n = 1
-        while n < max_iters and float((Y.exp().sum(-1) - 1).abs().amax()) >= tol:
-            Y = Y - torch.logsumexp(Y, dim=-1, keepdim=True)
-            Y = Y - torch.logsumexp(Y, dim=-2, keepdim=True)
-            n += 1
-        return Y.exp(), n
-    P = torch.softmax(L, dim=-1)
-    P.div_(P.sum(dim=-2, keepdim=True))
+def _run_to_tol(Lt: torch.Tensor, tol: float, max_iters: int, log_domain: bool):
+    """Iterate until max |row sum − 1| < tol (columns are exact after each iteration)."""
+    X = _half_step(_first_row_step(Lt, log_domain), _COL, log_domain, inplace=True)
     n = 1
     while n < max_iters:
-        rows = P.sum(dim=-1, keepdim=True)
-        if float((rows - 1).abs().amax()) < tol:
+        P = X.exp() if log_domain else X
+        if float((P.sum(_ROW) - 1).abs().amax()) < tol:
             break
-        P.div_(rows)
-        P.div_(P.sum(dim=-2, keepdim=True))
+        X = _half_step(X, _ROW, log_domain, inplace=True)
+        X = _half_step(X, _COL, log_domain, inplace=True)
         n += 1
-    return P, n
+    return (X.exp() if log_domain else X), n
 
 
 def _reverse(states: list[torch.Tensor], g: torch.Tensor) -> torch.Tensor:
@@ -218,11 +226,11 @@ def _reverse(states: list[torch.Tensor], g: torch.Tensor) -> torch.Tensor:
 
     Each half-step is Y = X − logsumexp_axis(X) in the log domain, whose adjoint is
     g_X = g_Y − P_k · Σ_axis g_Y with P_k = exp(Y) the state after that half-step. The first
-    state is a row step, and axes alternate rows (−1) / columns (−2). g enters as dP ⊙ P and
-    leaves as the gradient with respect to the logits.
+    state is a row step and the axes alternate rows / columns. g enters as dP ⊙ P and leaves
+    as the gradient with respect to the logits. Updates g in place.
     """
     for k in range(len(states) - 1, -1, -1):
-        axis = -1 if k % 2 == 0 else -2
+        axis = _ROW if k % 2 == 0 else _COL
         g.addcmul_(states[k], g.sum(dim=axis, keepdim=True), value=-1.0)
     return g
 
@@ -233,19 +241,19 @@ class _SinkhornFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, iters, tol, max_iters):
         acc = _compute_dtype(logits.dtype)
-        L = logits.detach().to(acc)
-        log_domain = _row_spread(L) > _EXP_DOMAIN_MAX_SPREAD
+        Lt = _to_batch_last(logits.detach(), acc)
+        log_domain = _row_spread(Lt) > _EXP_DOMAIN_MAX_SPREAD
         if tol is None:
-            P, _ = _iterates(L, iters, log_domain, keep=False)
+            Pt, _ = _iterates(Lt, iters, log_domain, keep=False)
             n_iters = iters
         else:
-            P, n_iters = _run_to_tol(L, float(tol), max_iters, log_domain)
+            Pt, n_iters = _run_to_tol(Lt, float(tol), max_iters, log_domain)
         ctx.save_for_backward(logits)
         ctx.n_iters = n_iters
         ctx.log_domain = log_domain
-        err = _marginal_error(P)
+        err = _marginal_error(Pt)
         ctx.mark_non_differentiable(err)
-        return P.to(logits.dtype), err
+        return _from_batch_last(Pt, logits.shape, logits.dtype), err
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -255,19 +263,18 @@ class _SinkhornFunction(torch.autograd.Function):
             return None, None, None, None
         acc = _compute_dtype(logits.dtype)
         n = logits.size(-1)
-        L = logits.to(acc).reshape(-1, n, n)
-        dP = grad_P.to(acc).reshape(-1, n, n)
+        Lt = _to_batch_last(logits, acc)
+        dPt = _to_batch_last(grad_P, acc)
         # Recompute the iterates chunk by chunk so the stored half-steps stay within budget.
-        per_matrix = 2 * ctx.n_iters * n * n * torch.finfo(acc).bits // 8
-        chunk = max(1, _BACKWARD_CHUNK_BYTES // max(per_matrix, 1))
+        per_matrix = 2 * ctx.n_iters * n * n * (torch.finfo(acc).bits // 8)
+        chunk = max(1, _BACKWARD_CHUNK_BYTES // per_matrix)
         grads = []
-        for start in range(0, L.size(0), chunk):
-            Lc = L[start:start + chunk]
-            P, states = _iterates(Lc, ctx.n_iters, ctx.log_domain, keep=True)
-            g = dP[start:start + chunk] * P
-            grads.append(_reverse(states, g))
-        grad = torch.cat(grads) if len(grads) > 1 else grads[0]
-        return grad.reshape(logits.shape).to(logits.dtype), None, None, None
+        for start in range(0, max(Lt.size(-1), 1), chunk):
+            Lc = Lt[..., start:start + chunk]
+            Pt, states = _iterates(Lc, ctx.n_iters, ctx.log_domain, keep=True)
+            grads.append(_reverse(states, dPt[..., start:start + chunk] * Pt))
+        grad = torch.cat(grads, dim=-1) if len(grads) > 1 else grads[0]
+        return _from_batch_last(grad, logits.shape, logits.dtype), None, None, None
 
 
 def sinkhorn(logits: torch.Tensor, iters: int = 20, tol: float | None = None, max_iters: int = 1000,

@@ -1,0 +1,297 @@
+"""PyTorch references of the kernels: msign quality, Sinkhorn marginals and exact backward, mixing."""
+
+import pytest
+import torch
+
+import modula_mhc.kernels as K
+from modula_mhc.kernels import reference as R
+
+
+def _svals(Y):
+    return torch.linalg.svdvals(Y.double())
+
+
+# ---------------------------------------------------------------------------- msign
+
+
+@pytest.mark.parametrize("shape", [(64, 128), (128, 64), (3, 48, 96), (2, 2, 96, 40)])
+def test_msign_fp32_singular_values_near_one(shape):
+    torch.manual_seed(0)
+    Y = K.msign(torch.randn(*shape))
+    assert Y.dtype == torch.float32 and Y.shape == shape
+    s = _svals(Y)
+    # Rectangular Gaussians are well inside Polar Express's range: fp32 rounding is the limit.
+    assert (s - 1).abs().max() < 1e-4
+
+
+def test_msign_bf16_singular_values_near_one():
+    torch.manual_seed(1)
+    Y = K.msign(torch.randn(4, 64, 160).bfloat16())
+    assert Y.dtype == torch.bfloat16
+    s = _svals(Y.float())
+    assert (s - 1).abs().max() < 2e-2  # measured ≈ 5e-3: bf16 rounding of the iterates
+
+
+def test_msign_matches_svd_polar_factor():
+    torch.manual_seed(2)
+    X = torch.randn(40, 24, dtype=torch.float64)
+    U, _, Vh = torch.linalg.svd(X, full_matrices=False)
+    assert (K.msign(X.float()).double() - U @ Vh).abs().max() < 1e-4
+    assert (K.msign(X) - U @ Vh).abs().max() < 1e-6
+
+
+def test_msign_square_small_singular_values_stated_limit():
+    # Square Gaussians: σ_min/‖X‖_F ≈ n^-1.5 can fall below Polar Express's design range; the
+    # docstring says their smallest singular values may stay below 1 but never exceed it by much.
+    torch.manual_seed(3)
+    s = _svals(K.msign(torch.randn(256, 256)))
+    assert s.max() < 1 + 1e-3
+    assert (s > 0.9).float().mean() > 0.95
+
+
+def test_msign_transpose_equivariant_and_batched_like_loop():
+    torch.manual_seed(4)
+    X = torch.randn(3, 20, 33)
+    Y = K.msign(X)
+    assert torch.allclose(K.msign(X.mT), Y.mT, atol=1e-6)
+    for b in range(3):
+        assert torch.allclose(K.msign(X[b]), Y[b], atol=1e-6)
+
+
+def test_msign_zero_gives_zero_never_nan():
+    for dt in (torch.float32, torch.bfloat16):
+        X = torch.zeros(2, 5, 7, dtype=dt)
+        X[1] = torch.randn(5, 7).to(dt)
+        Y = K.msign(X)
+        assert torch.isfinite(Y.float()).all()
+        assert (Y[0] == 0).all()
+        assert (_svals(Y[1].float()) - 1).abs().max() < 2e-2
+
+
+def test_msign_bad_input_raises():
+    with pytest.raises(ValueError):
+        K.msign(torch.randn(5))
+    with pytest.raises(TypeError):
+        K.msign(torch.ones(3, 3, dtype=torch.int64))
+    with pytest.raises(ValueError):
+        K.msign(torch.randn(3, 3), steps=0)
+
+
+def test_polar_express_coefficients_safety_scaling():
+    c = R.polar_express_coeffs(10)
+    assert len(c) == 10 and c[7] == c[8] == c[9] == (1.875, -1.25, 0.375)
+    a0, b0, c0 = c[0]
+    assert abs(a0 * 1.01 - 8.28721201814563) < 1e-12
+    assert abs(b0 * 1.01**3 + 23.595886519098837) < 1e-12
+    assert abs(c0 * 1.01**5 - 17.300387312530933) < 1e-12
+
+
+# ---------------------------------------------------------------------------- Sinkhorn
+
+
+def _unrolled(L, iters):
+    """Plain autograd through the alternating row / column normalisation of exp(L)."""
+    P = torch.softmax(L, dim=-1)
+    P = P / P.sum(-2, keepdim=True)
+    for _ in range(iters - 1):
+        P = P / P.sum(-1, keepdim=True)
+        P = P / P.sum(-2, keepdim=True)
+    return P
+
+
+def _marginals(P):
+    P = P.double()
+    return max((P.sum(-1) - 1).abs().max().item(), (P.sum(-2) - 1).abs().max().item())
+
+
+@pytest.mark.parametrize("std,bound", [(0.5, 1e-5), (1.0, 1e-3)])
+def test_sinkhorn_marginals_small_logits(std, bound):
+    torch.manual_seed(0)
+    P, err = K.sinkhorn(torch.randn(4096, 4, 4) * std, iters=20, return_error=True)
+    assert _marginals(P) < bound
+    assert abs(err.item() - _marginals(P)) < 1e-6
+
+
+@pytest.mark.parametrize("std", [2.0, 4.0, 8.0])
+def test_sinkhorn_large_logits_match_float64_and_report_error(std):
+    # Twenty iterations are not converged here (measured worst marginal error ~2e-2 / 6e-2 / 0.1);
+    # the claim is that the fp32 result equals the float64 unrolled iteration and err is honest.
+    torch.manual_seed(1)
+    L = torch.randn(4096, 4, 4) * std
+    P, err = K.sinkhorn(L, iters=20, return_error=True)
+    P64 = _unrolled(L.double(), 20)
+    assert (P.double() - P64).abs().max() < 1e-5
+    assert abs(err.item() - _marginals(P64)) < 1e-5
+    assert _marginals(P64) > 1e-3  # really not converged: the tol mode below is needed
+
+
+@pytest.mark.parametrize("std,tol", [(2.0, 1e-5), (1.0, 1e-6)])
+def test_sinkhorn_tol_mode_reaches_tol(std, tol):
+    torch.manual_seed(2)
+    P, err = K.sinkhorn(torch.randn(512, 4, 4) * std, tol=tol, max_iters=5000, return_error=True)
+    assert err.item() < tol
+    assert _marginals(P) < tol
+
+
+def test_sinkhorn_tol_mode_cap_reports_true_error():
+    torch.manual_seed(3)
+    P, err = K.sinkhorn(torch.randn(512, 4, 4) * 8, tol=1e-7, max_iters=30, return_error=True)
+    assert abs(err.item() - _marginals(P)) < 1e-6 and err.item() > 1e-7
+
+
+@pytest.mark.parametrize("std", [0.5, 2.0, 4.0, 8.0, 40.0])
+def test_sinkhorn_backward_matches_float64_unrolled_autograd(std):
+    # std 40 exercises the log-domain path (row spread > 60).
+    torch.manual_seed(4)
+    L = torch.randn(2, 300, 4, 4) * std
+    G = torch.randn(2, 300, 4, 4)  # random grad_output: all-ones gives zero gradient
+    L64 = L.double().requires_grad_()
+    (_unrolled(L64, 20) * G.double()).sum().backward()
+    L32 = L.clone().requires_grad_()
+    (K.sinkhorn(L32, iters=20) * G).sum().backward()
+    rel = (L32.grad.double() - L64.grad).norm() / L64.grad.norm()
+    assert L64.grad.norm() > 1e-3
+    assert rel < 1e-5  # measured 1.1e-7 .. 6.7e-7
+
+
+@pytest.mark.parametrize("n,iters", [(2, 1), (5, 7), (16, 20)])
+def test_sinkhorn_backward_other_sizes(n, iters):
+    torch.manual_seed(5)
+    L = torch.randn(64, n, n) * 2
+    G = torch.randn(64, n, n)
+    L64 = L.double().requires_grad_()
+    (_unrolled(L64, iters) * G.double()).sum().backward()
+    L32 = L.clone().requires_grad_()
+    (K.sinkhorn(L32, iters=iters) * G).sum().backward()
+    assert (L32.grad.double() - L64.grad).norm() / L64.grad.norm() < 1e-5
+
+
+def test_sinkhorn_gradcheck_float64_fixed_and_tol_modes():
+    torch.manual_seed(6)
+    L = torch.randn(3, 5, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: K.sinkhorn(x, iters=7), (L,))
+    assert torch.autograd.gradcheck(lambda x: K.sinkhorn(x * 30, iters=5), (L,))  # log domain
+    assert torch.autograd.gradcheck(lambda x: K.sinkhorn(x, tol=1e-9), (L,))
+
+
+def test_sinkhorn_chunked_backward_equals_unchunked(monkeypatch):
+    torch.manual_seed(7)
+    L = torch.randn(100, 4, 4)
+    G = torch.randn(100, 4, 4)
+    L1 = L.clone().requires_grad_()
+    (K.sinkhorn(L1) * G).sum().backward()
+    monkeypatch.setattr(R, "_BACKWARD_CHUNK_BYTES", 2 * 20 * 16 * 4 * 7)  # 7 matrices per chunk
+    L2 = L.clone().requires_grad_()
+    (K.sinkhorn(L2) * G).sum().backward()
+    assert torch.allclose(L1.grad, L2.grad, atol=1e-7)
+
+
+def test_sinkhorn_n1_is_exactly_one():
+    L = torch.randn(7, 1, 1, requires_grad=True)
+    P = K.sinkhorn(L)
+    assert (P == 1).all()
+    (P * torch.randn_like(P)).sum().backward()
+    assert (L.grad == 0).all()
+
+
+def test_sinkhorn_dtypes_and_leading_dims():
+    torch.manual_seed(8)
+    L = torch.randn(2, 3, 4, 4)
+    P = K.sinkhorn(L)
+    for a in range(2):
+        for b in range(3):
+            assert torch.allclose(P[a, b], K.sinkhorn(L[a, b]), atol=1e-7)
+    for dt in (torch.bfloat16, torch.float16):
+        Pd = K.sinkhorn(L.to(dt))
+        assert Pd.dtype == dt
+        assert (Pd.float() - K.sinkhorn(L.to(dt).float())).abs().max() < 1e-2
+    P64 = K.sinkhorn(L.double())
+    assert P64.dtype == torch.float64
+    assert (P64 - _unrolled(L.double(), 20)).abs().max() < 1e-12
+
+
+def test_sinkhorn_bad_input_raises():
+    with pytest.raises(ValueError):
+        K.sinkhorn(torch.randn(3, 4))
+    with pytest.raises(ValueError):
+        K.sinkhorn(torch.randn(3, 3), iters=0)
+    with pytest.raises(ValueError):
+        K.sinkhorn(torch.randn(3, 3), tol=-1.0)
+    with pytest.raises(ValueError):
+        K.sinkhorn(torch.tensor([[0.0, float("inf")], [0.0, 0.0]]))
+    with pytest.raises(TypeError):
+        K.sinkhorn(torch.ones(3, 3, dtype=torch.int32))
+
+
+def test_sinkhorn_project_is_doubly_stochastic_and_equals_sinkhorn_of_log():
+    torch.manual_seed(9)
+    W = torch.rand(6, 5, 5) + 0.05
+    P, err = K.sinkhorn_project(W, return_error=True)
+    assert err.item() < 1e-5 and _marginals(P) < 1e-5
+    assert torch.allclose(K.sinkhorn_project(W, tol=None, iters=20), K.sinkhorn(W.log(), iters=20))
+    # Already doubly stochastic → unchanged.
+    D = torch.full((4, 4), 0.25)
+    assert torch.allclose(K.sinkhorn_project(D), D, atol=1e-7)
+    with pytest.raises(ValueError):
+        K.sinkhorn_project(torch.zeros(3, 3))
+
+
+# ---------------------------------------------------------------------------- mHC mixing
+
+
+def test_mhc_pre_matches_stream_loop():
+    torch.manual_seed(10)
+    x, h = torch.randn(5, 3, 4, 7), torch.randn(5, 3, 4)
+    want = sum(h[..., i, None] * x[..., i, :] for i in range(4))
+    assert torch.allclose(K.mhc_pre(x, h), want, atol=1e-6)
+
+
+def test_mhc_post_res_orientation_matches_hand_loop():
+    torch.manual_seed(11)
+    x, f = torch.randn(6, 4, 9), torch.randn(6, 9)
+    H = torch.randn(6, 4, 4)  # deliberately non-symmetric: H and Hᵀ give different answers
+    hp = torch.randn(6, 4)
+    want = torch.zeros(6, 4, 9)
+    for t in range(6):
+        for i in range(4):
+            want[t, i] = hp[t, i] * f[t]
+            for j in range(4):
+                want[t, i] += H[t, i, j] * x[t, j]  # weight of input j in output i
+    out = K.mhc_post_res(x, f, H, hp)
+    assert torch.allclose(out, want, atol=1e-5)
+    assert not torch.allclose(K.mhc_post_res(x, f, H.mT, hp), want, atol=1e-2)
+
+
+def test_mhc_coeff_input_fp32_product_and_sum_of_squares():
+    torch.manual_seed(12)
+    x, phi = torch.randn(3, 5, 32).bfloat16(), torch.randn(32, 24)
+    h, ss = K.mhc_coeff_input(x, phi)
+    assert h.dtype == ss.dtype == torch.float32
+    assert torch.allclose(h.double(), x.double() @ phi.double(), atol=1e-4)
+    assert torch.allclose(ss.double(), (x.double() ** 2).sum(-1), atol=1e-4)
+
+
+def test_mixing_shape_errors():
+    with pytest.raises(ValueError):
+        K.mhc_pre(torch.randn(2, 4, 3), torch.randn(2, 3))
+    with pytest.raises(ValueError):
+        K.mhc_post_res(torch.randn(2, 4, 3), torch.randn(2, 3), torch.randn(2, 4, 3), torch.randn(2, 4))
+    with pytest.raises(ValueError):
+        K.mhc_coeff_input(torch.randn(2, 8), torch.randn(7, 3))
+
+
+# ---------------------------------------------------------------------------- dispatch
+
+
+def test_dispatch_rules(monkeypatch):
+    t = torch.zeros(2)
+    monkeypatch.delenv("MODULA_MHC_KERNELS", raising=False)
+    assert K.backend_for(t) == "reference"  # CPU tensor
+    monkeypatch.setenv("MODULA_MHC_KERNELS", "reference")
+    assert K.backend_for(t) == "reference"
+    monkeypatch.setenv("MODULA_MHC_KERNELS", "bogus")
+    with pytest.raises(ValueError):
+        K.backend_for(t)
+    if K.triton_available():
+        monkeypatch.setenv("MODULA_MHC_KERNELS", "triton")
+        assert K.backend_for(t) == "triton"

@@ -316,34 +316,27 @@ class SymbolicRepeat(Module):
 
 def repeated_sharpness(mass, nu, sharp, depth):
     """Closed-form sharpness of M∘…∘M (depth copies) by solving the composition recurrence
-    P_k = M ∘ P_{k−1}; exact for integer depth (tests compare it with the unrolled fold)."""
-    k = sympy.Symbol("k", positive=True, integer=True)
-    alpha, beta, gamma = (sympy.sympify(v) for v in sharp)
-    nu = sympy.sympify(nu)
-    # gamma_k = gamma nu^(2k-2) + nu gamma_{k-1}
-    g_k = _solve_first_order(k, nu, gamma * nu ** (2 * k - 2))
+    P_k = M ∘ P_{k−1} (docs/algebra.md); tests compare it with the unrolled fold.
+
+    The sums are solved for placeholder symbols (a, b, g, v) and the module's own values are
+    substituted afterwards, which keeps sympy's summation on simple geometric-polynomial terms."""
+    k, j = sympy.symbols("k j", positive=True, integer=True)
+    a, b, g, v = sympy.symbols("alpha beta gamma nu", positive=True)
+
+    def total(term):  # Σ_{j=1..k} term(j)
+        return sympy.summation(term.subs(k, j), (j, 1, k))
+
+    # gamma_k = g v^(2k-2) + v gamma_{k-1}  →  Σ_j v^(k-j) g v^(2j-2)
+    gamma_k = sympy.summation(v ** (k - j) * g * v ** (2 * j - 2), (j, 1, k))
+    # B_k = k beta_k satisfies B_k = B_{k-1} + b v^(k-1) + g (k-1) v^(k-2)
+    beta_k = total(b * v ** (k - 1) + g * (k - 1) * v ** (k - 2)) / k
+    # A_k = k^2 v^k alpha_k satisfies A_k = A_{k-1} + a v^k + 2 b (k-1) v^(k-1) + g (k-1)^2 v^(k-2)
+    alpha_k = total(a * v ** k + 2 * b * (k - 1) * v ** (k - 1) + g * (k - 1) ** 2 * v ** (k - 2)) / (k ** 2 * v ** k)
     if S.is_zero(mass):
-        return Sharpness(0, 0, sympy.simplify(g_k.subs(k, depth)))
-    # beta_k = beta nu^(k-1)/k + (gamma nu^(k-1) + nu beta_{k-1}) (k-1)/(k nu);  with B_k = k beta_k:
-    # B_k = B_{k-1} + beta nu^(k-1) + gamma (k-1) nu^(k-2)
-    B_k = _sum_closed(beta * nu ** (k - 1) + gamma * (k - 1) * nu ** (k - 2), k)
-    beta_k = B_k / k
-    # alpha_k = alpha/k^2 + 2 beta (k-1)/(k^2 nu) + (gamma + nu alpha_{k-1}) (k-1)^2/(k^2 nu^2)
-    # with A_k = k^2 nu^k alpha_k:  A_k = A_{k-1} + nu^k alpha + 2 beta (k-1) nu^(k-1) + gamma (k-1)^2 nu^(k-2)
-    A_k = _sum_closed(nu ** k * alpha + 2 * beta * (k - 1) * nu ** (k - 1) + gamma * (k - 1) ** 2 * nu ** (k - 2), k)
-    alpha_k = A_k / (k ** 2 * nu ** k)
-    return Sharpness(*(sympy.simplify(e.subs(k, depth)) for e in (alpha_k, beta_k, g_k)))
-
-
-def _sum_closed(term, k):
-    j = sympy.Symbol("j", positive=True, integer=True)
-    return sympy.summation(term.subs(k, j), (j, 1, k))
-
-
-def _solve_first_order(k, nu, inhom):
-    """x_k = nu x_{k-1} + inhom_k with x_0 = 0  →  x_k = Σ_{j≤k} nu^(k−j) inhom_j."""
-    j = sympy.Symbol("j", positive=True, integer=True)
-    return sympy.summation(nu ** (k - j) * inhom.subs(k, j), (j, 1, k))
+        alpha_k = beta_k = sympy.Integer(0)
+    values = {a: sympy.sympify(sharp[0]), b: sympy.sympify(sharp[1]), g: sympy.sympify(sharp[2]),
+              v: sympy.sympify(nu), k: depth}
+    return Sharpness(*(e.subs(values) for e in (alpha_k, beta_k, gamma_k)))
 
 
 def repeat(module: Module, depth) -> Module:

@@ -39,9 +39,10 @@ def sinkhorn(logits: torch.Tensor, iters: int = 20, tol: float | None = None, ma
              return_error: bool = False):
     """Doubly-stochastic Sinkhorn–Knopp(exp(logits)) with exact backward; see ``reference.sinkhorn``.
 
-    The Triton kernel covers the fixed-iteration mode for n ≤ 16; ``tol`` mode uses the reference.
+    The Triton kernel covers the fixed-iteration mode for n ≤ 16 (fp32/bf16/fp16); ``tol`` mode,
+    float64 and larger n use the reference.
     """
-    if tol is None and backend_for(logits) == "triton":
+    if tol is None and logits.dtype != torch.float64 and backend_for(logits) == "triton":
         from .triton_sinkhorn import MAX_N, sinkhorn as sinkhorn_triton
         if logits.ndim >= 2 and logits.size(-1) == logits.size(-2) <= MAX_N:
             return sinkhorn_triton(logits, iters=iters, return_error=return_error)

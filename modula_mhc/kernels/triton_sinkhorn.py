@@ -1,0 +1,172 @@
+"""Triton Sinkhorn–Knopp for many small matrices (n ≤ 16), forward and exact backward.
+
+Each program owns BLOCK_B matrices held in registers as a (BLOCK_B, NP, NP) tile (NP = n padded
+to a power of two). The iteration is kept in scaling form, P = exp(L + u_i + v_j): a row step sets
+u = −logsumexp_j(L + v), a column step v = −logsumexp_i(L + u). This is the same alternating
+normalisation as the reference (rows first, columns last) but cannot underflow a whole column,
+whatever the spread of the logits.
+
+Backward (exact for the unrolled iteration): recompute the forward from the logits, writing the
+column scalings v_t (NP floats per iteration and matrix, not the n×n iterates) to a scratch
+buffer; then walk the half-steps in reverse with the log-gradient adjoint g ← g − P_k · Σ_axis g,
+where P_k = exp(L + u_t + v_·) is rebuilt exactly from the logits, v_t, v_{t−1} and a recomputed
+u_t (one extra row step per iteration instead of storing u).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import _check_sinkhorn_input
+
+MAX_N = 16
+# Finite stand-in for −inf on padded rows / columns: exp() of it is 0 and sums of two stay finite.
+_NEG = -1.0e30
+
+
+@triton.jit
+def _tile_offsets(pid, B, n, BLOCK_B: tl.constexpr, NP: tl.constexpr):
+    b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    i = tl.arange(0, NP)
+    j = tl.arange(0, NP)
+    offs = b[:, None, None] * (n * n) + i[None, :, None] * n + j[None, None, :]
+    mask = (b[:, None, None] < B) & (i[None, :, None] < n) & (j[None, None, :] < n)
+    return b, i, j, offs, mask
+
+
+@triton.jit
+def _row_scaling(L, v, row_ok, NEG: tl.constexpr):
+    """u = −logsumexp_j(L_ij + v_j) per row; padded rows get NEG."""
+    X = L + v[:, None, :]
+    m = tl.max(X, axis=2)
+    lse = m + tl.log(tl.sum(tl.exp(X - m[:, :, None]), axis=2))
+    return tl.where(row_ok, -lse, NEG)
+
+
+@triton.jit
+def _col_scaling(L, u, col_ok, NEG: tl.constexpr):
+    """v = −logsumexp_i(L_ij + u_i) per column; padded columns get NEG."""
+    X = L + u[:, :, None]
+    m = tl.max(X, axis=1)
+    lse = m + tl.log(tl.sum(tl.exp(X - m[:, None, :]), axis=1))
+    return tl.where(col_ok, -lse, NEG)
+
+
+@triton.jit
+def _sinkhorn_fwd_kernel(L_ptr, P_ptr, err_ptr, B, n, iters,
+                         BLOCK_B: tl.constexpr, NP: tl.constexpr, NEG: tl.constexpr):
+    pid = tl.program_id(0)
+    b, i, j, offs, mask = _tile_offsets(pid, B, n, BLOCK_B, NP)
+    L = tl.load(L_ptr + offs, mask=mask, other=NEG).to(tl.float32)
+    row_ok = (i < n)[None, :]
+    col_ok = (j < n)[None, :]
+    v = tl.where(col_ok, tl.zeros((BLOCK_B, NP), dtype=tl.float32), NEG)
+    u = tl.where(row_ok, tl.zeros((BLOCK_B, NP), dtype=tl.float32), NEG)
+    for _ in range(iters):
+        u = _row_scaling(L, v, row_ok, NEG)
+        v = _col_scaling(L, u, col_ok, NEG)
+    P = tl.exp(L + u[:, :, None] + v[:, None, :])
+    P = tl.where(mask, P, 0.0)
+    tl.store(P_ptr + offs, P.to(P_ptr.dtype.element_ty), mask=mask)
+    # Worst marginal error of this program's matrices (the host takes the max over programs).
+    b_ok = (b < B)[:, None]
+    row_err = tl.where(b_ok & row_ok, tl.abs(tl.sum(P, axis=2) - 1.0), 0.0)
+    col_err = tl.where(b_ok & col_ok, tl.abs(tl.sum(P, axis=1) - 1.0), 0.0)
+    tl.store(err_ptr + pid, tl.maximum(tl.max(tl.max(row_err, axis=1), axis=0),
+                                       tl.max(tl.max(col_err, axis=1), axis=0)))
+
+
+@triton.jit
+def _sinkhorn_bwd_kernel(L_ptr, dP_ptr, dL_ptr, V_ptr, B, n, iters,
+                         BLOCK_B: tl.constexpr, NP: tl.constexpr, NEG: tl.constexpr):
+    pid = tl.program_id(0)
+    b, i, j, offs, mask = _tile_offsets(pid, B, n, BLOCK_B, NP)
+    L = tl.load(L_ptr + offs, mask=mask, other=NEG).to(tl.float32)
+    row_ok = (i < n)[None, :]
+    col_ok = (j < n)[None, :]
+    # Scratch V[t, b, j] holds the column scaling before iteration t (V[0] = 0, V[t+1] after t).
+    v_offs = b[:, None] * NP + j[None, :]
+    v_mask = (b < B)[:, None] & col_ok
+    v_stride = B * NP
+    v = tl.where(col_ok, tl.zeros((BLOCK_B, NP), dtype=tl.float32), NEG)
+    u = tl.where(row_ok, tl.zeros((BLOCK_B, NP), dtype=tl.float32), NEG)
+    tl.store(V_ptr + v_offs, v, mask=v_mask)
+    for t in range(iters):
+        u = _row_scaling(L, v, row_ok, NEG)
+        v = _col_scaling(L, u, col_ok, NEG)
+        tl.store(V_ptr + (t + 1) * v_stride + v_offs, v, mask=v_mask)
+    P = tl.exp(L + u[:, :, None] + v[:, None, :])
+    dP = tl.load(dP_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.where(mask, dP * P, 0.0)
+    v_cur = v
+    for s in range(iters):
+        t = iters - 1 - s
+        v_prev = tl.where(col_ok, tl.load(V_ptr + t * v_stride + v_offs, mask=v_mask, other=0.0), NEG)
+        u = _row_scaling(L, v_prev, row_ok, NEG)
+        # Column half-step of iteration t, then its row half-step.
+        P_col = tl.exp(L + u[:, :, None] + v_cur[:, None, :])
+        g = g - P_col * tl.sum(g, axis=1)[:, None, :]
+        P_row = tl.exp(L + u[:, :, None] + v_prev[:, None, :])
+        g = g - P_row * tl.sum(g, axis=2)[:, :, None]
+        v_cur = v_prev
+    tl.store(dL_ptr + offs, g.to(dL_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_config(n: int) -> tuple[int, int]:
+    NP = max(2, triton.next_power_of_2(n))
+    # Keep each program's tile at ≈ 1024 fp32 values: 64 matrices of 4×4, 4 of 16×16.
+    return NP, max(1, 1024 // (NP * NP))
+
+
+class _SinkhornTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, iters):
+        shape, n = logits.shape, logits.size(-1)
+        L = logits.detach().reshape(-1, n, n).contiguous()
+        B = L.size(0)
+        NP, BLOCK_B = _launch_config(n)
+        grid = (triton.cdiv(B, BLOCK_B),)
+        P = torch.empty_like(L)
+        err = torch.zeros(max(grid[0], 1), device=L.device, dtype=torch.float32)
+        if B > 0:
+            _sinkhorn_fwd_kernel[grid](L, P, err, B, n, iters, BLOCK_B=BLOCK_B, NP=NP, NEG=_NEG)
+        ctx.save_for_backward(logits)
+        ctx.iters = iters
+        err = err.max()
+        ctx.mark_non_differentiable(err)
+        return P.reshape(shape), err
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_P, grad_err):
+        (logits,) = ctx.saved_tensors
+        if grad_P is None:
+            return None, None
+        n, iters = logits.size(-1), ctx.iters
+        L = logits.reshape(-1, n, n).contiguous()
+        dP = grad_P.reshape(-1, n, n).contiguous()
+        B = L.size(0)
+        NP, BLOCK_B = _launch_config(n)
+        dL = torch.empty_like(L)
+        V = torch.empty((iters + 1, B, NP), device=L.device, dtype=torch.float32)
+        if B > 0:
+            grid = (triton.cdiv(B, BLOCK_B),)
+            _sinkhorn_bwd_kernel[grid](L, dP, dL, V, B, n, iters, BLOCK_B=BLOCK_B, NP=NP, NEG=_NEG)
+        return dL.reshape(logits.shape), None
+
+
+def sinkhorn(logits: torch.Tensor, iters: int = 20, return_error: bool = False):
+    """Sinkhorn–Knopp(exp(logits)) for (..., n, n), n ≤ 16, fixed ``iters``; exact backward.
+
+    Same contract as ``reference.sinkhorn`` without tol mode: fp32 in registers, input dtype out,
+    ``return_error`` gives (P, max |row or column sum − 1|).
+    """
+    _check_sinkhorn_input(logits, iters, None, 1)
+    if logits.size(-1) > MAX_N:
+        raise ValueError(f"triton sinkhorn: n = {logits.size(-1)} > {MAX_N}; use the reference")
+    if logits.dtype == torch.float64:
+        raise TypeError("triton sinkhorn computes in fp32; use the reference for float64")
+    P, err = _SinkhornTriton.apply(logits, iters)
+    return (P, err) if return_error else P

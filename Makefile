@@ -1,0 +1,27 @@
+# One place for the project's commands. TORCH pins the PyTorch release: on a CPU-only machine
+# with a local CPU build of it (like our CI) pip takes that; elsewhere PyPI serves the CUDA build.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+PIP = $(PYTHON) -m pip install -q --disable-pip-version-check
+
+.PHONY: install demo test test-slow test-triton bench docs
+
+install:
+	$(PIP) "$(TORCH)" -e ".[examples]"
+
+demo: install
+	$(PYTHON) -m modula_mhc train --preset tiny
+
+test:
+	$(PIP) "$(TORCH)" -e ".[test]"
+	$(PYTHON) -m pytest -q
+
+test-slow:
+	$(PIP) "$(TORCH)" -e ".[test]"
+	$(PYTHON) -m pytest -q -m slow
+
+bench: install
+	for f in benchmarks/bench_*.py; do $(PYTHON) $$f || exit 1; done
+
+docs:
+	$(PYTHON) docs/build_api.py

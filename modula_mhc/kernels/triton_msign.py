@@ -1,0 +1,98 @@
+"""Triton symmetric product for Polar Express: S = α X Xᵀ + β C computing one triangle only.
+
+X Xᵀ is symmetric, so only tiles on or below the diagonal are computed (about half the FLOPs of
+a general matmul) and each off-diagonal tile is also written, transposed, to its mirror. Since
+S is symmetric, S² = S Sᵀ is the same kind of product, so both products of one Polar Express step
+(S = X Xᵀ, then B = b S + c S²) use this kernel; the third, a Y + B Y, is a general matmul.
+Accumulation is fp32 whatever the input dtype (bf16 in, bf16 out).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import _check_msign_input, msign_normalise, polar_express_coeffs
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _syrk_kernel(X_ptr, C_ptr, S_ptr, M, K, alpha, beta,
+                 stride_xb, stride_xm, stride_xk, stride_cb, stride_sb,
+                 HAS_C: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    ti = tl.program_id(0)
+    tj = tl.program_id(1)
+    bat = tl.program_id(2)
+    if tj <= ti:  # lower triangle of tiles only; the mirror is written below
+        rows = ti * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tj * BLOCK_M + tl.arange(0, BLOCK_M)
+        ks = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
+        x_base = X_ptr + bat * stride_xb
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + ks
+            a = tl.load(x_base + rows[:, None] * stride_xm + kk[None, :] * stride_xk,
+                        mask=(rows[:, None] < M) & (kk[None, :] < K), other=0.0)
+            bt = tl.load(x_base + cols[None, :] * stride_xm + kk[:, None] * stride_xk,
+                         mask=(cols[None, :] < M) & (kk[:, None] < K), other=0.0)
+            if UPCAST:  # fp32 inputs (and bf16 under the interpreter, whose bf16 dot is wrong)
+                acc += tl.dot(a.to(tl.float32), bt.to(tl.float32), input_precision="ieee")
+            else:  # bf16 / fp16 tensor-core product, fp32 accumulate
+                acc += tl.dot(a, bt)
+        acc = acc * alpha
+        out_mask = (rows[:, None] < M) & (cols[None, :] < M)
+        if HAS_C:
+            c = tl.load(C_ptr + bat * stride_cb + rows[:, None] * M + cols[None, :], mask=out_mask, other=0.0)
+            acc += beta * c.to(tl.float32)
+        val = acc.to(S_ptr.dtype.element_ty)
+        s_base = S_ptr + bat * stride_sb
+        tl.store(s_base + rows[:, None] * M + cols[None, :], val, mask=out_mask)
+        if tj < ti:
+            tl.store(s_base + cols[None, :] * M + rows[:, None], val, mask=out_mask)
+
+
+def sym_product(X: torch.Tensor, alpha: float = 1.0, C: torch.Tensor | None = None, beta: float = 0.0) -> torch.Tensor:
+    """α X Xᵀ + β C for X (B, M, K) with C (B, M, M) symmetric; one triangle computed, fp32 accumulate."""
+    if X.ndim != 3:
+        raise ValueError(f"sym_product: expected X of shape (B, M, K), got {tuple(X.shape)}")
+    Bn, M, K = X.shape
+    S = torch.empty((Bn, M, M), device=X.device, dtype=X.dtype)
+    if C is not None:
+        if C.shape != (Bn, M, M):
+            raise ValueError(f"sym_product: C must have shape {(Bn, M, M)}, got {tuple(C.shape)}")
+        C = C.contiguous()
+    BLOCK_M = 64 if M > 32 else (32 if M > 16 else 16)
+    BLOCK_K = 32 if K > 16 else 16
+    T = triton.cdiv(M, BLOCK_M)
+    if Bn and M:
+        _syrk_kernel[(T, T, Bn)](
+            X, C if C is not None else S, S, M, K, float(alpha), float(beta),
+            X.stride(0), X.stride(1), X.stride(2), M * M, M * M,
+            HAS_C=C is not None, UPCAST=X.dtype == torch.float32 or _interpreting(),
+            BLOCK_M=BLOCK_M, BLOCK_K=BLOCK_K)
+    return S
+
+
+def msign(X: torch.Tensor, steps: int = 8) -> torch.Tensor:
+    """Polar Express polar factor U Vᵀ (same contract as ``reference.msign``) with Triton Gram products."""
+    _check_msign_input(X)
+    if X.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        from .reference import msign as msign_reference  # fp64: no reason to use the kernel
+        return msign_reference(X, steps)
+    coeffs = polar_express_coeffs(steps)
+    transposed = X.size(-2) > X.size(-1)
+    Y = X.mT if transposed else X
+    shape = Y.shape
+    Y = msign_normalise(Y.reshape(-1, shape[-2], shape[-1])).contiguous()
+    for a, b, c in coeffs:
+        S = sym_product(Y)                    # X Xᵀ
+        B = sym_product(S, alpha=c, C=S, beta=b)  # c S Sᵀ + b S = b S + c S²
+        Y = torch.baddbmm(Y, B, Y, beta=a)    # a Y + B Y
+    Y = Y.reshape(shape)
+    return Y.mT if transposed else Y

@@ -1,0 +1,173 @@
+"""Triton kernels against their PyTorch references, forward and backward (random grad_output).
+
+Runs the kernels on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1, set here before
+triton is imported) with MODULA_MHC_KERNELS=triton, on tiny shapes including sizes that do not
+divide the block sizes. On a CUDA machine run with TRITON_INTERPRET=0 to check the compiled kernels on the GPU.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton", reason="triton is not installed; the references still work")
+
+import modula_mhc.kernels as K  # noqa: E402
+from modula_mhc.kernels import reference as R  # noqa: E402
+from modula_mhc.kernels import triton_mhc, triton_msign, triton_sinkhorn  # noqa: E402
+
+pytestmark = pytest.mark.triton
+
+_INTERPRET = os.environ["TRITON_INTERPRET"] not in ("0", "")
+# Interpreter: CPU tensors. TRITON_INTERPRET=0 on a CUDA machine: the compiled kernels on the GPU.
+DEVICES = ["cpu"] if _INTERPRET else (["cuda"] if torch.cuda.is_available() else [])
+if not DEVICES:
+    pytest.skip("TRITON_INTERPRET=0 needs a CUDA device", allow_module_level=True)
+
+
+def _grads_vs_reference(f_triton, f_ref, inputs, seed=0):
+    """Run both with the same random grad_output; return (max output diffs, max grad diffs, grad scales)."""
+    torch.manual_seed(seed)
+    a = [x.clone().requires_grad_() for x in inputs]
+    b = [x.clone().requires_grad_() for x in inputs]
+    oa, ob = f_triton(*a), f_ref(*b)
+    oa = oa if isinstance(oa, tuple) else (oa,)
+    ob = ob if isinstance(ob, tuple) else (ob,)
+    gs = [torch.randn_like(o) for o in ob]
+    sum((o * g).sum() for o, g in zip(oa, gs)).backward()
+    sum((o * g).sum() for o, g in zip(ob, gs)).backward()
+    out = [(x.float() - y.float()).abs().max().item() for x, y in zip(oa, ob)]
+    grad = [(x.grad.float() - y.grad.float()).abs().max().item() for x, y in zip(a, b)]
+    scale = [y.grad.float().abs().max().item() for y in b]
+    return out, grad, scale
+
+
+@pytest.fixture(autouse=True)
+def _force_triton(monkeypatch):
+    monkeypatch.setenv("MODULA_MHC_KERNELS", "triton")
+
+
+def test_dispatch_picks_triton_when_forced():
+    assert K.backend_for(torch.zeros(1)) == "triton"
+
+
+# ---------------------------------------------------------------------------- Sinkhorn
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("B,n,std,iters", [(37, 4, 2.0, 20), (5, 3, 0.5, 6), (70, 5, 4.0, 7), (3, 16, 2.0, 3),
+                                           (9, 4, 40.0, 5), (65, 2, 1.0, 4)])
+def test_sinkhorn_kernel_matches_reference(device, B, n, std, iters):
+    torch.manual_seed(B * n)
+    L = (torch.randn(B, n, n) * std).to(device)
+
+    def f_triton(x):
+        return triton_sinkhorn.sinkhorn(x, iters=iters, return_error=True)
+
+    def f_ref(x):
+        return R.sinkhorn(x, iters=iters, return_error=True)
+
+    out, grad, scale = _grads_vs_reference(lambda x: f_triton(x)[0], lambda x: f_ref(x)[0], [L])
+    assert out[0] < 2e-6
+    assert grad[0] < 1e-5 * max(scale[0], 1.0)
+    e_t, e_r = f_triton(L)[1].item(), f_ref(L)[1].item()
+    assert abs(e_t - e_r) < 1e-5
+
+
+def test_sinkhorn_kernel_public_dispatch_batched_and_n1():
+    torch.manual_seed(1)
+    L = torch.randn(2, 3, 4, 4, device=DEVICES[0])
+    assert torch.allclose(K.sinkhorn(L), R.sinkhorn(L), atol=2e-6)
+    P = K.sinkhorn(torch.randn(5, 1, 1, device=DEVICES[0]))
+    assert (P == 1).all()
+    # bf16 in, bf16 out, fp32 inside.
+    Pb = K.sinkhorn(L.bfloat16())
+    assert Pb.dtype == torch.bfloat16 and (Pb.float() - R.sinkhorn(L.bfloat16()).float()).abs().max() < 1e-2
+
+
+# ---------------------------------------------------------------------------- msign
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(2, 37, 45), (1, 70, 20), (3, 16, 16)])
+def test_sym_product_matches_matmul(device, shape):
+    torch.manual_seed(2)
+    X = torch.randn(*shape, device=device)
+    assert torch.allclose(triton_msign.sym_product(X), X @ X.mT, atol=1e-4)
+    C = torch.randn(shape[0], shape[1], shape[1], device=device)
+    C = C + C.mT
+    got = triton_msign.sym_product(X, alpha=0.5, C=C, beta=-2.0)
+    assert torch.allclose(got, 0.5 * X @ X.mT - 2.0 * C, atol=1e-4)
+    Xb = X.bfloat16()
+    Sb = triton_msign.sym_product(Xb)
+    want = Xb.float() @ Xb.float().mT
+    assert Sb.dtype == torch.bfloat16
+    assert ((Sb.float() - want).abs() / want.abs().amax()).max() < 1e-2  # bf16 output rounding
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(20, 33), (33, 20), (2, 17, 40)])
+def test_msign_kernel_matches_reference(device, shape):
+    torch.manual_seed(3)
+    X = torch.randn(*shape, device=device)
+    Y = K.msign(X)
+    assert torch.allclose(Y, R.msign(X), atol=1e-5)
+    Yb = K.msign(X.bfloat16())
+    assert Yb.dtype == torch.bfloat16
+    s = torch.linalg.svdvals(Yb.float().cpu())
+    assert (s - 1).abs().max() < 3e-2
+    assert (K.msign(torch.zeros(3, 5, device=device)) == 0).all()
+
+
+# ---------------------------------------------------------------------------- mHC mixing
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("M,n,C,m", [(19, 4, 37, 24), (5, 3, 70, 15), (33, 1, 20, 3)])
+def test_coeff_input_kernel(device, M, n, C, m):
+    torch.manual_seed(4)
+    x, phi = torch.randn(M, n * C, device=device), torch.randn(n * C, m, device=device)
+    out, grad, scale = _grads_vs_reference(triton_mhc.mhc_coeff_input, R.mhc_coeff_input, [x, phi])
+    assert out[0] < 1e-4 and out[1] < 1e-4
+    assert grad[0] < 1e-5 * scale[0] and grad[1] < 1e-5 * scale[1]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lead,n,C", [((19,), 4, 37), ((2, 5), 3, 70), ((7,), 1, 5)])
+def test_pre_kernel(device, lead, n, C):
+    torch.manual_seed(5)
+    x, h = torch.randn(*lead, n, C, device=device), torch.randn(*lead, n, device=device)
+    out, grad, scale = _grads_vs_reference(triton_mhc.mhc_pre, R.mhc_pre, [x, h])
+    assert out[0] < 1e-5
+    assert all(g < 1e-5 * max(s, 1.0) for g, s in zip(grad, scale))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lead,n,C", [((19,), 4, 37), ((2, 5), 3, 70), ((7,), 1, 5)])
+def test_post_res_kernel_orientation_and_grads(device, lead, n, C):
+    torch.manual_seed(6)
+    x, f = torch.randn(*lead, n, C, device=device), torch.randn(*lead, C, device=device)
+    H, hp = torch.randn(*lead, n, n, device=device), torch.randn(*lead, n, device=device)
+    out, grad, scale = _grads_vs_reference(triton_mhc.mhc_post_res, R.mhc_post_res, [x, f, H, hp])
+    assert out[0] < 1e-5
+    assert all(g < 1e-5 * max(s, 1.0) for g, s in zip(grad, scale))
+    # Orientation against a hand loop: out_i = Σ_j H[i, j] x_j + h_post_i f.
+    got = K.mhc_post_res(x, f, H, hp)
+    want = torch.stack([sum(H[..., i, j, None] * x[..., j, :] for j in range(n)) + hp[..., i, None] * f
+                        for i in range(n)], dim=-2)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_mixing_kernels_bf16_activations():
+    torch.manual_seed(7)
+    d = DEVICES[0]
+    x, f = torch.randn(9, 4, 40, device=d).bfloat16(), torch.randn(9, 40, device=d).bfloat16()
+    H, hp, hpre = torch.rand(9, 4, 4, device=d), torch.rand(9, 4, device=d), torch.rand(9, 4, device=d)
+    y = K.mhc_post_res(x, f, H, hp)
+    assert y.dtype == torch.bfloat16
+    assert (y.float() - R.mhc_post_res(x.float(), f.float(), H, hp)).abs().max() < 5e-2
+    z = K.mhc_pre(x, hpre)
+    assert z.dtype == torch.bfloat16
+    assert (z.float() - R.mhc_pre(x.float(), hpre)).abs().max() < 5e-2

@@ -1,0 +1,310 @@
+"""Hyper-connections: n residual streams mixed around a branch — HC (Zhu et al. 2024) and mHC
+(manifold-constrained, DeepSeek 2025) — as a compound with modular metadata.
+
+A stream tensor has shape (..., n, C). One HyperConnections layer around a branch F: C → C is
+
+    x_{l+1} = ρ · H_res x_l + β · H_postᵀ F(H_pre x_l),        out_i = ρ Σ_j H_res[i, j] x_j + β h_post_i F(u)
+
+with u = Σ_j h_pre_j x_j, ρ = 1 − 1/L and β = 1/L for ``depth=L`` (ρ = β = 1 without ``depth``).
+Orientation: H_res[i, j] weights input stream j in output stream i (see :mod:`modula_mhc.kernels`).
+Coefficients (fp32, fp64 for fp64 inputs), from the flattened n·C stream of each token:
+x̃ = x_flat / RMS(x_flat), z = x̃ φ, H̃ = α ⊙ z + b  (mHC) or  H̃ = α ⊙ tanh(z) + b  (HC), then
+mHC: H_pre = σ(H̃_pre), H_post = 2σ(H̃_post), H_res = Sinkhorn(exp(H̃_res)) (last half-step
+normalises rows, so H_res is exactly row-stochastic); HC: H_pre, H_post, H_res = H̃ directly.
+The stream norm is the max over streams and tokens of the RMS over C. The sensitivity bound and
+its derivation are in docs/mhc.md.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .. import atoms, bonds, kernels
+from .. import scalars as S
+from ..algebra import Compose
+from ..atoms.mix import Gate, Mix, StaticCoefficients
+from ..module import Bond, Module, Sharpness
+
+__all__ = ["HyperConnections", "ExpandStreams", "CollapseStreams", "hyper_block", "stability_report",
+           "residual_init_logit"]
+
+_EPS = 1e-6  # inside the RMS of the flattened stream, as in bonds.RMSNorm
+
+
+def residual_init_logit(streams: int, diagonal: float) -> float:
+    """τ with Sinkhorn(exp(τ I)) having diagonal e^τ/(e^τ + n − 1) = ``diagonal`` (0 for n = 1)."""
+    if streams == 1:
+        return 0.0
+    if not 0.0 < diagonal < 1.0:
+        raise ValueError(f"res_init_diagonal must lie in (0, 1), got {diagonal}")
+    return math.log(diagonal * (streams - 1) / (1.0 - diagonal))
+
+
+def _coeff_input(x_flat: torch.Tensor, phi: torch.Tensor):
+    """(x_flat φ, Σ x_flat²): the fused kernel in fp32; fp64 inputs keep fp64 (gradcheck, claims)."""
+    if x_flat.dtype == torch.float64:
+        return x_flat @ phi.double(), x_flat.square().sum(-1)
+    return kernels.mhc_coeff_input(x_flat, phi)
+
+
+class ExpandStreams(Bond):
+    """ExpandStreams(n): (..., C) ↦ (..., n, C), every stream a copy of x (sensitivity 1 in the
+    stream norm, linear)."""
+
+    preserves_dim = True
+
+    def __init__(self, streams: int):
+        super().__init__()
+        if not isinstance(streams, int) or streams < 1:
+            raise ValueError(f"streams must be a positive int, got {streams!r}")
+        self.streams = streams
+
+    def forward(self, x):
+        return x.unsqueeze(-2).expand(*x.shape[:-1], self.streams, x.size(-1))
+
+
+class CollapseStreams(Bond):
+    """CollapseStreams(n): (..., n, C) ↦ (..., C), the mean of the streams (a convex combination:
+    sensitivity 1, linear). With identical streams it is the identity on each of them."""
+
+    preserves_dim = True
+
+    def __init__(self, streams: int):
+        super().__init__()
+        if not isinstance(streams, int) or streams < 1:
+            raise ValueError(f"streams must be a positive int, got {streams!r}")
+        self.streams = streams
+
+    def forward(self, x):
+        if x.ndim < 2 or x.size(-2) != self.streams:
+            raise ValueError(f"CollapseStreams({self.streams}) expects (..., {self.streams}, C), got {tuple(x.shape)}")
+        return x.mean(dim=-2)
+
+
+class HyperConnections(Module):
+    """HyperConnections(branch, streams=4, dynamic=True, constrained=True, sinkhorn_iters=20,
+    sinkhorn_tol=None, depth=None, recompute=False, ...): HC/mHC around any module C → C.
+
+    Atoms (besides the branch's): ``phi`` (Linear n·C → m, m = 2n + n², dynamic only), ``gate``
+    (three gates α_pre, α_post, α_res = gate_scale·g, g initialised to 1), ``static`` (b), and with
+    ``dynamic=False`` in mHC a ``mix`` (Birkhoff Mix atom: H_res is its weight, and b holds only
+    the pre/post logits).
+
+    Init (mHC): b_pre = −log(n − 1) (h_pre = 1/n), b_post = 0 (h_post = 1), b_res = τI with
+    diagonal ``res_init_diagonal`` (0.95 → τ = log(0.95(n−1)/0.05)); HC: b_pre = 1/n, b_post = 1,
+    b_res = I. Streams start as copies (ExpandStreams), so the network then computes exactly the
+    plain residual x + F(x) up to the dynamic terms (gates 0.01).
+
+    ``depth=L`` (the number of hyper-connected branches in the network) scales the residual mix by
+    1 − 1/L and the branch output by 1/L, like the plain residual, so that the block's sensitivity is
+    1 + O(1/L) when the dynamic gates are small (docs/mhc.md). ``recompute=True`` recomputes the
+    coefficient path in backward (activation checkpointing). ``sinkhorn_tol`` switches Sinkhorn to
+    its tolerance mode. ``branch_output_bound`` M_F bounds ‖F(u)‖ (default ν_F: true for branches that
+    start with RMSNorm and vanish at 0, as the GPT branches).
+    """
+
+    def __init__(self, branch, streams=4, dynamic=True, constrained=True, sinkhorn_iters=20, sinkhorn_tol=None,
+                 depth=None, recompute=False, width=None, gate_scale=0.01, res_init_diagonal=0.95,
+                 coeff_mass=0.5, branch_output_bound=None, sinkhorn_max_iters=1000):
+        super().__init__()
+        if not isinstance(branch, Module):
+            raise TypeError(f"HyperConnections wraps a modula_mhc Module, got {type(branch).__name__}")
+        if not isinstance(streams, int) or streams < 1:
+            raise ValueError(f"streams must be a positive int, got {streams!r}")
+        width = width if width is not None else branch.in_dim
+        if width is None or S.is_symbolic(width) or not S.is_number(width) or int(width) != width or width < 1:
+            raise ValueError(f"HyperConnections needs the branch width: pass width=C (branch.in_dim is {branch.in_dim!r})")
+        width = int(width)
+        out = branch.out_dim if branch.out_dim is not None else (width if branch.preserves_dim else None)
+        if out is not None and S.is_number(out) and out != width:
+            raise ValueError(f"the branch must map width {width} to itself, it maps to {out}")
+        if depth is not None and (not S.is_number(depth) or int(depth) != depth or depth < 1):
+            raise ValueError(f"depth must be a positive integer or None, got {depth!r}")
+        if not isinstance(sinkhorn_iters, int) or sinkhorn_iters < 1:
+            raise ValueError(f"sinkhorn_iters must be a positive int, got {sinkhorn_iters!r}")
+        if sinkhorn_tol is not None and not (isinstance(sinkhorn_tol, (int, float)) and sinkhorn_tol > 0):
+            raise ValueError(f"sinkhorn_tol must be a positive number or None, got {sinkhorn_tol!r}")
+        if not (isinstance(coeff_mass, (int, float)) and coeff_mass > 0):
+            raise ValueError(f"coeff_mass must be a positive number, got {coeff_mass!r}")
+        self.branch, self.streams, self.width = branch, streams, width
+        self.dynamic, self.constrained, self.recompute = bool(dynamic), bool(constrained), bool(recompute)
+        self.sinkhorn_iters, self.sinkhorn_tol, self.sinkhorn_max_iters = sinkhorn_iters, sinkhorn_tol, sinkhorn_max_iters
+        self.depth = None if depth is None else int(depth)
+        self.in_dim = self.out_dim = width
+        self.branch_output_bound = branch_output_bound
+        n = streams
+        self.n_coeffs = 2 * n + n * n
+        use_mix = self.constrained and not self.dynamic
+        if self.constrained:
+            tau = residual_init_logit(n, res_init_diagonal)
+            init = [-math.log(max(n - 1, 1))] * n + [0.0] * n
+            if not use_mix:
+                init += (tau * torch.eye(n, dtype=torch.float64)).flatten().tolist()
+        else:
+            init = [1.0 / n] * n + [1.0] * n + torch.eye(n, dtype=torch.float64).flatten().tolist()
+        self.static = StaticCoefficients(n, init, with_res=not use_mix, norm="rms" if self.constrained else "mixing",
+                                         mass=coeff_mass * (0.25 if self.dynamic else 0.5))
+        if self.dynamic:
+            self.phi = atoms.Linear(n * width, self.n_coeffs, role="hyper_phi", mass=coeff_mass * 0.5)
+            self.gate = Gate((n, n, n * n), scale=gate_scale, mass=coeff_mass * 0.25)
+        if use_mix:
+            self.mix = Mix(n, init_diagonal=res_init_diagonal, mass=coeff_mass * 0.5)
+        self._record = None  # a dict while stability_report records coefficients
+
+    # ----------------------------------------------------------------- coefficients
+    @property
+    def residual_scale(self) -> float:
+        """ρ = 1 − 1/L (1 without depth)."""
+        return 1.0 if self.depth is None else 1.0 - 1.0 / self.depth
+
+    @property
+    def branch_scale(self) -> float:
+        """β = 1/L (1 without depth)."""
+        return 1.0 if self.depth is None else 1.0 / self.depth
+
+    def _logits(self, x):
+        """H̃ per token, (..., m) in the coefficient dtype (or (m,) when there is no dynamic path)."""
+        cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        b = self.static.weight.to(cdt)
+        if not self.dynamic:
+            return b
+        n, C = self.streams, self.width
+        x_flat = x.reshape(*x.shape[:-2], n * C)
+        phi = self.phi.weight.mT * self.phi.gain  # (n·C, m): x̃ φ = Linear(x̃)
+        raw, sumsq = _coeff_input(x_flat, phi)
+        z = (raw.to(cdt) * torch.rsqrt(sumsq.to(cdt) / (n * C) + _EPS).unsqueeze(-1))
+        if not self.constrained:
+            z = torch.tanh(z)
+        return self.gate(z) + b
+
+    def _sinkhorn(self, logits):
+        """Sinkhorn(exp(L)) whose final half-step normalises rows: the reference normalises rows then
+        columns, so it runs on Lᵀ and the result is transposed back (same scaling family)."""
+        kw = dict(iters=self.sinkhorn_iters, tol=self.sinkhorn_tol, max_iters=self.sinkhorn_max_iters)
+        if self._record is not None:
+            P, err = kernels.sinkhorn(logits.mT, return_error=True, **kw)
+            self._record["marginal_error"] = float(err)
+        else:
+            P = kernels.sinkhorn(logits.mT, **kw)
+        return P.mT
+
+    def coefficients(self, x):
+        """(h_pre (..., n), h_post (..., n), h_res (..., n, n)) for a stream tensor x (..., n, C),
+        in the coefficient dtype; orientation h_res[..., i, j] = weight of stream j in stream i."""
+        self._check_input(x)
+        h = self._logits(x)
+        n = self.streams
+        lead = x.shape[:-2]
+        pre, post = h[..., :n], h[..., n:2 * n]
+        if self.constrained:
+            pre, post = torch.sigmoid(pre), 2.0 * torch.sigmoid(post)
+            if self.dynamic:
+                res = self._sinkhorn(h[..., 2 * n:].unflatten(-1, (n, n)))
+            else:
+                res = self.mix.weight.to(h.dtype)
+        else:
+            res = h[..., 2 * n:].unflatten(-1, (n, n))
+        if self._record is not None:
+            self._record["h_res"] = res.detach()
+        return pre.expand(*lead, n), post.expand(*lead, n), res.expand(*lead, n, n)
+
+    def _check_input(self, x):
+        if x.ndim < 2 or x.size(-2) != self.streams or x.size(-1) != self.width:
+            raise ValueError(f"HyperConnections(streams={self.streams}, width={self.width}) expects a stream tensor "
+                             f"(..., {self.streams}, {self.width}), got {tuple(x.shape)}")
+
+    def forward(self, x):
+        self._check_input(x)
+        if self.recompute and torch.is_grad_enabled():
+            h_pre, h_post, h_res = checkpoint(self.coefficients, x, use_reentrant=False)
+        else:
+            h_pre, h_post, h_res = self.coefficients(x)
+        u = kernels.mhc_pre(x, h_pre)
+        f = self.branch(u)
+        return kernels.mhc_post_res(x, f, self.residual_scale * h_res, self.branch_scale * h_post)
+
+    # ----------------------------------------------------------------- modular metadata
+    def _parts(self):
+        """[(module, s)]: s bounds ‖Δout‖ per unit of that part's own norm (docs/mhc.md)."""
+        b = self._bounds()
+        parts = [(self.branch, b["s_branch"]), (self.static, b["s_static"])]
+        if self.dynamic:
+            parts += [(self.phi, b["s_phi"]), (self.gate, b["s_gate"])]
+        if self.constrained and not self.dynamic:
+            parts.append((self.mix, b["s_mix"]))
+        return parts
+
+    def _bounds(self) -> dict:
+        """The constants of the sensitivity derivation in docs/mhc.md, at well-normed weights and inputs."""
+        n, rho, beta = self.streams, self.residual_scale, self.branch_scale
+        nu_f = float(S.to_number(self.branch.sensitivity))
+        m_f = nu_f if self.branch_output_bound is None else float(self.branch_output_bound)
+        a = self.gate.scale if self.dynamic else 0.0
+        m = self.n_coeffs if self.dynamic else 0
+        if self.constrained:
+            p_max, pre_l1, res_rows = 2.0, float(n), 1.0
+            # per unit ‖ΔH̃‖₂: res (Fisher-metric projection bound), pre (σ' ≤ 1/4, ℓ1 ≤ √n ℓ2), post (2σ' ≤ 1/2)
+            k_res, k_pre, k_post = (1.0 if self.dynamic else 0.0), math.sqrt(n) / 4, 0.5
+        else:
+            p_max, pre_l1, res_rows = 1.0 + a, 1.0 + n * a, 1.0 + n * a
+            k_res, k_pre, k_post = math.sqrt(n), math.sqrt(n), 1.0
+        k_coef = rho * k_res + beta * p_max * nu_f * k_pre + beta * m_f * k_post
+        direct = rho * res_rows + beta * p_max * nu_f * pre_l1
+        dynamic = k_coef * a * math.sqrt(m)
+        out = dict(direct=direct, dynamic=dynamic, k_coef=k_coef, s_branch=beta * p_max, s_phi=dynamic,
+                   s_gate=k_coef * math.sqrt(m) * (self.gate.scale if self.dynamic else 0.0), s_mix=rho)
+        if self.constrained:
+            out["s_static"] = k_coef * math.sqrt(2 * n + (n * n if self.dynamic else 0))
+        else:
+            out["s_static"] = rho + beta * p_max * nu_f + beta * m_f
+        return out
+
+    @property
+    def mass(self):
+        return sum((m.mass for m, _ in self._parts()), 0.0)
+
+    @property
+    def sensitivity(self):
+        b = self._bounds()
+        return b["direct"] + b["dynamic"]
+
+    @property
+    def sharpness(self):
+        # Not derived: the second derivative of the coefficient path through the RMS normaliser,
+        # σ and the unrolled Sinkhorn has no simple weight-independent bound (docs/mhc.md).
+        return Sharpness(S.INF, S.INF, S.INF)
+
+    def _coefficient_map(self):
+        mu = self.mass
+        out = {}
+        for part, s in self._parts():
+            if S.is_zero(part.mass) or s == 0:
+                continue
+            for atom, c in part._coefficient_map().items():
+                c = c * s * mu / part.mass
+                out[atom] = max(out[atom], c) if atom in out else c
+        return out
+
+    def extra_repr(self):
+        kind = "mHC" if self.constrained else "HC"
+        return (f"{kind}, streams={self.streams}, width={self.width}, dynamic={self.dynamic}, depth={self.depth}, "
+                f"sinkhorn_iters={self.sinkhorn_iters}, sinkhorn_tol={self.sinkhorn_tol}, recompute={self.recompute}")
+
+
+def hyper_block(width, heads, depth, streams=4, constrained=True, mlp_ratio=4, attn_manifold="euclidean",
+                mlp_manifold="euclidean", **options):
+    """A GPT block on streams (B, T, n, C): HC/mHC around the attention branch, then around the MLP
+    branch, each with ``depth = 2·depth`` (two hyper-connected branches per block)."""
+    from .gpt import attention_branch, mlp_branch
+    if "depth" in options:
+        raise TypeError("hyper_block: depth is set from the GPT depth (2 branches per block)")
+    kw = dict(streams=streams, constrained=constrained, depth=2 * depth, width=width, **options)
+    block = Compose(HyperConnections(attention_branch(width, heads, attn_manifold), **kw),
+                    HyperConnections(mlp_branch(width, mlp_ratio, mlp_manifold), **kw))
+    block.in_dim = block.out_dim = width
+    return block
+
+
+from .hyper_diagnostics import stability_report  # noqa: E402  (needs HyperConnections)

@@ -1,0 +1,188 @@
+"""The manifold interface (dualize, retract, step) and the small matrix helpers every manifold shares.
+
+Weights are stored as torch stores them, shape (..., out, in). Matrix manifolds put their
+constraint on the Gram matrix of the smaller side, so a wide matrix (out < in) is handled through
+its transpose: ``as_tall`` / ``from_tall`` do that in one place.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..kernels import msign
+
+#: dtypes the manifold maths runs in (lower precisions are lifted to float32 and cast back)
+_COMPUTE_DTYPES = (torch.float32, torch.float64)
+
+
+class Manifold:
+    """A set of weights with a natural norm on its tangent spaces.
+
+    * ``dualize(W, G, state)``: argmax ⟨G, A⟩ over tangent vectors A at W with ``norm(A) ≤ 1``
+      (norm 1 unless G has no tangent part, then exactly 0).
+    * ``retract(Y)``: a point on the manifold near Y; identity on the manifold, first-order correct.
+    * ``step(W, A, lr)``: the optimizer's move, by default ``retract(W − lr·A)``.
+    """
+
+    name = "manifold"
+
+    # ------------------------------------------------------------------ interface
+    def dualize(self, W: torch.Tensor, G: torch.Tensor, state: dict | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def retract(self, Y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def step(self, W: torch.Tensor, A: torch.Tensor, lr: float) -> torch.Tensor:
+        """W_new = retract(W − lr·A)."""
+        check_same_shape(W, A, f"{self.name}.step")
+        return self.retract(W - lr * A)
+
+    def contains(self, W: torch.Tensor, tol: float = 1e-4) -> bool:
+        raise NotImplementedError
+
+    def norm(self, A: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def random(self, shape, generator=None, dtype=torch.float32, device=None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def diagnostics(self, W: torch.Tensor) -> dict:
+        return {}
+
+    # ------------------------------------------------------------------ conveniences
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+    def __eq__(self, other):
+        return type(self) is type(other) and vars(self) == vars(other)
+
+    def __hash__(self):
+        return hash((type(self), tuple(sorted((k, repr(v)) for k, v in vars(self).items()))))
+
+
+# ---------------------------------------------------------------------- shape and dtype helpers
+def check_tensor(X, what: str, min_ndim: int = 2) -> None:
+    if not isinstance(X, torch.Tensor):
+        raise TypeError(f"{what}: expected a torch.Tensor, got {type(X).__name__}")
+    if not X.is_floating_point():
+        raise TypeError(f"{what}: expected a floating-point tensor, got {X.dtype}")
+    if X.ndim < min_ndim:
+        raise ValueError(f"{what}: expected a tensor with at least {min_ndim} dims (..., out, in), "
+                         f"got shape {tuple(X.shape)}")
+
+
+def check_same_shape(W, G, what: str) -> None:
+    if not isinstance(W, torch.Tensor) or not isinstance(G, torch.Tensor):
+        raise TypeError(f"{what}: expected tensors, got {type(W).__name__} and {type(G).__name__}")
+    if W.shape != G.shape:
+        raise ValueError(f"{what}: point of shape {tuple(W.shape)} and tangent/gradient of shape "
+                         f"{tuple(G.shape)} differ")
+
+
+def compute_dtype(X: torch.Tensor) -> torch.dtype:
+    """float64 stays float64; everything else is computed in float32."""
+    return X.dtype if X.dtype in _COMPUTE_DTYPES else torch.float32
+
+
+def is_wide(X: torch.Tensor) -> bool:
+    return X.size(-2) < X.size(-1)
+
+
+def as_tall(X: torch.Tensor, wide: bool) -> torch.Tensor:
+    """The matrix whose columns carry the constraint: X itself when tall, Xᵀ when wide."""
+    return X.mT if wide else X
+
+
+from_tall = as_tall  # transposing is its own inverse
+
+
+def unit_max_scale(X: torch.Tensor, dims=(-2, -1)):
+    """(X / max|X|, max|X|) per matrix, zero matrices left at zero; keeps 1e-30 and 1e30 gradients
+    inside the float range before any norm is squared."""
+    amax = X.abs().amax(dim=dims, keepdim=True)
+    safe = torch.where(amax > 0, amax, torch.ones_like(amax))
+    return X / safe, amax
+
+
+def fro(X: torch.Tensor) -> torch.Tensor:
+    """Frobenius norm per matrix, shape (..., 1, 1)."""
+    return torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
+
+
+def sym(X: torch.Tensor) -> torch.Tensor:
+    """sym(X) = (X + Xᵀ)/2."""
+    return 0.5 * (X + X.mT)
+
+
+def polar(Y: torch.Tensor, polish: int = 2) -> torch.Tensor:
+    """Polar factor of a tall (..., m, n) matrix: Polar Express, then ``polish`` Newton–Schulz steps
+    X ← X(3I − XᵀX)/2, which square the error of singular values already near 1 (Polar Express
+    alone leaves them ~1e-3 from 1 in fp32; a retraction needs ~1e-6)."""
+    Yu, _ = unit_max_scale(Y)
+    X = msign(Yu)
+    eye = torch.eye(X.size(-1), dtype=X.dtype, device=X.device)
+    for _ in range(polish):
+        X = X @ (1.5 * eye - 0.5 * (X.mT @ X))
+    return X
+
+
+def top_singular_value(A: torch.Tensor, iters: int = 30) -> torch.Tensor:
+    """Largest singular value per matrix of (..., m, n), shape (..., 1, 1), by power iteration on the
+    smaller Gram matrix (exact enough for renormalising a near-orthogonal direction; never SVD)."""
+    gram = A.mT @ A if A.size(-2) >= A.size(-1) else A @ A.mT
+    k = gram.size(-1)
+    # a fixed, generic start vector (not all-ones, which can be orthogonal to the top eigenvector)
+    v = torch.linspace(1.0, 2.0, k, dtype=A.dtype, device=A.device) + 0.1 * torch.cos(
+        torch.arange(k, dtype=A.dtype, device=A.device))
+    v = v.expand(*gram.shape[:-1]).unsqueeze(-1).contiguous()
+    for _ in range(iters):
+        v = gram @ v
+        v = v / torch.linalg.vector_norm(v, dim=(-2, -1), keepdim=True).clamp_min(1e-300 if A.dtype == torch.float64 else 1e-30)
+    lam = (v.mT @ gram @ v) / (v.mT @ v).clamp_min(1e-30)
+    return lam.clamp_min(0).sqrt()
+
+
+def spectral_norm(A: torch.Tensor) -> torch.Tensor:
+    """Exact ‖A‖₂ per matrix (via singular values), shape A.shape[:-2]; for tests and diagnostics."""
+    Af = A.to(compute_dtype(A))
+    scaled, amax = unit_max_scale(Af)
+    return torch.linalg.matrix_norm(scaled, ord=2) * amax[..., 0, 0]
+
+
+def semi_orthogonal(shape, generator=None, dtype=torch.float32, device=None) -> torch.Tensor:
+    """A Haar-random matrix with orthonormal columns (tall) or rows (wide), batched over leading dims."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 2:
+        v = torch.randn(shape, generator=generator, dtype=torch.float64, device="cpu")
+        return (v / torch.linalg.vector_norm(v)).to(dtype=dtype, device=device)
+    m, n = shape[-2:]
+    wide = m < n
+    tall_shape = shape[:-2] + ((n, m) if wide else (m, n))
+    Z = torch.randn(tall_shape, generator=generator, dtype=torch.float64, device="cpu")
+    Q, R = torch.linalg.qr(Z)
+    # fix the sign ambiguity of QR so the distribution is Haar
+    signs = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
+    Q = Q * torch.where(signs == 0, torch.ones_like(signs), signs).unsqueeze(-2)
+    Q = Q.mT if wide else Q
+    return Q.contiguous().to(dtype=dtype, device=device)
+
+
+def check_shape(shape, what: str) -> tuple:
+    try:
+        shape = tuple(int(s) for s in shape)
+    except TypeError:
+        raise TypeError(f"{what}: shape must be a sequence of ints, got {shape!r}") from None
+    if any(s <= 0 for s in shape):
+        raise ValueError(f"{what}: dimensions must be positive, got {shape}")
+    return shape
+
+
+def as_float(x) -> float:
+    return float(x.max()) if isinstance(x, torch.Tensor) else float(x)
+
+
+def rms(X: torch.Tensor) -> torch.Tensor:
+    """‖X‖_F/√numel per matrix, shape (..., 1, 1)."""
+    return fro(X) / math.sqrt(X.size(-2) * X.size(-1))

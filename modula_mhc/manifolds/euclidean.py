@@ -1,0 +1,60 @@
+"""Euclidean: no constraint, spectral norm. Dualize = msign(G): this is Muon."""
+from __future__ import annotations
+
+import torch
+
+from ..kernels import msign
+from .base import (Manifold, check_same_shape, check_shape, check_tensor, compute_dtype, semi_orthogonal,
+                   spectral_norm, unit_max_scale)
+
+
+class Euclidean(Manifold):
+    """All of ℝ^{out×in} with the spectral norm ‖A‖₂ (a vector is treated as a column, so its norm
+    is ℓ2). dualize(W, G) = msign(G) = U Vᵀ for G = U Σ Vᵀ; retract = identity; random = a
+    semi-orthogonal matrix (unit spectral scale)."""
+
+    name = "euclidean"
+
+    def dualize(self, W, G, state=None):
+        check_same_shape(W, G, "Euclidean.dualize")
+        check_tensor(G, "Euclidean.dualize", min_ndim=1)
+        dt = compute_dtype(G)
+        Gu, _ = unit_max_scale(G.to(dt), dims=tuple(range(-min(G.ndim, 2), 0)))
+        if G.ndim == 1:
+            norm = torch.linalg.vector_norm(Gu)
+            A = Gu / norm if norm > 0 else torch.zeros_like(Gu)
+        else:
+            A = msign(Gu)
+        if state is not None:
+            state["iterations"] = 0
+            state["tangent_residual"] = 0.0
+        return A.to(G.dtype)
+
+    def retract(self, Y):
+        check_tensor(Y, "Euclidean.retract", min_ndim=1)
+        return Y
+
+    def step(self, W, A, lr):
+        check_same_shape(W, A, "Euclidean.step")
+        return W - lr * A
+
+    def contains(self, W, tol=1e-4):
+        check_tensor(W, "Euclidean.contains", min_ndim=1)
+        return bool(torch.isfinite(W).all())
+
+    def norm(self, A):
+        check_tensor(A, "Euclidean.norm", min_ndim=1)
+        if A.ndim == 1:
+            return torch.linalg.vector_norm(A.to(compute_dtype(A)))
+        return spectral_norm(A).max()
+
+    def random(self, shape, generator=None, dtype=torch.float32, device=None):
+        return semi_orthogonal(check_shape(shape, "Euclidean.random"), generator, dtype, device)
+
+    def diagnostics(self, W):
+        if W.ndim < 2:
+            return {"norm": float(torch.linalg.vector_norm(W.float()))}
+        return {"top_singular_value": float(spectral_norm(W.detach()).max())}
+
+
+__all__ = ["Euclidean"]

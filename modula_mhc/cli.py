@@ -87,6 +87,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=_nonnegative_int, help="seed of initialisation and batches [0]")
     g.add_argument("--device", choices=DEVICES, help="[auto: cuda if available]")
+    g.add_argument("--threads", type=_nonnegative_int,
+                   help="CPU threads for torch; 0 = torch's default (all cores) [1: fastest for small models]")
     g.add_argument("--dtype", choices=DTYPES, help="bfloat16 = autocast forward, fp32 weights [float32]")
     g.add_argument("--eval-every", type=_positive_int, help=f"steps between evaluations and checkpoints "
                                                             f"[{preset_default('eval_every')}]")

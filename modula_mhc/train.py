@@ -68,12 +68,13 @@ NONFINITE_POLICIES = ("skip", "raise")
 
 #: options that may change when resuming; every other option must match the checkpoint
 RESUMABLE_OVERRIDES = ("steps", "eval_every", "eval_batches", "sample_chars", "out", "device", "dtype",
-                       "quiet", "resume", "name")
+                       "threads", "quiet", "resume", "name")
 
 #: defaults for options that are neither in a preset nor given (None = derived later)
 BASE_DEFAULTS = dict(
     preset="tiny", data=None, residual="plain", streams=4, manifolds=None, optimizer="dualize", lr=None,
     momentum=0.95, weight_decay=0.0, schedule="linear", warmup=0, seed=0, device="auto", dtype="float32",
+    threads=1,  # small models run fastest single-threaded; 2 threads on a busy 2-core machine were 10x slower
     sample_chars=500, nonfinite="skip", max_nonfinite=10,
 )
 
@@ -104,6 +105,7 @@ class TrainConfig:
     warmup: int | None = None
     seed: int | None = None
     device: str | None = None           # auto | cpu | cuda
+    threads: int | None = None          # CPU threads for torch (0: torch's default); see BASE_DEFAULTS
     dtype: str | None = None            # float32 | bfloat16 (autocast; weights and optimizer stay fp32)
     eval_every: int | None = None
     eval_batches: int | None = None
@@ -144,7 +146,7 @@ def _validate(c: TrainConfig, partial: bool):
         v = getattr(c, name)
         if v is not None and (not is_int(v) or v < 1):
             _fail(name, f"must be a positive integer, got {v!r}")
-    for name in ("warmup", "sample_chars", "seed"):
+    for name in ("warmup", "sample_chars", "seed", "threads"):
         v = getattr(c, name)
         if v is not None and (not is_int(v) or v < 0):
             _fail(name, f"must be a non-negative integer, got {v!r}")
@@ -480,16 +482,26 @@ def train(config: TrainConfig | None = None, callback=None) -> dict:
     if config.resume:
         ckpt_path = find_checkpoint(config.resume, config.out)
         ckpt = load_checkpoint(ckpt_path)
-        config = resolve_config(config, ckpt["config"])
-        if config.out is None:
-            config = dataclasses.replace(config, out=os.path.dirname(os.path.abspath(ckpt_path)))
+        out = config.out or os.path.dirname(os.path.abspath(ckpt_path))  # the run may have been moved
+        config = dataclasses.replace(resolve_config(config, ckpt["config"]), out=out)
     else:
         config = resolve_config(config)
         if config.out is None:
             config = dataclasses.replace(config, out=_default_out(config))
+    if os.path.exists(config.out) and not os.path.isdir(config.out):
+        _fail("out", f"{config.out!r} exists and is not a directory")
+    previous_threads = torch.get_num_threads()
+    if config.threads and resolve_device(config.device).type == "cpu":
+        torch.set_num_threads(config.threads)
+    try:
+        return _run(config, ckpt, ckpt_path, callback)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(config: TrainConfig, ckpt: dict | None, ckpt_path: str | None, callback) -> dict:
+    """The loop of :func:`train` for a resolved config (and the checkpoint it resumes, if any)."""
     out = config.out
-    if os.path.exists(out) and not os.path.isdir(out):
-        _fail("out", f"{out!r} exists and is not a directory")
     device = resolve_device(config.device)
     autocast_dtype = torch.bfloat16 if config.dtype == "bfloat16" else None
 

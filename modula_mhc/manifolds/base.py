@@ -26,6 +26,9 @@ class Manifold:
     """
 
     name = "manifold"
+    #: True when c·W stays on the manifold for every c > 0 (a cone): decoupled weight decay is then
+    #: meaningful; on the other manifolds the retraction would undo it.
+    admits_scaling = False
 
     # ------------------------------------------------------------------ interface
     def dualize(self, W: torch.Tensor, G: torch.Tensor, state: dict | None = None) -> torch.Tensor:

@@ -40,6 +40,7 @@ class DGram(Manifold):
     """
 
     name = "dgram"
+    admits_scaling = True
 
     def __init__(self, max_scale: float | None = None, tol: float = 1e-5, max_iters: int = 100, step: float = 0.1):
         check_dual_settings("DGram", tol, max_iters, step)

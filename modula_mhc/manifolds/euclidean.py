@@ -14,6 +14,7 @@ class Euclidean(Manifold):
     semi-orthogonal matrix (unit spectral scale)."""
 
     name = "euclidean"
+    admits_scaling = True
 
     def dualize(self, W, G, state=None):
         check_same_shape(W, G, "Euclidean.dualize")

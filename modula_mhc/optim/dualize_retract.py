@@ -1,0 +1,152 @@
+"""DualizeRetract: per atom, momentum → dualize in the atom's natural norm → step on its manifold."""
+from __future__ import annotations
+
+import math
+import weakref
+
+import torch
+from torch.optim import Optimizer
+
+from .. import scalars as S
+
+
+def _atom_of(p) -> object:
+    ref = getattr(p, "_mm_atom", None)
+    atom = ref() if isinstance(ref, weakref.ref) else None
+    if atom is None:
+        raise ValueError(f"DualizeRetract: a parameter of shape {tuple(p.shape)} does not belong to a "
+                         "modula_mhc atom (no _mm_atom tag); build it with modula_mhc.atoms or pass the Module")
+    return atom
+
+
+def _target(coefficient) -> float:
+    """Step target 1/c_a of an atom (0 for an atom without influence, c = ∞ or 0 mass)."""
+    c = S.to_number(coefficient)
+    if c == S.INF or not math.isfinite(c) or c <= 0:
+        return 0.0
+    return 1.0 / c
+
+
+class DualizeRetract(Optimizer):
+    """DualizeRetract(params_or_module, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0).
+
+    Per parameter W of atom a with norm coefficient c_a (modular norm ‖w‖_M = max_a c_a‖w_a‖_a):
+
+        b ← β·b + (1 − β)·g                      (momentum buffer, b₀ = 0, as torch.optim.Muon)
+        u = (1 − β)·g + β·b if nesterov else b
+        A = a.dualize_weight(u, target=1/c_a)    (‖A‖_a = 1/c_a: the modular-norm steepest direction)
+        W ← (1 − lr·λ)·W                          (only on manifolds closed under scaling: Euclidean, DGram)
+        W ← a.step_weight(A, lr)                   (= retract(W − lr·A), Birkhoff: multiplicative)
+
+    so one learning rate moves the whole network by lr in the modular norm. Given a Module, atoms
+    and coefficients come from the tree; given parameters (or param groups), each parameter must be
+    an atom's weight and gets coefficient 1. Zero gradients give zero updates.
+    """
+
+    def __init__(self, params_or_module, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
+                 weight_decay: float = 0.0):
+        if not (isinstance(lr, (int, float)) or (isinstance(lr, torch.Tensor) and lr.numel() == 1)) or lr < 0:
+            raise ValueError(f"DualizeRetract: lr must be a number >= 0, got {lr!r}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"DualizeRetract: momentum must lie in [0, 1), got {momentum!r}")
+        if weight_decay < 0:
+            raise ValueError(f"DualizeRetract: weight_decay must be >= 0, got {weight_decay!r}")
+        if nesterov and momentum == 0:
+            nesterov = False  # nothing to look ahead with
+        self._targets: dict[int, float] = {}
+        self._names: dict[int, str] = {}
+        self._atom_refs: dict[int, weakref.ref] = {}
+        from ..module import Module
+        if isinstance(params_or_module, Module):
+            module = params_or_module
+            atoms = module.atoms()
+            coefficients = module.norm_coefficients()
+            names = {m: n for n, m in module.named_modules()}
+            params = []
+            for a, c in zip(atoms, coefficients):
+                if a.weight is None:
+                    raise ValueError("DualizeRetract: the module is symbolic (no tensors); build it with numbers")
+                if id(a.weight) in self._targets:
+                    continue  # a shared atom appears once
+                self._targets[id(a.weight)] = _target(c)
+                self._names[id(a.weight)] = names.get(a, "") or type(a).__name__
+                self._atom_refs[id(a.weight)] = weakref.ref(a)
+                params.append(a.weight)
+            if not params:
+                raise ValueError("DualizeRetract: the module has no atoms with weights")
+            params_or_module = params
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+        super().__init__(params_or_module, defaults)
+        for i, p in enumerate(self._all_params()):
+            if id(p) not in self._targets:
+                atom = _atom_of(p)
+                self._targets[id(p)] = 1.0
+                self._names[id(p)] = str(i)
+                self._atom_refs[id(p)] = weakref.ref(atom)
+
+    def _all_params(self):
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _atom(self, p):
+        atom = self._atom_refs[id(p)]()
+        if atom is None:
+            raise RuntimeError("DualizeRetract: the atom owning a parameter no longer exists")
+        return atom
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        for p in param_group["params"]:
+            if hasattr(self, "_targets") and id(p) not in self._targets and hasattr(self, "_atom_refs"):
+                self._targets[id(p)] = 1.0
+                self._names[id(p)] = str(len(self._names))
+                self._atom_refs[id(p)] = weakref.ref(_atom_of(p))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One dualize-then-retract step for every parameter with a gradient; returns closure()."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, beta = float(group["lr"]), group["momentum"]
+            nesterov, wd = group["nesterov"] and beta > 0, group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                target = self._targets[id(p)]
+                if target == 0.0:
+                    continue
+                g = p.grad
+                if g.is_sparse:
+                    raise RuntimeError("DualizeRetract does not support sparse gradients")
+                state = self.state[p]
+                if beta > 0:
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = torch.zeros_like(g, memory_format=torch.preserve_format)
+                    buf.lerp_(g, 1 - beta)
+                    u = g.lerp(buf, beta) if nesterov else buf
+                else:
+                    u = g
+                atom = self._atom(p)
+                A = atom.dualize_weight(u, target=target, state=state)
+                if wd != 0 and getattr(atom.manifold, "admits_scaling", False):
+                    p.mul_(1 - lr * wd)
+                atom.step_weight(A, lr)
+        return loss
+
+    def diagnostics(self) -> dict:
+        """{atom name: {manifold, top singular value / column norms / …, iterations, tangent_residual,
+        dual_residual, duality_gap of the last step}} (names from the module tree, else indices)."""
+        out = {}
+        for p in self._all_params():
+            atom = self._atom(p)
+            d = {"manifold": atom.manifold.name, "target": self._targets[id(p)]}
+            d.update(atom.diagnostics())
+            st = self.state.get(p, {})
+            for k in ("iterations", "tangent_residual", "dual_residual", "duality_gap"):
+                if k in st:
+                    d[k] = st[k]
+            out[self._names[id(p)]] = d
+        return out

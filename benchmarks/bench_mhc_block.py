@@ -1,0 +1,118 @@
+"""Forward + backward time of a plain residual vs mHC (n = 4), measured side by side in one run.
+
+Two comparisons per width:
+  * layer: one residual layer around a Linear + GELU branch, x + F(x) vs one HyperConnections layer
+    (the DESIGN's CPU target: mHC ≤ 4× the plain residual; lucidrains hyper-connections measured 13.5×);
+  * block: a GPT Block (attention + MLP, plain residual) vs hyper_block (mHC around both branches).
+Timings are medians of interleaved repetitions; ratios are what to read. Results go to
+benchmarks/results/bench_mhc_block_<size>.json and .png.
+
+    python benchmarks/bench_mhc_block.py              # CPU: width 256, 4096 tokens
+    python benchmarks/bench_mhc_block.py --size gpu   # CUDA: widths 768..2048, 8192 tokens
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import platform
+import statistics
+import time
+
+import torch
+
+from modula_mhc import atoms, bonds, compounds
+from modula_mhc.compounds.hyper import HyperConnections, hyper_block
+
+SIZES = {
+    "cpu": dict(widths=[256], batch=16, seq=256, heads=4, reps=7, device="cpu"),
+    "gpu": dict(widths=[768, 1024, 1536, 2048], batch=8, seq=1024, heads=8, reps=20, device="cuda"),
+}
+
+
+class PlainLayer(torch.nn.Module):
+    def __init__(self, branch):
+        super().__init__()
+        self.branch = branch
+
+    def forward(self, x):
+        return x + self.branch(x)
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, x, g, device):
+    x = x.detach().requires_grad_()
+    _sync(device)
+    t = time.perf_counter()
+    fn(x).backward(g)
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def compare(make_a, make_b, shape_a, shape_b, reps, device, dtype):
+    torch.manual_seed(0)
+    a, b = make_a().to(device, dtype), make_b().to(device, dtype)
+    xa, xb = torch.randn(shape_a, device=device, dtype=dtype), torch.randn(shape_b, device=device, dtype=dtype)
+    ga, gb = torch.randn_like(xa), torch.randn_like(xb)
+    for _ in range(2):  # warm-up
+        _time(a, xa, ga, device), _time(b, xb, gb, device)
+    ta, tb = [], []
+    for _ in range(reps):
+        ta.append(_time(a, xa, ga, device))
+        tb.append(_time(b, xb, gb, device))
+    ma, mb = statistics.median(ta), statistics.median(tb)
+    return dict(plain_ms=1e3 * ma, mhc_ms=1e3 * mb, ratio=mb / ma)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", choices=sorted(SIZES), default="cpu")
+    ap.add_argument("--streams", type=int, default=4)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    args = ap.parse_args()
+    cfg = SIZES[args.size]
+    device = cfg["device"]
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--size gpu needs CUDA")
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
+    n, B, T = args.streams, cfg["batch"], cfg["seq"]
+    rows = []
+    for C in cfg["widths"]:
+        def branch():
+            return bonds.GELU() @ atoms.Linear(C, C)
+        layer = compare(lambda: PlainLayer(branch()), lambda: HyperConnections(branch(), streams=n, width=C),
+                        (B, T, C), (B, T, n, C), cfg["reps"], device, dtype)
+        block = compare(lambda: compounds.Block(C, cfg["heads"], depth=4, attn_manifold="euclidean",
+                                                mlp_manifold="euclidean"),
+                        lambda: hyper_block(C, cfg["heads"], 4, streams=n, constrained=True),
+                        (B, T, C), (B, T, n, C), cfg["reps"], device, dtype)
+        for kind, r in (("layer (Linear+GELU branch)", layer), ("GPT block", block)):
+            rows.append(dict(width=C, tokens=B * T, streams=n, kind=kind, **r))
+            print(f"width {C:5d}  tokens {B * T}  {kind:28s} plain {r['plain_ms']:8.2f} ms   "
+                  f"mHC {r['mhc_ms']:8.2f} ms   ratio {r['ratio']:.2f}x")
+    out = pathlib.Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    meta = dict(device=device if device == "cpu" else torch.cuda.get_device_name(), dtype=str(dtype),
+                torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine())
+    (out / f"bench_mhc_block_{args.size}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    labels = [f"{r['kind']}\nC={r['width']}" for r in rows]
+    ax.bar(range(len(rows)), [r["ratio"] for r in rows])
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xticks(range(len(rows)), labels, fontsize=7)
+    ax.set_ylabel("mHC / plain (fwd+bwd time)")
+    ax.set_title(f"mHC (n={n}) vs plain residual, {meta['device']}, {meta['dtype']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / f"bench_mhc_block_{args.size}.png", dpi=90)
+    print(f"wrote {out}/bench_mhc_block_{args.size}.json and .png")
+
+
+if __name__ == "__main__":
+    main()

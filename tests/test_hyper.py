@@ -378,3 +378,25 @@ def test_atoms_of_mixing():
     mix = Mix(3)
     torch.testing.assert_close(mix.weight.sum(-1), torch.ones(3))
     assert mix.weight.diagonal().min().item() == pytest.approx(0.95)
+
+
+def test_static_mix_with_the_dualize_retract_optimizer():
+    optim = pytest.importorskip("modula_mhc.optim")
+    if not hasattr(optim, "DualizeRetract"):
+        pytest.skip("modula_mhc.optim.DualizeRetract not available")
+    torch.manual_seed(0)
+    hc = HyperConnections(_branch(), streams=4, dynamic=False, depth=4)
+    opt = optim.DualizeRetract(hc, lr=0.05)
+    x, target = torch.randn(4, 6, 4, 8), torch.randn(4, 6, 4, 8)
+    W0 = hc.mix.weight.detach().clone()
+    losses = []
+    for _ in range(10):
+        opt.zero_grad()
+        loss = ((hc(x) - target) ** 2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    W = hc.mix.weight.detach()
+    assert (W - W0).abs().max() > 1e-3 and (W > 0).all()
+    assert (W.sum(-1) - 1).abs().max() < 1e-4 and (W.sum(-2) - 1).abs().max() < 1e-4
+    assert losses[-1] < losses[0]

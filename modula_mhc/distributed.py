@@ -1,0 +1,326 @@
+"""Data-parallel and sharded training with the dualize-then-retract optimizer.
+
+msign and the manifold steps act on whole matrices, so a data-parallel optimizer cannot update a
+row shard on its own. :class:`DistributedDualizeRetract` spreads the *matrices* over the ranks
+instead (as distributed Muon implementations do): every parameter has one owner rank, the owner
+alone keeps its momentum and dual-ascent state (a sharded optimizer state) and computes its update
+on the full matrix, and the new weights are sent back so every rank ends the step with identical
+(replicated) or correctly sharded weights. No rank does all the work: the owners are assigned
+round-robin over the parameters sorted by size.
+
+Two layouts of the parameters are supported, detected per parameter:
+
+* replicated (``torch.nn.parallel.DistributedDataParallel``, or any code that averages gradients
+  over ranks): gradients are already averaged; each owner updates its matrices in place and
+  broadcasts them (one flat broadcast per rank and step).
+* sharded (FSDP2 ``torch.distributed.fsdp.fully_shard``, or DTensor parameters with a ``Shard(0)``
+  or ``Replicate`` placement on a 1-D mesh): each owner gathers the row shards of weight and
+  (averaged) gradient, updates the full matrix, and scatters the new rows back.
+
+Non-finite gradients: all ranks agree (one all-reduce of a flag) before any state changes, then
+follow ``nonfinite="skip"`` (default: skip the step, warn, count it in ``skipped_steps``) or
+``"raise"`` (``FloatingPointError``); a skipped step leaves weights and momentum untouched.
+
+Without an initialised process group the optimizer is :class:`~modula_mhc.optim.DualizeRetract`
+plus the non-finite policy (world size 1). See docs/distributed.md.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from .optim import DualizeRetract
+
+NONFINITE_POLICIES = ("skip", "raise")
+
+__all__ = ["DistributedDualizeRetract", "assign_owners", "unwrap", "NONFINITE_POLICIES"]
+
+
+def unwrap(model):
+    """The modula_mhc Module inside a DistributedDataParallel wrapper (or the model itself)."""
+    from torch.nn.parallel import DistributedDataParallel
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def assign_owners(shapes, world_size: int) -> list:
+    """Owner rank of each parameter: round-robin over the parameters sorted by size (largest
+    first, ties by position), so every rank gets a near-equal share of the msign work.
+    Deterministic in the shapes alone, hence identical on every rank."""
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"assign_owners: world_size must be a positive int, got {world_size!r}")
+    sizes = [math.prod(s) for s in shapes]
+    order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
+    owners = [0] * len(sizes)
+    for position, i in enumerate(order):
+        owners[i] = position % world_size
+    return owners
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # very old torch
+        return False
+    return isinstance(t, DTensor)
+
+
+def _row_layout(p, world: int):
+    """(is_sharded, rows per padded chunk, rows on each rank) of a parameter's dim-0 layout.
+    FSDP2 and DTensor's Shard(0) split dim 0 like torch.chunk: ceil(n/world) rows per rank."""
+    if not _is_dtensor(p):
+        return False, None, None
+    from torch.distributed.tensor import Replicate, Shard
+    placements = tuple(p.placements)
+    if p.device_mesh.ndim != 1 or len(placements) != 1:
+        raise NotImplementedError(f"DistributedDualizeRetract: DTensor parameters on a {p.device_mesh.ndim}-D mesh "
+                                  f"(placements {placements}) are not supported; use a 1-D mesh")
+    if isinstance(placements[0], Replicate):
+        return False, None, None
+    if not (isinstance(placements[0], Shard) and placements[0].dim == 0):
+        raise NotImplementedError(f"DistributedDualizeRetract: placement {placements[0]} is not supported; "
+                                  "parameters must be sharded on dim 0 (FSDP2's default) or replicated")
+    if p.device_mesh.size() != world:
+        raise NotImplementedError("DistributedDualizeRetract: the DTensor mesh must span the whole process group")
+    n = p.shape[0]
+    chunk = -(-n // world)
+    rows = [max(0, min(chunk, n - r * chunk)) for r in range(world)]
+    return True, chunk, rows
+
+
+def _local(t):
+    """The local tensor of a DTensor (the tensor itself otherwise)."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    if t.shape[0] == rows:
+        return t.contiguous()
+    pad = t.new_zeros((rows - t.shape[0],) + tuple(t.shape[1:]))
+    return torch.cat([t, pad], dim=0)
+
+
+class _FullWeight:
+    """Temporarily give an atom a full, plain weight so its own dualize/step code (which reads
+    ``atom.weight``) runs on the whole matrix; the sharded parameter is put back afterwards."""
+
+    def __init__(self, atom, full: torch.Tensor):
+        self.atom, self.full = atom, full
+
+    def __enter__(self):
+        self.saved = self.atom._parameters["weight"]
+        self.swap = self.full is not self.saved
+        if self.swap:
+            self.atom._parameters["weight"] = torch.nn.Parameter(self.full, requires_grad=False)
+        return self
+
+    def __exit__(self, *exc):
+        if self.swap:
+            self.atom._parameters["weight"] = self.saved
+        return False
+
+
+class DistributedDualizeRetract(DualizeRetract):
+    """DistributedDualizeRetract(module, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0,
+    nonfinite="skip", process_group=None).
+
+    The step of :class:`~modula_mhc.optim.DualizeRetract` — per parameter W of atom a,
+    b ← βb + (1−β)g, A = a.dualize_weight(nesterov(b, g), 1/c_a), W ← retract(W − lr·A) — with
+    each parameter updated by one owner rank (``owner_of``) and the result broadcast (replicated
+    parameters, DDP) or scattered (FSDP2 / DTensor ``Shard(0)``). Build it after wrapping the
+    model (``fully_shard`` replaces the parameters); pass the modula_mhc Module (a DDP wrapper is
+    unwrapped). Gradients must already be averaged over ranks (DDP and FSDP2 do this).
+
+    ``state_dict()`` holds this rank's share of the state; ``full_state_dict()`` (a collective)
+    returns the whole state in :class:`DualizeRetract`'s format, and ``load_state_dict`` accepts
+    either and keeps the entries this rank owns.
+    """
+
+    def __init__(self, module, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
+                 weight_decay: float = 0.0, nonfinite: str = "skip", process_group=None):
+        from .module import Module
+        module = unwrap(module)
+        if not isinstance(module, Module):
+            raise TypeError(f"DistributedDualizeRetract: expected a modula_mhc Module (or a DDP wrapper of one), "
+                            f"got {type(module).__name__}")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"DistributedDualizeRetract: nonfinite must be one of {NONFINITE_POLICIES}, "
+                             f"got {nonfinite!r}")
+        super().__init__(module, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0
+        self.group = process_group
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.world = dist.get_world_size(process_group) if self.distributed else 1
+        self.rank = dist.get_rank(process_group) if self.distributed else 0
+        params = self._all_params()
+        owners = assign_owners([tuple(p.shape) for p in params], self.world)
+        self._owner = {id(p): r for p, r in zip(params, owners)}
+        self._layout = {id(p): _row_layout(p, self.world) for p in params}
+
+    # ------------------------------------------------------------------ queries
+    def owner_of(self, p) -> int:
+        """Rank that updates parameter ``p`` and keeps its optimizer state."""
+        return self._owner[id(p)]
+
+    def owned(self) -> list:
+        """Parameters this rank updates."""
+        return [p for p in self._all_params() if self._owner[id(p)] == self.rank]
+
+    # ------------------------------------------------------------------ the step
+    def _gradients_finite(self) -> bool:
+        """True when every rank's gradients (local shards for sharded parameters) are finite."""
+        bad = torch.zeros(1)
+        for p in self._all_params():
+            if p.grad is not None and not bool(torch.isfinite(_local(p.grad)).all()):
+                bad.fill_(1.0)
+                break
+        if self.distributed:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.group)
+        return bad.item() == 0
+
+    def _update(self, p, W, G, group):
+        """DualizeRetract's per-parameter step on the full matrix W (updated in place)."""
+        target = self._targets[id(p)]
+        lr, beta = float(group["lr"]), group["momentum"]
+        nesterov, wd = group["nesterov"] and beta > 0, group["weight_decay"]
+        state = self.state[p]
+        if beta > 0:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = torch.zeros_like(G, memory_format=torch.preserve_format)
+            buf.lerp_(G, 1 - beta)
+            u = G.lerp(buf, beta) if nesterov else buf
+        else:
+            u = G
+        atom = self._atom(p)
+        with _FullWeight(atom, W):  # the atom's weight shares W's storage: its in-place step lands in W
+            A = atom.dualize_weight(u, target=target, state=state)
+            if wd != 0 and getattr(atom.manifold, "admits_scaling", False):
+                atom.weight.mul_(1 - lr * wd)
+            atom.step_weight(A, lr)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One distributed dualize-then-retract step; returns closure() (evaluated on every rank)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self._gradients_finite():
+            self.skipped_steps += 1
+            msg = f"non-finite gradient (NaN or Inf) at optimizer step; skipped {self.skipped_steps} so far"
+            if self.nonfinite == "raise":
+                raise FloatingPointError(msg.replace("; skipped", "; policy 'raise' (skipped"))
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            return loss
+        # every rank must agree on which parameters take part (a collective per parameter follows)
+        work = [(p, g) for g in self.param_groups for p in g["params"]
+                if self._targets[id(p)] != 0.0]
+        has_grad = torch.tensor([float(p.grad is not None) for p, _ in work])
+        if self.distributed and work:
+            agreed = has_grad.clone()
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self.group)
+            if not torch.equal(agreed, has_grad):
+                raise RuntimeError("DistributedDualizeRetract: ranks disagree on which parameters have gradients "
+                                   "(every rank must run the same forward/backward graph)")
+        work = [(p, g) for (p, g), h in zip(work, has_grad.tolist()) if h]
+        replicated = [(p, g) for p, g in work if not self._layout[id(p)][0]]
+        sharded = [(p, g) for p, g in work if self._layout[id(p)][0]]
+        if sharded:
+            self._step_sharded(sharded)
+        self._step_replicated(replicated)
+        return loss
+
+    def _step_replicated(self, work):
+        for p, group in work:
+            if self._owner[id(p)] == self.rank:
+                W = _local(p)
+                self._update(p, W, _local(p.grad), group)
+        if not self.distributed or self.world == 1:
+            return
+        # one flat broadcast per owner rank, in parameter order (identical on every rank)
+        for r in range(self.world):
+            mine = [_local(p) for p, _ in work if self._owner[id(p)] == r]
+            if not mine:
+                continue
+            flat = torch.cat([t.reshape(-1) for t in mine])
+            dist.broadcast(flat, src=dist.get_global_rank(self.group, r) if self.group is not None else r,
+                           group=self.group)
+            if r != self.rank:
+                offset = 0
+                for t in mine:
+                    t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                    offset += t.numel()
+
+    def _global(self, r):
+        return dist.get_global_rank(self.group, r) if self.group is not None else r
+
+    def _step_sharded(self, work):
+        # 1. gather [weight rows; gradient rows] of every parameter on its owner (async, all at once)
+        gathered, handles = [], []
+        for p, _ in work:
+            _, chunk, rows = self._layout[id(p)]
+            owner = self._owner[id(p)]
+            local = torch.stack([_pad_rows(_local(p).detach(), chunk), _pad_rows(_local(p.grad), chunk)])
+            bufs = [torch.empty_like(local) for _ in range(self.world)] if owner == self.rank else None
+            handles.append(dist.gather(local, bufs, dst=self._global(owner), group=self.group, async_op=True))
+            gathered.append(bufs)
+        for h in handles:
+            h.wait()
+        # 2. owners update their full matrices
+        new_rows = []
+        for (p, group), bufs in zip(work, gathered):
+            _, chunk, rows = self._layout[id(p)]
+            if bufs is None:
+                new_rows.append(None)
+                continue
+            W = torch.cat([b[0][:n] for b, n in zip(bufs, rows)])
+            G = torch.cat([b[1][:n] for b, n in zip(bufs, rows)])
+            self._update(p, W, G, group)
+            new_rows.append([_pad_rows(W[r * chunk: r * chunk + n], chunk) for r, n in enumerate(rows)])
+        # 3. scatter the new rows back to every rank's shard
+        handles, outs = [], []
+        for (p, _), chunks in zip(work, new_rows):
+            _, chunk, rows = self._layout[id(p)]
+            out = torch.empty((chunk,) + tuple(p.shape[1:]), dtype=p.dtype)
+            handles.append(dist.scatter(out, chunks, src=self._global(self._owner[id(p)]), group=self.group,
+                                        async_op=True))
+            outs.append(out)
+        for h in handles:
+            h.wait()
+        for (p, _), out in zip(work, outs):
+            local = _local(p)
+            local.copy_(out[:local.shape[0]])
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self):
+        """This rank's share of the state (``DualizeRetract`` format) plus ``skipped_steps``."""
+        sd = super().state_dict()
+        sd["skipped_steps"] = self.skipped_steps
+        return sd
+
+    def full_state_dict(self):
+        """The whole optimizer state on every rank (a collective): each owner contributes the
+        state of its parameters. Loadable by DualizeRetract and by this class at any world size."""
+        sd = self.state_dict()
+        if not self.distributed or self.world == 1:
+            return sd
+        pieces = [None] * self.world
+        dist.all_gather_object(pieces, sd["state"], group=self.group)
+        merged = {}
+        for piece in pieces:
+            merged.update(piece)
+        sd["state"] = dict(sorted(merged.items()))
+        return sd
+
+    def load_state_dict(self, state_dict):
+        """Load a full or per-rank state dict; entries for parameters another rank owns are dropped."""
+        state_dict = dict(state_dict)
+        self.skipped_steps = int(state_dict.pop("skipped_steps", 0))
+        super().load_state_dict(state_dict)
+        for p in self._all_params():
+            if self._owner[id(p)] != self.rank:
+                self.state.pop(p, None)

@@ -38,8 +38,13 @@ def _numeric_by_role(net):
                   key=lambda rc: (rc[0] or "", rc[1]))
 
 
-def test_gpt_symbolic_matches_built():
-    sym = properties(compounds.GPT, vocab_size=65, context=64, width=d, depth=L, heads=4)
+@pytest.fixture(scope="module")
+def gpt_symbolic():
+    return properties(compounds.GPT, vocab_size=65, context=64, width=d, depth=L, heads=4)
+
+
+def test_gpt_symbolic_matches_built(gpt_symbolic):
+    sym = gpt_symbolic
     assert sym["mass"].free_symbols == set()  # masses do not depend on width or depth
     assert L in sympy.sympify(sym["sensitivity"]).free_symbols
     for width, depth in ((32, 2), (64, 3)):
@@ -60,9 +65,9 @@ def test_resmlp_and_mlp_symbolic_match_built():
         _check(sym, compounds.MLP(20, 5, width, depth), d=width, L=depth)
 
 
-def test_sensitivity_formula_in_depth_is_bounded():
+def test_sensitivity_formula_in_depth_is_bounded(gpt_symbolic):
     """The plain-residual GPT's sensitivity (1 + c/L)^L stays below e^c at every depth."""
-    sym = properties(compounds.GPT, vocab_size=65, context=64, width=d, depth=L, heads=4)
+    sym = gpt_symbolic
     values = [evaluate(sym["sensitivity"], L=n) for n in (1, 2, 8, 64, 1024)]
     assert all(b >= a for a, b in zip(values, values[1:]))
     assert values[-1] < 1.1

@@ -43,12 +43,12 @@ class CheckpointError(ValueError):
 #: model/run sizes per preset; ``tiny`` finishes in about a minute on 2 CPU cores, ``small`` is the
 #: DESIGN quality setting (tinyshakespeare: old Modula and AdamW reach ~1.70 val nats/char).
 PRESETS = {
-    "tiny": dict(width=64, depth=2, heads=2, context=64, batch=16, steps=200, eval_every=50, eval_batches=8),
+    "tiny": dict(width=64, depth=2, heads=2, context=64, batch=16, steps=150, eval_every=25, eval_batches=8),
     "small": dict(width=128, depth=4, heads=4, context=64, batch=12, steps=3200, eval_every=200, eval_batches=20),
 }
 
 #: default learning rate per optimizer (measured: docs/training.md, "Choosing the learning rates")
-DEFAULT_LR = {"dualize": 0.1, "adamw": 3e-3}
+DEFAULT_LR = {"dualize": 0.2, "adamw": 1e-2}
 
 #: --manifolds presets → (attention manifold, MLP manifold); embeddings and head stay Euclidean
 MANIFOLD_PRESETS = {

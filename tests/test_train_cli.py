@@ -26,9 +26,9 @@ TINY_FLAGS = ["--width", "32", "--depth", "1", "--heads", "2", "--context", "32"
               "--eval-batches", "2"]
 
 
-def run_cli(*args, cwd=None):
+def run_cli(*args, cwd=None, module="modula_mhc"):
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", "modula_mhc", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=300)
 
 
@@ -94,7 +94,7 @@ def test_presets_and_defaults_resolve():
     c = resolve_config(TrainConfig(preset="small"))
     assert (c.width, c.depth, c.heads, c.context, c.batch, c.steps) == (128, 4, 4, 64, 12, 3200)
     c = resolve_config(TrainConfig(preset="small", width=64, optimizer="adamw"))
-    assert c.width == 64 and c.manifolds == "muon" and c.lr == pytest.approx(3e-3)
+    assert c.width == 64 and c.manifolds == "muon" and c.lr == pytest.approx(1e-2)
     assert resolve_config(TrainConfig()).manifolds == "hetero"
 
 
@@ -198,7 +198,7 @@ def test_cli_errors_in_a_real_process(tmp_path):
     missing = tmp_path / "nope.txt"
     r = run_cli("train", "--data", str(missing), "--steps", "1")
     assert r.returncode == 2 and str(missing) in r.stderr and "Traceback" not in r.stderr
-    r = run_cli("train", "--steps", "-3")
+    r = run_cli("--steps", "-3", module="modula_mhc.train")  # the module form takes no subcommand
     assert r.returncode == 2 and "--steps" in r.stderr and "Traceback" not in r.stderr
 
 

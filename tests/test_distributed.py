@@ -195,3 +195,18 @@ def test_bad_arguments_raise():
         DistributedDualizeRetract(_model(), nonfinite="ignore")
     with pytest.raises(TypeError, match="modula_mhc Module"):
         DistributedDualizeRetract(torch.nn.Linear(3, 3))
+
+
+def test_torchrun_example_runs(tmp_path):
+    """examples/torchrun_train.sh: 2 processes, 4 steps, writes a checkpoint with the full state."""
+    import subprocess
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "run"
+    r = subprocess.run([os.path.join(repo, "examples", "torchrun_train.sh"), "--steps", "4", "--eval-every", "4",
+                        "--out", str(out)], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "step 4:" in r.stdout and "2 ranks, DDP" in r.stdout
+    from modula_mhc.train import load_checkpoint
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    assert ckpt["world_size"] == 2 and ckpt["step"] == 4
+    assert len(ckpt["optimizer"]["state"]) == len(ckpt["model"])  # momentum of every matrix, gathered

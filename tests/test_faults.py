@@ -230,3 +230,25 @@ def test_bf16_autocast_matches_fp32_loss(tmp_path):
     # weights and optimizer state stay fp32 and on their manifolds
     ckpt = load_checkpoint(tmp_path / "bfloat16" / "ckpt.pt")
     assert all(t.dtype == torch.float32 for t in ckpt["model"].values())
+
+
+# ------------------------------------------------------------------------------ CLI bad input
+# (tests/test_train_cli.py covers missing, empty, NUL-byte and non-UTF-8 files and most flags)
+
+@pytest.mark.parametrize("make_args, mentioned", [
+    (lambda tmp: ["--data", str(tmp)], "{tmp}"),                    # a directory, not a file
+    (lambda tmp: ["--data", ""], "--data"),
+    (lambda tmp: ["--nonfinite", "ignore"], "--nonfinite"),
+    (lambda tmp: ["--bogus-flag", "3"], "--bogus-flag"),
+    (lambda tmp: ["--momentum", "1.5"], "--momentum"),
+    (lambda tmp: ["--streams", "0", "--residual", "mhc"], "--streams"),
+])
+def test_cli_rejects_more_bad_input_without_traceback(tmp_path, capsys, make_args, mentioned):
+    from modula_mhc import cli
+    try:
+        code = cli.main(["train", *make_args(tmp_path), "--steps", "1", "--out", str(tmp_path / "run")])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert mentioned.format(tmp=tmp_path) in err and "Traceback" not in err

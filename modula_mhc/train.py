@@ -418,8 +418,19 @@ def plot_losses(path, history: dict, title: str) -> bool:
     return True
 
 
+def _json_safe(obj):
+    """NaN/Inf (a skipped step's loss) become null, so metrics.json is strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def _write_json(path, obj):
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+    atomic_write(path, lambda f: f.write(json.dumps(_json_safe(obj), indent=2, allow_nan=False).encode()))
 
 
 class _Progress:

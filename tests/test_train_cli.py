@@ -224,3 +224,42 @@ def test_cli_rejects_nonsense_flags(tmp_path, capsys, flags, mentioned):
         code = e.code
     assert code == 2
     assert mentioned in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ numerics
+
+def test_nonfinite_loss_skips_the_step_and_keeps_weights_finite(tmp_path, text_file, monkeypatch):
+    import modula_mhc.train as T
+    real_loss_of, calls = T.loss_of, {"n": 0}
+
+    def poisoned(model, x, y, autocast_dtype, device):
+        loss = real_loss_of(model, x, y, autocast_dtype, device)
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] in (2, 4):  # training steps 2 and 4 get a NaN loss (and NaN gradients)
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(T, "loss_of", poisoned)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        m = train(TrainConfig(**TINY, data=text_file, optimizer="adamw", steps=6, eval_every=6, sample_chars=0,
+                              quiet=True, out=str(tmp_path / "nan")))
+    assert m["skipped_steps"] == 2
+    saved = json.loads((tmp_path / "nan" / "metrics.json").read_text())  # strict JSON: NaN saved as null
+    assert saved["skipped_steps"] == 2 and saved["history"]["train_loss"][1] is None
+    ckpt = load_checkpoint(tmp_path / "nan" / "ckpt.pt")
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert math.isfinite(m["final"]["val_loss"])
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        calls["n"] = 0
+        train(TrainConfig(**TINY, data=text_file, optimizer="adamw", steps=6, eval_every=6, sample_chars=0,
+                          quiet=True, nonfinite="raise", out=str(tmp_path / "nan2")))
+
+
+def test_bfloat16_autocast_runs_and_matches_fp32_at_start(tmp_path, text_file):
+    kw = dict(TINY, data=text_file, optimizer="adamw", steps=3, eval_every=3, sample_chars=0, quiet=True)
+    m32 = train(TrainConfig(**kw, out=str(tmp_path / "fp32")))
+    m16 = train(TrainConfig(**kw, dtype="bfloat16", out=str(tmp_path / "bf16")))
+    # same initial weights and batches: the first losses differ only by bf16 rounding (~3 digits)
+    assert m16["history"]["train_loss"][0] == pytest.approx(m32["history"]["train_loss"][0], rel=2e-2)
+    assert math.isfinite(m16["final"]["val_loss"])

@@ -73,6 +73,8 @@ class Compose(Module):
         # propagate widths into dimension-agnostic neighbours, then validate
         for _ in range(2):
             for prev, nxt in zip(flat, flat[1:]):
+                if isinstance(prev.out_dim, tuple):
+                    nxt.bind_input_dims(prev.out_dim)
                 if nxt.in_dim is None and nxt.preserves_dim and prev.out_dim is not None:
                     nxt.bind_dim(prev.out_dim)
                 if prev.out_dim is None and prev.preserves_dim and nxt.in_dim is not None:

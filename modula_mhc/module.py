@@ -154,6 +154,10 @@ class Module(nn.Module):
         return repeat(self, depth)
 
     # ----------------------------------------------------------------- dims
+    def bind_input_dims(self, dims: tuple):
+        """Called by the algebra when this module follows a tuple-valued module whose output widths
+        are ``dims``; modules that merge tuples (Add, Concat) check and derive widths here."""
+
     def bind_dim(self, dim):
         """Fix the width of a dimension-agnostic module (called by the algebra)."""
         if not self.preserves_dim:

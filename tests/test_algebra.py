@@ -43,10 +43,10 @@ def test_sum_and_tuple_rules():
     s = a + b
     assert s.mass == 4.0 and s.sensitivity == 2.0
     assert s.norm_coefficients() == pytest.approx([4.0, 4.0 / 3.0])
-    t = atoms.Linear(8, 4) @ bonds.Concat() @ (atoms.Linear(8, 8), atoms.Linear(8, 8))
-    x = torch.randn(3, 16)
-    with pytest.raises(ValueError):
-        t(x)  # wrong input width is caught at call time by the Linear atom
+    with pytest.raises(ValueError, match="16"):  # Concat of two width-8 outputs has width 16
+        atoms.Linear(8, 4) @ bonds.Concat() @ (atoms.Linear(8, 8), atoms.Linear(8, 8))
+    with pytest.raises(ValueError, match="width"):
+        bonds.Add() @ (atoms.Linear(3, 2), atoms.Linear(3, 4))
     t = atoms.Linear(16, 4) @ bonds.Concat() @ (atoms.Linear(8, 8), atoms.Linear(8, 8))
     assert t(torch.randn(3, 8)).shape == (3, 4)
 

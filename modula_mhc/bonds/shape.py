@@ -49,8 +49,16 @@ class MergeHeads(Bond):
         return x.transpose(-3, -2).reshape(*lead, T, H * d)
 
 
+def _known(dims):
+    return [d for d in dims if d is not None and S.is_number(d)]
+
+
 class Concat(Bond):
     """(a, b, …) ↦ concatenation along the last dim; ‖concat‖_RMS ≤ Σ‖·‖_RMS: sensitivity 1."""
+
+    def bind_input_dims(self, dims):
+        if dims and len(_known(dims)) == len(dims):
+            self.out_dim = sum(dims)
 
     def forward(self, xs):
         return torch.cat(tuple(xs), dim=-1)
@@ -58,6 +66,13 @@ class Concat(Bond):
 
 class Add(Bond):
     """(a, b, …) ↦ a + b + …; ‖Σ‖ ≤ Σ‖·‖: sensitivity 1 in the tuple (sum) norm."""
+
+    def bind_input_dims(self, dims):
+        known = _known(dims)
+        if len(set(known)) > 1:
+            raise ValueError(f"Add: cannot add a tuple of outputs with widths {tuple(dims)}")
+        if known:
+            self.out_dim = known[0]
 
     def forward(self, xs):
         out = None

@@ -19,8 +19,11 @@ import platform
 import statistics
 import time
 
+import sys
+
 import torch
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from modula_mhc import atoms, bonds, compounds
 from modula_mhc.compounds.hyper import HyperConnections, hyper_block
 
@@ -73,7 +76,10 @@ def main():
     ap.add_argument("--size", choices=sorted(SIZES), default="cpu")
     ap.add_argument("--streams", type=int, default=4)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = SIZES[args.size]
     device = cfg["device"]
     if device == "cuda" and not torch.cuda.is_available():

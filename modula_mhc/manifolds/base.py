@@ -131,19 +131,26 @@ def polar(Y: torch.Tensor, polish: int = 2) -> torch.Tensor:
     return X
 
 
-def top_singular_value(A: torch.Tensor, iters: int = 30) -> torch.Tensor:
-    """Largest singular value per matrix of (..., m, n), shape (..., 1, 1), by power iteration on the
-    smaller Gram matrix (exact enough for renormalising a near-orthogonal direction; never SVD)."""
+def top_singular_value(A: torch.Tensor, iters: int = 10, squarings: int = 4) -> torch.Tensor:
+    """Largest singular value per matrix of (..., m, n), shape (..., 1, 1), never by SVD: power
+    iteration on the smaller Gram matrix raised to the power 2^squarings (repeated squaring makes
+    the clustered singular values of a near-orthogonal direction separable), then the Rayleigh
+    quotient on the Gram matrix itself (measured error < 1e-5 relative on dualize outputs)."""
     gram = A.mT @ A if A.size(-2) >= A.size(-1) else A @ A.mT
     k = gram.size(-1)
+    tiny = 1e-300 if A.dtype == torch.float64 else 1e-30
+    P = gram
+    for _ in range(squarings):
+        P = P / torch.linalg.vector_norm(P, dim=(-2, -1), keepdim=True).clamp_min(tiny)
+        P = P @ P
     # a fixed, generic start vector (not all-ones, which can be orthogonal to the top eigenvector)
     v = torch.linspace(1.0, 2.0, k, dtype=A.dtype, device=A.device) + 0.1 * torch.cos(
         torch.arange(k, dtype=A.dtype, device=A.device))
     v = v.expand(*gram.shape[:-1]).unsqueeze(-1).contiguous()
     for _ in range(iters):
-        v = gram @ v
-        v = v / torch.linalg.vector_norm(v, dim=(-2, -1), keepdim=True).clamp_min(1e-300 if A.dtype == torch.float64 else 1e-30)
-    lam = (v.mT @ gram @ v) / (v.mT @ v).clamp_min(1e-30)
+        v = P @ v
+        v = v / torch.linalg.vector_norm(v, dim=(-2, -1), keepdim=True).clamp_min(tiny)
+    lam = (v.mT @ gram @ v) / (v.mT @ v).clamp_min(tiny)
     return lam.clamp_min(0).sqrt()
 
 

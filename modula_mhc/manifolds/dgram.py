@@ -27,13 +27,14 @@ def column_norms(Wt: torch.Tensor) -> torch.Tensor:
 
 
 class DGram(Manifold):
-    """DGram(max_scale=None, tol=1e-5, max_iters=100, step=0.1).
+    """DGram(max_scale=None, tol=1e-5, max_iters=100, step=0.1, smoothing=0.03).
 
     Tangent space at W = Q·diag(s) (Q orthonormal columns): {A : Off(WᵀA + AᵀW) = 0}, i.e.
     s_i (QᵀA)_ij + s_j (QᵀA)_ji = 0 for i ≠ j. Natural norm ‖A‖₂.
     dualize: the Stiefel dual descent with the projector P = Off and the normal solve
     X_ij = H_ij / (s_i² + s_j²) (W is first divided by its RMS column norm: the constraint set is
-    a cone, so only ratios of column norms matter).
+    a cone, so only ratios of column norms matter), on the smoothed dual (``smoothing`` μ; the
+    plain DGram dual is nonsmooth and crawls, see docs/manifolds.md).
     retract(Y) = msign(Y)·diag(‖y_j‖): column j of the polar factor times the norm of column j of
     Y (no sorting of singular values into columns), capped at ``max_scale`` when given. It is the
     identity on the manifold and first-order correct (see docs/manifolds.md).
@@ -42,8 +43,12 @@ class DGram(Manifold):
     name = "dgram"
     admits_scaling = True
 
-    def __init__(self, max_scale: float | None = None, tol: float = 1e-5, max_iters: int = 100, step: float = 0.1):
+    def __init__(self, max_scale: float | None = None, tol: float = 1e-5, max_iters: int = 100, step: float = 0.1,
+                 smoothing: float = 0.03):
         check_dual_settings("DGram", tol, max_iters, step)
+        if not (isinstance(smoothing, (int, float)) and smoothing >= 0):
+            raise ValueError(f"DGram: smoothing must be a number >= 0, got {smoothing!r}")
+        self.smoothing = float(smoothing)
         if max_scale is not None and not (isinstance(max_scale, (int, float)) and max_scale > 0):
             raise ValueError(f"DGram: max_scale must be None or a positive number, got {max_scale!r}")
         self.max_scale = None if max_scale is None else float(max_scale)
@@ -51,7 +56,7 @@ class DGram(Manifold):
 
     def __repr__(self):
         return (f"DGram(max_scale={self.max_scale}, tol={self.tol}, max_iters={self.max_iters}, "
-                f"step={self.step_size})")
+                f"step={self.step_size}, smoothing={self.smoothing})")
 
     def dualize(self, W, G, state=None):
         check_same_shape(W, G, "DGram.dualize")
@@ -68,7 +73,8 @@ class DGram(Manifold):
         def normal_solve(H):
             return torch.where(denom > 0, H / denom.clamp_min(1e-30), torch.zeros_like(H))
 
-        A = steepest_tangent(Wn, Gt, off_diagonal, normal_solve, state, self.tol, self.max_iters, self.step_size)
+        A = steepest_tangent(Wn, Gt, off_diagonal, normal_solve, state, self.tol, self.max_iters, self.step_size,
+                             self.smoothing)
         return from_tall(A, wide).to(G.dtype)
 
     def _scales(self, Yt):

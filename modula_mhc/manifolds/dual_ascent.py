@@ -19,7 +19,13 @@ speed it up with four things (measured in docs/manifolds.md):
    of the multiplier that the tangent projection does not already give) is added to the new Λ₀,
    and the last BB step size is reused; storing Λ itself would throw away the exact Λ₀ of square
    Stiefel matrices (measured: 1 iteration cold, up to the cap when warm-started with Λ);
-4. an exact finish: the last A is projected onto the tangent space and rescaled to ‖A‖₂ = 1, and
+4. optional smoothing (DGram's default): the nuclear norm is replaced by Σ_i √(σ_i² + μ²), whose
+   gradient is the top block of msign([M; μI]) = M(MᵀM + μ²I)^(-1/2). The plain dual is nonsmooth
+   where the optimal A needs singular values below 1 (square DGram, nearly square or low-rank
+   problems), and there plain descent crawls; the smoothed dual is differentiable everywhere.
+   Measured on DGram 48×32, 100 iterations: ⟨G, A⟩ 20.14 plain vs 22.72 smoothed (μ = 0.05);
+   it costs a bias on low-rank Stiefel problems, so Stiefel keeps μ = 0;
+5. an exact finish: the last A is projected onto the tangent space and rescaled to ‖A‖₂ = 1, and
    if the loop stopped at its cap, the naive candidate msign(proj G) is kept when it scores higher.
 
 G is first scaled to ‖G‖_F = √n (the problem is invariant to positive scaling of G), so one step
@@ -43,7 +49,7 @@ def _inner(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
 
 
 def steepest_tangent(W: torch.Tensor, G: torch.Tensor, project, normal_solve, state: dict | None,
-                     tol: float, max_iters: int, step: float) -> torch.Tensor:
+                     tol: float, max_iters: int, step: float, smoothing: float = 0.0) -> torch.Tensor:
     """Unit-spectral-norm tangent direction maximising ⟨G, A⟩ (W, G tall, same dtype).
 
     ``project(H)`` is P; ``normal_solve(H)`` returns X with P(Wᵀ(WX) + (WX)ᵀW) = H, so that
@@ -75,16 +81,22 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, project, normal_solve, st
             if isinstance(prev_step, torch.Tensor) and prev_step.shape == alpha.shape:
                 alpha = prev_step.to(alpha)
 
+    def sign(M):
+        if smoothing <= 0:
+            return msign(M)
+        eye = torch.eye(n, dtype=M.dtype, device=M.device).expand(*M.shape[:-2], n, n)
+        return msign(torch.cat([M, smoothing * eye], dim=-2))[..., :M.size(-2), :]
+
     A_first = None
     prev_lam = prev_D = None
     iters, r = 0, torch.zeros_like(gnorm)
     for k in range(1, max_iters + 1):
         M = Gn + 2.0 * (W @ lam)
-        A = msign(M)
+        A = sign(M)
         iters = k
         H = constraint(A)
         r = rms(H)
-        if k == 1 and not warm:
+        if k == 1 and not warm and smoothing <= 0:
             A_first = A
         if bool((r < tol).all()) or k == max_iters:
             break
@@ -97,8 +109,15 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, project, normal_solve, st
         prev_lam, prev_D = lam, D
         lam = lam - alpha * D
 
-    dual_value = _inner(M, A)  # ≈ ‖M‖_*, an upper bound on every feasible ⟨G, A⟩
     A_out = _finish(tangent(A))
+    if smoothing > 0:
+        # the unsmoothed answer at the final multiplier is a candidate too (and gives ‖M‖_*)
+        A_plain = msign(M)
+        A_cand = _finish(tangent(A_plain))
+        A_out = torch.where(_inner(Gn, A_cand) > _inner(Gn, A_out), A_cand, A_out)
+        dual_value = _inner(M, A_plain)
+    else:
+        dual_value = _inner(M, A)  # ≈ ‖M‖_*, an upper bound on every feasible ⟨G, A⟩
     if not bool((r < tol).all()):
         # stopped at the cap: keep the naive candidate msign(proj G) where it scores higher
         naive = _finish(tangent(A_first if A_first is not None else msign(naive_M)))

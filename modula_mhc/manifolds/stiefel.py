@@ -18,7 +18,7 @@ def check_dual_settings(owner: str, tol, max_iters, step):
 
 
 class Stiefel(Manifold):
-    """Stiefel(tol=1e-5, max_iters=100, step=0.1).
+    """Stiefel(tol=1e-5, max_iters=100, step=0.1, smoothing=0.0).
 
     Tangent space at W: {A : WᵀA + AᵀW = 0}; natural norm ‖A‖₂.
     dualize: argmax ⟨G, A⟩ over ‖A‖₂ ≤ 1 in the tangent space, by accelerated dual descent on
@@ -29,12 +29,16 @@ class Stiefel(Manifold):
 
     name = "stiefel"
 
-    def __init__(self, tol: float = 1e-5, max_iters: int = 100, step: float = 0.1):
+    def __init__(self, tol: float = 1e-5, max_iters: int = 100, step: float = 0.1, smoothing: float = 0.0):
         check_dual_settings("Stiefel", tol, max_iters, step)
+        if not (isinstance(smoothing, (int, float)) and smoothing >= 0):
+            raise ValueError(f"Stiefel: smoothing must be a number >= 0, got {smoothing!r}")
+        self.smoothing = float(smoothing)
         self.tol, self.max_iters, self.step_size = float(tol), int(max_iters), float(step)
 
     def __repr__(self):
-        return f"Stiefel(tol={self.tol}, max_iters={self.max_iters}, step={self.step_size})"
+        return (f"Stiefel(tol={self.tol}, max_iters={self.max_iters}, step={self.step_size}, "
+                f"smoothing={self.smoothing})")
 
     # -- Gram-space pieces for the dual descent: P = identity, normal solve X = H/2
     @staticmethod
@@ -51,7 +55,7 @@ class Stiefel(Manifold):
         dt, wide = compute_dtype(G), is_wide(W)
         Wt, Gt = as_tall(W.to(dt), wide), as_tall(G.to(dt), wide)
         A = steepest_tangent(Wt, Gt, self._project, self._normal_solve, state,
-                             self.tol, self.max_iters, self.step_size)
+                             self.tol, self.max_iters, self.step_size, self.smoothing)
         return from_tall(A, wide).to(G.dtype)
 
     def retract(self, Y):

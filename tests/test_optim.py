@@ -140,6 +140,7 @@ def test_closure_and_zero_grad():
     net = mlp()
     X, Y = data()
     opt = optim.DualizeRetract(net, lr=0.05)
+    before = loss_of(net, X, Y).item()
 
     def closure():
         opt.zero_grad()
@@ -148,7 +149,8 @@ def test_closure_and_zero_grad():
         return loss
 
     loss = opt.step(closure)
-    assert isinstance(loss, torch.Tensor) and loss.requires_grad is False or loss.grad_fn is not None
+    assert loss.item() == pytest.approx(before)  # the closure ran at the pre-step weights
+    assert loss_of(net, X, Y).item() < before  # and its gradient was used
     opt.zero_grad()
     assert all(p.grad is None for p in net.parameters())
 

@@ -153,7 +153,7 @@ def test_dualize_is_tangent_unit_and_optimal(cls, shape):
         H = H / (Wt.norm(dim=-2)[:, None] * Wt.norm(dim=-2)[None, :])  # relative to column norms
     assert (H.norm() / math.sqrt(H.numel())).item() < 1e-4
     assert state["tangent_residual"] < 1e-4
-    assert abs(spec(A).item() - 1.0) < 2e-3
+    assert abs(spec(A).item() - 1.0) < 3e-4
     # optimality, certified: every feasible A has ⟨G, A⟩ ≤ ‖G + 2WΛ‖_* for any Λ (weak duality)
     project, normal = (_stiefel_pieces if cls is Stiefel else _dgram_pieces)(Wt)
     upper = _svd_dual_descent(Wt, Gt, project, normal, iters=800)

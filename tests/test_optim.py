@@ -169,6 +169,23 @@ def test_zero_gradients_do_not_move_or_nan(manifold):
     assert all(d["tangent_residual"] == 0.0 or d["tangent_residual"] < 1e-7 for d in opt.diagnostics().values())
 
 
+def test_nonfinite_gradients_raise_or_skip():
+    net = mlp("stiefel")
+    X, Y = data()
+    loss_of(net, X, Y).backward()
+    next(net.parameters()).grad[0, 0] = float("nan")
+    before = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(FloatingPointError):
+        optim.DualizeRetract(net, lr=0.1).step()
+    opt = optim.DualizeRetract(net, lr=0.1, nonfinite="skip")
+    with pytest.warns(RuntimeWarning):
+        opt.step()
+    assert opt.skipped_steps == 1
+    assert all(torch.equal(b, p.detach()) for b, p in zip(before, net.parameters()))
+    with pytest.raises(ValueError):
+        optim.DualizeRetract(net, nonfinite="maybe")
+
+
 def test_weight_decay_only_on_scalable_manifolds():
     for manifold, shrinks in (("euclidean", True), ("dgram", True), ("stiefel", False)):
         lin = atoms.Linear(12, 12, manifold=manifold)

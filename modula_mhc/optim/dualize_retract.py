@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 
 import torch
@@ -28,7 +29,8 @@ def _target(coefficient) -> float:
 
 
 class DualizeRetract(Optimizer):
-    """DualizeRetract(params_or_module, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0).
+    """DualizeRetract(params_or_module, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0,
+    nonfinite="raise").
 
     Per parameter W of atom a with norm coefficient c_a (modular norm ‖w‖_M = max_a c_a‖w_a‖_a):
 
@@ -41,16 +43,25 @@ class DualizeRetract(Optimizer):
     so one learning rate moves the whole network by lr in the modular norm. Given a Module, atoms
     and coefficients come from the tree; given parameters (or param groups), each parameter must be
     an atom's weight and gets coefficient 1. Zero gradients give zero updates.
+
+    ``nonfinite``: what a NaN/inf gradient does — "raise" (FloatingPointError, nothing updated),
+    "skip" (RuntimeWarning, the whole step is skipped, ``skipped_steps`` counts them) or "ignore"
+    (no check, no sync; the NaN reaches the weights).
     """
 
+    NONFINITE_POLICIES = ("raise", "skip", "ignore")
+
     def __init__(self, params_or_module, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
-                 weight_decay: float = 0.0):
+                 weight_decay: float = 0.0, nonfinite: str = "raise"):
         if not (isinstance(lr, (int, float)) or (isinstance(lr, torch.Tensor) and lr.numel() == 1)) or lr < 0:
             raise ValueError(f"DualizeRetract: lr must be a number >= 0, got {lr!r}")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"DualizeRetract: momentum must lie in [0, 1), got {momentum!r}")
         if weight_decay < 0:
             raise ValueError(f"DualizeRetract: weight_decay must be >= 0, got {weight_decay!r}")
+        if nonfinite not in self.NONFINITE_POLICIES:
+            raise ValueError(f"DualizeRetract: nonfinite must be one of {self.NONFINITE_POLICIES}, got {nonfinite!r}")
+        self.nonfinite, self.skipped_steps = nonfinite, 0
         if nesterov and momentum == 0:
             nesterov = False  # nothing to look ahead with
         self._targets: dict[int, float] = {}
@@ -108,6 +119,13 @@ class DualizeRetract(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.nonfinite != "ignore" and not self._grads_finite():
+            if self.nonfinite == "raise":
+                raise FloatingPointError("DualizeRetract: a gradient contains NaN or inf; nothing was updated "
+                                         "(pass nonfinite='skip' to skip such steps)")
+            self.skipped_steps += 1
+            warnings.warn("DualizeRetract: non-finite gradient, step skipped", RuntimeWarning, stacklevel=2)
+            return loss
         for group in self.param_groups:
             lr, beta = float(group["lr"]), group["momentum"]
             nesterov, wd = group["nesterov"] and beta > 0, group["weight_decay"]
@@ -135,6 +153,10 @@ class DualizeRetract(Optimizer):
                     p.mul_(1 - lr * wd)
                 atom.step_weight(A, lr)
         return loss
+
+    def _grads_finite(self) -> bool:
+        flags = [torch.isfinite(p.grad).all() for p in self._all_params() if p.grad is not None]
+        return bool(torch.stack(flags).all()) if flags else True
 
     def diagnostics(self) -> dict:
         """{atom name: {manifold, top singular value / column norms / …, iterations, tangent_residual,

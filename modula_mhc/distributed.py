@@ -32,9 +32,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from .optim import DualizeRetract
-
-NONFINITE_POLICIES = ("skip", "raise")
+from .optim import NONFINITE_POLICIES, DualizeRetract
 
 __all__ = ["DistributedDualizeRetract", "assign_owners", "unwrap", "NONFINITE_POLICIES"]
 
@@ -145,12 +143,8 @@ class DistributedDualizeRetract(DualizeRetract):
         if not isinstance(module, Module):
             raise TypeError(f"DistributedDualizeRetract: expected a modula_mhc Module (or a DDP wrapper of one), "
                             f"got {type(module).__name__}")
-        if nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(f"DistributedDualizeRetract: nonfinite must be one of {NONFINITE_POLICIES}, "
-                             f"got {nonfinite!r}")
-        super().__init__(module, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
-        self.nonfinite = nonfinite
-        self.skipped_steps = 0
+        super().__init__(module, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                         nonfinite=nonfinite)
         self.group = process_group
         self.distributed = dist.is_available() and dist.is_initialized()
         self.world = dist.get_world_size(process_group) if self.distributed else 1
@@ -181,26 +175,10 @@ class DistributedDualizeRetract(DualizeRetract):
             dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.group)
         return bad.item() == 0
 
-    def _update(self, p, W, G, group):
+    def _update_full(self, p, W, G, group):
         """DualizeRetract's per-parameter step on the full matrix W (updated in place)."""
-        target = self._targets[id(p)]
-        lr, beta = float(group["lr"]), group["momentum"]
-        nesterov, wd = group["nesterov"] and beta > 0, group["weight_decay"]
-        state = self.state[p]
-        if beta > 0:
-            buf = state.get("momentum_buffer")
-            if buf is None:
-                buf = state["momentum_buffer"] = torch.zeros_like(G, memory_format=torch.preserve_format)
-            buf.lerp_(G, 1 - beta)
-            u = G.lerp(buf, beta) if nesterov else buf
-        else:
-            u = G
-        atom = self._atom(p)
-        with _FullWeight(atom, W):  # the atom's weight shares W's storage: its in-place step lands in W
-            A = atom.dualize_weight(u, target=target, state=state)
-            if wd != 0 and getattr(atom.manifold, "admits_scaling", False):
-                atom.weight.mul_(1 - lr * wd)
-            atom.step_weight(A, lr)
+        with _FullWeight(self._atom(p), W):  # the atom's weight shares W's storage: its in-place step lands in W
+            self._update(p, G, group)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -209,12 +187,7 @@ class DistributedDualizeRetract(DualizeRetract):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self._gradients_finite():
-            self.skipped_steps += 1
-            msg = f"non-finite gradient (NaN or Inf) at optimizer step; skipped {self.skipped_steps} so far"
-            if self.nonfinite == "raise":
-                raise FloatingPointError(msg.replace("; skipped", "; policy 'raise' (skipped"))
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        if self._skip_nonfinite():
             return loss
         # every rank must agree on which parameters take part (a collective per parameter follows)
         work = [(p, g) for g in self.param_groups for p in g["params"]
@@ -238,7 +211,7 @@ class DistributedDualizeRetract(DualizeRetract):
         for p, group in work:
             if self._owner[id(p)] == self.rank:
                 W = _local(p)
-                self._update(p, W, _local(p.grad), group)
+                self._update_full(p, W, _local(p.grad), group)
         if not self.distributed or self.world == 1:
             return
         # one flat broadcast per owner rank, in parameter order (identical on every rank)
@@ -279,7 +252,7 @@ class DistributedDualizeRetract(DualizeRetract):
                 continue
             W = torch.cat([b[0][:n] for b, n in zip(bufs, rows)])
             G = torch.cat([b[1][:n] for b, n in zip(bufs, rows)])
-            self._update(p, W, G, group)
+            self._update_full(p, W, G, group)
             new_rows.append([_pad_rows(W[r * chunk: r * chunk + n], chunk) for r, n in enumerate(rows)])
         # 3. scatter the new rows back to every rank's shard
         handles, outs = [], []
@@ -296,12 +269,6 @@ class DistributedDualizeRetract(DualizeRetract):
             local.copy_(out[:local.shape[0]])
 
     # ------------------------------------------------------------------ state
-    def state_dict(self):
-        """This rank's share of the state (``DualizeRetract`` format) plus ``skipped_steps``."""
-        sd = super().state_dict()
-        sd["skipped_steps"] = self.skipped_steps
-        return sd
-
     def full_state_dict(self):
         """The whole optimizer state on every rank (a collective): each owner contributes the
         state of its parameters. Loadable by DualizeRetract and by this class at any world size."""
@@ -318,8 +285,6 @@ class DistributedDualizeRetract(DualizeRetract):
 
     def load_state_dict(self, state_dict):
         """Load a full or per-rank state dict; entries for parameters another rank owns are dropped."""
-        state_dict = dict(state_dict)
-        self.skipped_steps = int(state_dict.pop("skipped_steps", 0))
         super().load_state_dict(state_dict)
         for p in self._all_params():
             if self._owner[id(p)] != self.rank:

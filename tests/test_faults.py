@@ -155,7 +155,6 @@ def test_nonfinite_gradient_raises_with_policy_raise():
     assert all(torch.isfinite(p).all() for p in net.parameters())
 
 
-@pytest.mark.xfail(strict=False, reason="needs optimizer policy: DualizeRetract(..., nonfinite='skip'|'raise')")
 def test_plain_optimizer_has_a_nonfinite_policy():
     net = _manifold_zoo()
     opt = DualizeRetract(net, lr=0.05, nonfinite="skip")

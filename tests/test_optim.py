@@ -176,12 +176,16 @@ def test_nonfinite_gradients_raise_or_skip():
     next(net.parameters()).grad[0, 0] = float("nan")
     before = [p.detach().clone() for p in net.parameters()]
     with pytest.raises(FloatingPointError):
-        optim.DualizeRetract(net, lr=0.1).step()
-    opt = optim.DualizeRetract(net, lr=0.1, nonfinite="skip")
+        optim.DualizeRetract(net, lr=0.1, nonfinite="raise").step()
+    opt = optim.DualizeRetract(net, lr=0.1)  # default: skip and warn
     with pytest.warns(RuntimeWarning):
         opt.step()
     assert opt.skipped_steps == 1
+    assert opt.state_dict()["skipped_steps"] == 1
     assert all(torch.equal(b, p.detach()) for b, p in zip(before, net.parameters()))
+    ignoring = optim.DualizeRetract(net, lr=0.1, nonfinite="ignore")  # no check: the step runs
+    ignoring.step()
+    assert ignoring.skipped_steps == 0
     with pytest.raises(ValueError):
         optim.DualizeRetract(net, nonfinite="maybe")
 

@@ -1,5 +1,5 @@
 """The dualize-then-retract optimizer and manifold presets."""
-from .dualize_retract import DualizeRetract
+from .dualize_retract import NONFINITE_POLICIES, DualizeRetract
 from .presets import PRESETS, assign_manifolds
 
-__all__ = ["DualizeRetract", "assign_manifolds", "PRESETS"]
+__all__ = ["DualizeRetract", "NONFINITE_POLICIES", "assign_manifolds", "PRESETS"]

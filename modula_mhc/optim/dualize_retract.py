@@ -10,6 +10,9 @@ from torch.optim import Optimizer
 
 from .. import scalars as S
 
+#: what a step does when a gradient holds NaN or Inf (docs/faults.md)
+NONFINITE_POLICIES = ("skip", "raise", "ignore")
+
 
 def _atom_of(p) -> object:
     ref = getattr(p, "_mm_atom", None)
@@ -30,7 +33,7 @@ def _target(coefficient) -> float:
 
 class DualizeRetract(Optimizer):
     """DualizeRetract(params_or_module, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0,
-    nonfinite="raise").
+    nonfinite="skip").
 
     Per parameter W of atom a with norm coefficient c_a (modular norm ‖w‖_M = max_a c_a‖w_a‖_a):
 
@@ -44,15 +47,16 @@ class DualizeRetract(Optimizer):
     and coefficients come from the tree; given parameters (or param groups), each parameter must be
     an atom's weight and gets coefficient 1. Zero gradients give zero updates.
 
-    ``nonfinite``: what a NaN/inf gradient does — "raise" (FloatingPointError, nothing updated),
-    "skip" (RuntimeWarning, the whole step is skipped, ``skipped_steps`` counts them) or "ignore"
-    (no check, no sync; the NaN reaches the weights).
+    ``nonfinite``: what a NaN/Inf gradient does, checked before anything changes — "skip" (the
+    default: RuntimeWarning, the whole step is skipped, weights and momentum untouched,
+    ``skipped_steps`` counts them), "raise" (FloatingPointError, nothing updated) or "ignore" (no
+    check and no cross-process sync; the NaN reaches the weights).
     """
 
-    NONFINITE_POLICIES = ("raise", "skip", "ignore")
+    NONFINITE_POLICIES = NONFINITE_POLICIES
 
     def __init__(self, params_or_module, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
-                 weight_decay: float = 0.0, nonfinite: str = "raise"):
+                 weight_decay: float = 0.0, nonfinite: str = "skip"):
         if not (isinstance(lr, (int, float)) or (isinstance(lr, torch.Tensor) and lr.numel() == 1)) or lr < 0:
             raise ValueError(f"DualizeRetract: lr must be a number >= 0, got {lr!r}")
         if not 0.0 <= momentum < 1.0:
@@ -60,7 +64,8 @@ class DualizeRetract(Optimizer):
         if weight_decay < 0:
             raise ValueError(f"DualizeRetract: weight_decay must be >= 0, got {weight_decay!r}")
         if nonfinite not in self.NONFINITE_POLICIES:
-            raise ValueError(f"DualizeRetract: nonfinite must be one of {self.NONFINITE_POLICIES}, got {nonfinite!r}")
+            raise ValueError(f"{type(self).__name__}: nonfinite must be one of {self.NONFINITE_POLICIES}, "
+                             f"got {nonfinite!r}")
         self.nonfinite, self.skipped_steps = nonfinite, 0
         if nesterov and momentum == 0:
             nesterov = False  # nothing to look ahead with
@@ -112,6 +117,41 @@ class DualizeRetract(Optimizer):
                 self._names[id(p)] = str(len(self._names))
                 self._atom_refs[id(p)] = weakref.ref(_atom_of(p))
 
+    def _gradients_finite(self) -> bool:
+        """True when every gradient is finite (subclasses may agree on this across processes)."""
+        return all(bool(torch.isfinite(p.grad).all()) for p in self._all_params() if p.grad is not None)
+
+    def _skip_nonfinite(self) -> bool:
+        """Apply the non-finite policy: True if this step must be skipped (raises under "raise")."""
+        if self.nonfinite == "ignore" or self._gradients_finite():
+            return False
+        self.skipped_steps += 1
+        msg = f"non-finite gradient (NaN or Inf): optimizer step skipped ({self.skipped_steps} so far)"
+        if self.nonfinite == "raise":
+            raise FloatingPointError(msg.replace("optimizer step skipped", "policy 'raise'"))
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        return True
+
+    def _update(self, p, G, group):
+        """One parameter's step: momentum, dualize with target 1/c_a, decay, then the manifold step
+        (the atom's weight is updated in place)."""
+        lr, beta = float(group["lr"]), group["momentum"]
+        nesterov, wd = group["nesterov"] and beta > 0, group["weight_decay"]
+        state = self.state[p]
+        if beta > 0:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = torch.zeros_like(G, memory_format=torch.preserve_format)
+            buf.lerp_(G, 1 - beta)
+            u = G.lerp(buf, beta) if nesterov else buf
+        else:
+            u = G
+        atom = self._atom(p)
+        A = atom.dualize_weight(u, target=self._targets[id(p)], state=state)
+        if wd != 0 and getattr(atom.manifold, "admits_scaling", False):
+            atom.weight.mul_(1 - lr * wd)
+        atom.step_weight(A, lr)
+
     @torch.no_grad()
     def step(self, closure=None):
         """One dualize-then-retract step for every parameter with a gradient; returns closure()."""
@@ -119,44 +159,27 @@ class DualizeRetract(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.nonfinite != "ignore" and not self._grads_finite():
-            if self.nonfinite == "raise":
-                raise FloatingPointError("DualizeRetract: a gradient contains NaN or inf; nothing was updated "
-                                         "(pass nonfinite='skip' to skip such steps)")
-            self.skipped_steps += 1
-            warnings.warn("DualizeRetract: non-finite gradient, step skipped", RuntimeWarning, stacklevel=2)
+        if self._skip_nonfinite():
             return loss
         for group in self.param_groups:
-            lr, beta = float(group["lr"]), group["momentum"]
-            nesterov, wd = group["nesterov"] and beta > 0, group["weight_decay"]
             for p in group["params"]:
-                if p.grad is None:
+                if p.grad is None or self._targets[id(p)] == 0.0:
                     continue
-                target = self._targets[id(p)]
-                if target == 0.0:
-                    continue
-                g = p.grad
-                if g.is_sparse:
+                if p.grad.is_sparse:
                     raise RuntimeError("DualizeRetract does not support sparse gradients")
-                state = self.state[p]
-                if beta > 0:
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = state["momentum_buffer"] = torch.zeros_like(g, memory_format=torch.preserve_format)
-                    buf.lerp_(g, 1 - beta)
-                    u = g.lerp(buf, beta) if nesterov else buf
-                else:
-                    u = g
-                atom = self._atom(p)
-                A = atom.dualize_weight(u, target=target, state=state)
-                if wd != 0 and getattr(atom.manifold, "admits_scaling", False):
-                    p.mul_(1 - lr * wd)
-                atom.step_weight(A, lr)
+                self._update(p, p.grad, group)
         return loss
 
-    def _grads_finite(self) -> bool:
-        flags = [torch.isfinite(p.grad).all() for p in self._all_params() if p.grad is not None]
-        return bool(torch.stack(flags).all()) if flags else True
+    def state_dict(self):
+        """torch.optim's state dict plus ``skipped_steps``."""
+        sd = super().state_dict()
+        sd["skipped_steps"] = self.skipped_steps
+        return sd
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        self.skipped_steps = int(state_dict.pop("skipped_steps", 0))
+        super().load_state_dict(state_dict)
 
     def diagnostics(self) -> dict:
         """{atom name: {manifold, top singular value / column norms / …, iterations, tangent_residual,

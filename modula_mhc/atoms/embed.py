@@ -4,17 +4,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..module import Atom
+from ._free import FreeAtom
 
 
-class Embed(Atom):
+class Embed(FreeAtom):
     """Embed(vocab_size, width): y = W[idx], W stored (vocab, width) like nn.Embedding.
 
     Natural norm max over tokens of the RMS of its vector (the ℓ1→RMS operator norm);
     dualize: every token's gradient row normalised to RMS t (zero rows stay zero).
     Init: each row random with RMS 1. Sensitivity 1, sharpness (0, 1, 0)."""
-
-    allowed_manifolds = {"euclidean"}
 
     def __init__(self, vocab_size, width, mass=1.0, role="embed"):
         super().__init__((vocab_size, width), manifold="euclidean", mass=mass, role=role)
@@ -46,11 +44,3 @@ class Embed(Atom):
     def dualize_weight(self, G, target=1.0, state=None):
         rms = self._row_rms(G)
         return torch.where(rms > 0, G / rms.clamp_min(1e-30), torch.zeros_like(G)).to(G.dtype) * target
-
-    @torch.no_grad()
-    def step_weight(self, A, lr):
-        self.weight.sub_(lr * A)
-
-    @torch.no_grad()
-    def retract_(self):
-        pass

@@ -13,6 +13,7 @@ import math
 import torch
 
 from ..module import Atom, Sharpness
+from ._free import FreeAtom, MaxAbsAtom, rms_dual
 
 
 def near_identity_doubly_stochastic(n: int, diagonal: float) -> torch.Tensor:
@@ -73,15 +74,13 @@ class Mix(Atom):
         return Sharpness(0.0, 1.0, 0.0)
 
 
-class Gate(Atom):
+class Gate(MaxAbsAtom):
     """Gate(sizes, scale=0.01): per-group scalar gates α_g = scale·g_g applied to a coefficient
     vector z made of consecutive groups of the given sizes: y_k = α_{group(k)}·z_k.
 
     The weight g is initialised to 1, so the gates start at ``scale`` (0.01 in mHC). Natural norm
     ‖g‖_∞; dualize t·sign(G). At ‖g‖_∞ ≤ 1 the map z ↦ y has Lipschitz constant ``scale``
     (sensitivity), and sharpness (0, scale, 0) (bilinear in g and z)."""
-
-    allowed_manifolds = {"euclidean"}
 
     def __init__(self, sizes, scale=0.01, mass=1.0, role="gate"):
         sizes = tuple(int(s) for s in sizes)
@@ -95,12 +94,6 @@ class Gate(Atom):
         self.register_buffer("index", index, persistent=False)
         self.in_dim = self.out_dim = sum(sizes)
 
-    @torch.no_grad()
-    def reset_parameters(self, generator=None):
-        if self.weight is not None:
-            self.weight.fill_(1.0)
-            self._tag()
-
     def gates(self) -> torch.Tensor:
         """α per entry of z (length Σ sizes)."""
         return self.scale * self.weight[self.index]
@@ -109,21 +102,6 @@ class Gate(Atom):
         if z.size(-1) != self.in_dim:
             raise ValueError(f"Gate expects a last dim of {self.in_dim}, got {tuple(z.shape)}")
         return z * self.gates().to(z.dtype)
-
-    def weight_norm(self, W=None):
-        W = self.weight if W is None else W
-        return W.float().abs().max()
-
-    def dualize_weight(self, G, target=1.0, state=None):
-        return torch.sign(G) * target
-
-    @torch.no_grad()
-    def step_weight(self, A, lr):
-        self.weight.sub_(lr * A)
-
-    @torch.no_grad()
-    def retract_(self):
-        pass
 
     @property
     def sensitivity(self):
@@ -142,7 +120,7 @@ def _l1_ball_dual(G: torch.Tensor, dim: int) -> torch.Tensor:
     return A
 
 
-class StaticCoefficients(Atom):
+class StaticCoefficients(FreeAtom):
     """StaticCoefficients(streams, init, with_res=True, norm="rms"): the static part b of the
     hyper-connection coefficients, laid out as b = (b_pre (n), b_post (n), b_res (n², row-major:
     b_res[i, j] at 2n + i·n + j)). ``forward(x)`` returns b broadcast over x's leading dims (it
@@ -153,7 +131,6 @@ class StaticCoefficients(Atom):
     ‖b_post‖_∞ and ‖B_res‖_{∞→∞} (max absolute row sum), each the operator norm of that piece in the
     stream norm; dualize maximises ⟨G, A⟩ on each piece's unit ball, scaled by t."""
 
-    allowed_manifolds = {"euclidean"}
     NORMS = ("rms", "mixing")
 
     def __init__(self, streams, init, with_res=True, norm="rms", mass=1.0, role="hyper_static"):
@@ -198,21 +175,12 @@ class StaticCoefficients(Atom):
 
     def dualize_weight(self, G, target=1.0, state=None):
         if self.norm_kind == "rms":
-            rms = G.float().pow(2).mean().sqrt()
-            return torch.where(rms > 0, G / rms.clamp_min(1e-30), torch.zeros_like(G)) * target
+            return rms_dual(G, target)
         pre, post, res = self.split(G)
         parts = [_l1_ball_dual(pre, 0), torch.sign(post)]
         if res is not None:
             parts.append(_l1_ball_dual(res, -1).flatten())
         return torch.cat(parts) * target
-
-    @torch.no_grad()
-    def step_weight(self, A, lr):
-        self.weight.sub_(lr * A)
-
-    @torch.no_grad()
-    def retract_(self):
-        pass
 
     @property
     def sensitivity(self):

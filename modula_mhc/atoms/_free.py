@@ -1,0 +1,67 @@
+"""Base classes for atoms whose weight has its own natural norm and no manifold constraint.
+
+Such an atom steps by plain subtraction (W ← W − lr·A) and its retraction is the identity; the
+two norms used by several atoms live here once:
+
+* ``MaxAbsAtom``: ‖w‖_∞ (the RMS→RMS operator norm of diag(w)); dual t·sign(G). Init 1.
+* ``RMSAtom``: ‖w‖_RMS; dual t·G/‖G‖_RMS (0 for a zero gradient). Init 0.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..module import Atom
+
+
+def rms_dual(G, target):
+    """t·G/‖G‖_RMS, and 0 (not NaN) for a zero G."""
+    rms = G.float().pow(2).mean().sqrt()
+    return torch.where(rms > 0, G / rms.clamp_min(1e-30), torch.zeros_like(G)) * target
+
+
+class FreeAtom(Atom):
+    """An atom without a manifold constraint: ``step_weight`` subtracts, ``retract_`` does nothing."""
+
+    allowed_manifolds = {"euclidean"}
+    #: value the weight starts at (None: the subclass's own ``reset_parameters``)
+    init_value = None
+
+    @torch.no_grad()
+    def reset_parameters(self, generator=None):
+        if self.weight is not None and self.init_value is not None:
+            self.weight.fill_(self.init_value)
+            self._tag()
+
+    @torch.no_grad()
+    def step_weight(self, A, lr):
+        self.weight.sub_(lr * A)
+
+    @torch.no_grad()
+    def retract_(self):
+        pass
+
+
+class MaxAbsAtom(FreeAtom):
+    """Natural norm ‖w‖_∞, dual t·sign(G), init 1."""
+
+    init_value = 1.0
+
+    def weight_norm(self, W=None):
+        W = self.weight if W is None else W
+        return W.float().abs().max()
+
+    def dualize_weight(self, G, target=1.0, state=None):
+        return torch.sign(G) * target
+
+
+class RMSAtom(FreeAtom):
+    """Natural norm ‖w‖_RMS, dual t·G/‖G‖_RMS, init 0."""
+
+    init_value = 0.0
+
+    def weight_norm(self, W=None):
+        W = self.weight if W is None else W
+        return W.float().pow(2).mean().sqrt()
+
+    def dualize_weight(self, G, target=1.0, state=None):
+        return rms_dual(G, target)

@@ -16,6 +16,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _report import save_bar_chart  # noqa: E402
 from modula_mhc.kernels import reference  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -104,18 +106,7 @@ def main():
                    "dtype": str(dtype), "threads": torch.get_num_threads(), "torch": torch.__version__,
                    "median_ms": {k: v * 1e3 for k, v in med.items()},
                    "ratio_to_plain_residual": {k: v / base for k, v in med.items()}}, fh, indent=2)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(7, 3))
-        ax.barh(list(med), [v * 1e3 for v in med.values()])
-        ax.set_xlabel("fwd+bwd time (ms, median)")
-        ax.set_title(f"mHC mixing, {T} tokens, n={n}, C={C} ({device})")
-        fig.tight_layout()
-        fig.savefig(path + ".png", dpi=120)
-    except ImportError:
-        pass
+    save_bar_chart(path + ".png", med, "fwd+bwd time (ms, median)", f"mHC mixing, {T} tokens, n={n}, C={C} ({device})")
     print("wrote", path + ".json")
 
 

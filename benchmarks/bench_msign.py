@@ -17,6 +17,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _report import save_bar_chart  # noqa: E402
 from modula_mhc.kernels import reference  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -97,18 +99,7 @@ def main():
                    "threads": torch.get_num_threads(), "torch": torch.__version__,
                    "median_ms": {k: v * 1e3 for k, v in med.items()},
                    "max_abs_sv_minus_1": quality}, fh, indent=2)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(7, 3))
-        ax.barh(list(med), [v * 1e3 for v in med.values()])
-        ax.set_xlabel("time (ms, median)")
-        ax.set_title(f"msign {shape[0]}×{shape[1]} {dtype} ({device})")
-        fig.tight_layout()
-        fig.savefig(path + ".png", dpi=120)
-    except ImportError:
-        pass
+    save_bar_chart(path + ".png", med, "time (ms, median)", f"msign {shape[0]}×{shape[1]} {dtype} ({device})")
     print("wrote", path + ".json")
 
 

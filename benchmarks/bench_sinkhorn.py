@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _report import save_bar_chart  # noqa: E402
 from modula_mhc.kernels import reference  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -97,18 +99,7 @@ def main():
     path = os.path.join(RESULTS, f"sinkhorn_{args.size}")
     with open(path + ".json", "w") as fh:
         json.dump(out, fh, indent=2)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(7, 3))
-        ax.barh(list(rows), [v * 1e3 for v in rows.values()])
-        ax.set_xlabel("fwd+bwd time (ms, median)")
-        ax.set_title(f"Sinkhorn {batch}×{n}×{n}, {it} iters ({device})")
-        fig.tight_layout()
-        fig.savefig(path + ".png", dpi=120)
-    except ImportError:
-        pass
+    save_bar_chart(path + ".png", rows, "fwd+bwd time (ms, median)", f"Sinkhorn {batch}×{n}×{n}, {it} iters ({device})")
     print("wrote", path + ".json")
 
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import inspect
 import pathlib
+import sys
 
-import modula_mhc
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
+import modula_mhc  # noqa: E402
 
 SECTIONS = ["module", "algebra", "atoms", "bonds", "compounds", "manifolds", "optim", "kernels", "symbolic",
             "train", "data", "checkpoint", "distributed"]

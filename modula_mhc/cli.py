@@ -53,7 +53,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """The ``train`` flags. Every default is None: unset flags come from the checkpoint being resumed,
     then the preset, then the defaults in :mod:`modula_mhc.train` (shown in brackets)."""
     from .train import (BASE_DEFAULTS, DEFAULT_LR, DEVICES, DTYPES, MANIFOLD_PRESETS, NONFINITE_POLICIES,
-                        OPTIMIZERS, PRESETS, RESIDUALS, SCHEDULES)
+                        MODELS, OPTIMIZERS, PRESETS, RESIDUALS, SCHEDULES)
 
     def preset_default(key):
         return ", ".join(f"{name} {values[key]}" for name, values in PRESETS.items())
@@ -63,6 +63,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="UTF-8 text file to train on [the embedded corpus: this Python's standard-library source]")
     g = p.add_argument_group("model and run size (--preset fills the rest)")
     g.add_argument("--preset", choices=tuple(PRESETS), help=f"size preset [{BASE_DEFAULTS['preset']}]")
+    g.add_argument("--model", choices=MODELS, help="gpt, or mlp: an MLP on the one-hot of the last --ngram chars [gpt]")
+    g.add_argument("--ngram", type=_positive_int, help="chars seen by --model mlp [8]")
     g.add_argument("--width", type=_positive_int, help=f"model width [{preset_default('width')}]")
     g.add_argument("--depth", type=_positive_int, help=f"transformer blocks [{preset_default('depth')}]")
     g.add_argument("--heads", type=_positive_int, help=f"attention heads [{preset_default('heads')}]")

@@ -60,6 +60,7 @@ MANIFOLD_PRESETS = {
 }
 
 OPTIMIZERS = ("dualize", "adamw")
+MODELS = ("gpt", "mlp")  # mlp: CharMLP, next char from the previous --ngram chars
 RESIDUALS = ("plain", "hc", "mhc")
 SCHEDULES = ("linear", "cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
@@ -72,7 +73,7 @@ RESUMABLE_OVERRIDES = ("steps", "eval_every", "eval_batches", "sample_chars", "o
 
 #: defaults for options that are neither in a preset nor given (None = derived later)
 BASE_DEFAULTS = dict(
-    preset="tiny", data=None, residual="plain", streams=4, manifolds=None, optimizer="dualize", lr=None,
+    preset="tiny", model="gpt", ngram=8, data=None, residual="plain", streams=4, manifolds=None, optimizer="dualize", lr=None,
     momentum=0.95, weight_decay=0.0, schedule="linear", warmup=0, seed=0, device="auto", dtype="float32",
     threads=1,  # small models run fastest single-threaded; 2 threads on a busy 2-core machine were 10x slower
     sample_chars=500, nonfinite="skip", max_nonfinite=10,
@@ -87,6 +88,8 @@ class TrainConfig:
     resumed, the preset, then ``BASE_DEFAULTS`` (see :func:`resolve_config`)."""
 
     preset: str | None = None
+    model: str | None = None            # gpt | mlp (CharMLP: an MLP on the one-hot of the last ngram chars)
+    ngram: int | None = None            # chars seen by the mlp model
     data: str | None = None            # a UTF-8 text file; None: the embedded stdlib corpus
     width: int | None = None
     depth: int | None = None            # number of transformer blocks
@@ -134,7 +137,7 @@ def _validate(c: TrainConfig, partial: bool):
     def is_int(v):
         return isinstance(v, int) and not isinstance(v, bool)
 
-    choices = dict(preset=tuple(PRESETS), residual=RESIDUALS, manifolds=tuple(MANIFOLD_PRESETS),
+    choices = dict(preset=tuple(PRESETS), model=MODELS, residual=RESIDUALS, manifolds=tuple(MANIFOLD_PRESETS),
                    optimizer=OPTIMIZERS, schedule=SCHEDULES, device=DEVICES, dtype=DTYPES,
                    nonfinite=NONFINITE_POLICIES)
     for name, allowed in choices.items():
@@ -142,7 +145,7 @@ def _validate(c: TrainConfig, partial: bool):
         if v is not None and v not in allowed:
             _fail(name, f"unknown value {v!r}; choose one of {', '.join(allowed)}")
     for name in ("width", "depth", "heads", "context", "batch", "steps", "streams", "eval_every", "eval_batches",
-                 "max_nonfinite"):
+                 "max_nonfinite", "ngram"):
         v = getattr(c, name)
         if v is not None and (not is_int(v) or v < 1):
             _fail(name, f"must be a positive integer, got {v!r}")
@@ -161,9 +164,13 @@ def _validate(c: TrainConfig, partial: bool):
         _fail("weight_decay", f"must be a non-negative finite number, got {c.weight_decay!r}")
     if c.data is not None and (not isinstance(c.data, (str, os.PathLike)) or not os.fspath(c.data)):
         _fail("data", f"must be a file path, got {c.data!r}")
-    if c.width is not None and c.heads is not None and c.width % c.heads:
+    if c.model == "mlp" and c.residual not in (None, "plain"):
+        _fail("residual", f"{c.residual!r} applies to --model gpt only")
+    if c.model == "mlp":
+        pass  # heads do not enter the MLP
+    elif c.width is not None and c.heads is not None and c.width % c.heads:
         _fail("heads", f"heads ({c.heads}) must divide width ({c.width})")
-    if c.width is not None and c.heads is not None and (c.width // c.heads) % 2:
+    elif c.width is not None and c.heads is not None and (c.width // c.heads) % 2:
         _fail("heads", f"the head width width/heads = {c.width // c.heads} must be even (rotary embedding)")
     if c.optimizer == "adamw" and c.manifolds not in (None, "muon"):
         _fail("manifolds", f"{c.manifolds!r} needs --optimizer dualize (AdamW does not retract onto manifolds)")
@@ -298,9 +305,12 @@ def find_checkpoint(resume, out) -> str:
 # ---------------------------------------------------------------------------------- model and optimizer
 
 def build_model(config: TrainConfig, vocab_size: int):
-    """The GPT of the config, weights initialised from the global torch RNG (seeded by the caller)."""
-    from .compounds import GPT
+    """The GPT (or CharMLP) of the config, weights initialised from the global torch RNG (seeded by
+    the caller)."""
+    from .compounds import GPT, CharMLP
     attn, mlp = MANIFOLD_PRESETS[config.manifolds]
+    if config.model == "mlp":  # depth = number of Linear atoms; the MLP preset manifold applies
+        return CharMLP(vocab_size, config.width, config.depth, ngram=config.ngram, manifold=mlp)
     kwargs = {} if config.residual == "plain" else {"streams": config.streams}
     try:
         return GPT(vocab_size, config.context, config.width, config.depth, config.heads, residual=config.residual,

@@ -172,6 +172,15 @@ def test_cli_end_to_end_tiny_run(tmp_path, optimizer):
     assert "Traceback" not in r.stderr
 
 
+def test_mlp_model_trains(tmp_path, text_file):
+    """--model mlp: the CharMLP (one-hot of the last 8 chars → MLP) learns under DualizeRetract."""
+    m = train(TrainConfig(**dict(TINY, data=text_file, model="mlp", depth=3, steps=40, eval_every=20,
+                                 sample_chars=20, quiet=True, out=str(tmp_path / "mlp"))))
+    assert m["final"]["val_loss"] < m["initial"]["val"] - 1.0, (m["initial"], m["final"])
+    with pytest.raises(ConfigError, match="residual"):
+        TrainConfig(model="mlp", residual="mhc")
+
+
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_resume_continues_bit_identically(tmp_path, text_file, optimizer):
     base = dict(TINY, data=text_file, optimizer=optimizer, schedule="constant", eval_every=5, sample_chars=0,

@@ -14,6 +14,7 @@ train and validation loss on ``eval_batches`` fixed batches and writes a checkpo
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -238,6 +239,12 @@ def atomic_write(path, write) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+    # temporaries of earlier writers that were killed mid-write (one writer per run directory)
+    for stale in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(os.path.basename(path))}.*.tmp")):
+        try:
+            os.unlink(stale)
+        except FileNotFoundError:
+            pass
 
 
 def rng_state() -> dict:

@@ -157,6 +157,11 @@ def test_killed_writer_never_destroys_the_previous_checkpoint(tmp_path):
         assert v >= min(last_version, 0)
         last_version = v
     assert killed_mid_write >= 1, "no kill landed inside a write; the test proved nothing"
+    # the next successful write removes the temporaries the killed writers left behind
+    (tmp_path / ".ckpt.pt.stale.tmp").write_bytes(b"partial")
+    save_checkpoint(path, _good_payload())
+    assert not list(tmp_path.glob(".ckpt.pt.*.tmp")), list(tmp_path.glob(".ckpt.pt.*.tmp"))
+    assert load_checkpoint(path)["step"] == 3
 
 
 # ------------------------------------------------------------------------------------------ bad files

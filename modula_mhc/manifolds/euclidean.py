@@ -54,7 +54,7 @@ class Euclidean(Manifold):
 
     def diagnostics(self, W):
         if W.ndim < 2:
-            return {"norm": float(torch.linalg.vector_norm(W.float()))}
+            return {"norm": float(torch.linalg.vector_norm(W.detach().float()))}
         return {"top_singular_value": float(spectral_norm(W.detach()).max())}
 
 

@@ -126,8 +126,15 @@ class Compose(Module):
         for m in reversed(self.layers):
             if not S.is_zero(m.mass) and not S.is_zero(after):
                 _merge(out, m._coefficient_map(), after * mu / m.mass)
-            after = after * m.sensitivity
+            after = after * m.norm_sensitivity
         return out
+
+    @property
+    def norm_sensitivity(self):
+        nu = 1.0
+        for m in self.layers:
+            nu = nu * m.norm_sensitivity
+        return nu
 
 
 class _Branches(Module):
@@ -156,6 +163,10 @@ class _Branches(Module):
     @property
     def sensitivity(self):
         return sum((m.sensitivity for m in self.branches), 0.0)
+
+    @property
+    def norm_sensitivity(self):
+        return sum((m.norm_sensitivity for m in self.branches), 0.0)
 
     @property
     def sharpness(self):
@@ -243,6 +254,10 @@ class Scale(Module):
         return S.absolute(self.a) * self.module.sensitivity
 
     @property
+    def norm_sensitivity(self):
+        return S.absolute(self.a) * self.module.norm_sensitivity
+
+    @property
     def sharpness(self):
         al, be, ga = self.module.sharpness
         if S.is_zero(self.a):
@@ -304,13 +319,17 @@ class SymbolicRepeat(Module):
         return self.module.sensitivity ** self.depth
 
     @property
+    def norm_sensitivity(self):
+        return self.module.norm_sensitivity ** self.depth
+
+    @property
     def sharpness(self):
         return repeated_sharpness(self.module.mass, self.module.sensitivity, self.module.sharpness, self.depth)
 
     def _coefficient_map(self):
         if S.is_zero(self.module.mass):
             return {}
-        L, nu = self.depth, self.module.sensitivity
+        L, nu = self.depth, self.module.norm_sensitivity
         out = {}
         _merge(out, self.module._coefficient_map(), L * nu ** (L - self.layer_index))
         return out

@@ -57,6 +57,14 @@ class Module(nn.Module):
     def sharpness(self) -> Sharpness:
         raise NotImplementedError  # abstract
 
+    @property
+    def norm_sensitivity(self):
+        """The sensitivity the modular norm is built with (the ν of the composition rule for norm
+        coefficients). Equal to ``sensitivity`` everywhere except in modules that choose to weigh
+        their parts by their constants at initialisation rather than by a loose worst-case bound
+        (HyperConnections with ``norm_at="init"``); ``sensitivity`` stays the certified claim."""
+        return self.sensitivity
+
     def _coefficient_map(self) -> dict:
         """{atom: c_a} with ‖w‖_M = max_a c_a ‖w_a‖_a (atoms of zero mass are absent)."""
         raise NotImplementedError  # abstract

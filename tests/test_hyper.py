@@ -400,3 +400,25 @@ def test_static_mix_with_the_dualize_retract_optimizer():
     assert (W - W0).abs().max() > 1e-3 and (W > 0).all()
     assert (W.sum(-1) - 1).abs().max() < 1e-4 and (W.sum(-2) - 1).abs().max() < 1e-4
     assert losses[-1] < losses[0]
+
+
+def test_norm_at_init_gives_mhc_the_plain_residual_step_sizes():
+    """norm_at="init" (default): the modular norm weighs an HC/mHC layer by its constants at init
+    (those of the plain residual), so the embedding and head get the plain GPT's coefficients;
+    norm_at="bound" uses the certified worst-case sensitivity, which compounds over depth."""
+    kw = dict(vocab_size=65, context=16, width=32, depth=3, heads=2, attn_manifold="euclidean",
+              mlp_manifold="euclidean")
+    plain = compounds.GPT(**kw)
+    for residual in ("hc", "mhc"):
+        net = compounds.GPT(**kw, residual=residual)
+        assert net.norm_sensitivity == pytest.approx(plain.norm_sensitivity)
+        assert net.sensitivity > net.norm_sensitivity  # the claim stays the certified bound
+        for end in (0, -1):  # embed, head
+            assert net.norm_coefficients()[end] == pytest.approx(plain.norm_coefficients()[end])
+        bound = compounds.GPT(**kw, residual=residual, norm_at="bound")
+        assert bound.norm_sensitivity == pytest.approx(bound.sensitivity)
+        assert bound.norm_coefficients()[0] > 2 * net.norm_coefficients()[0]
+        upd = net.dualize([torch.randn_like(p) for p in net.parameters()], target_norm=0.5)
+        assert net.norm(upd).item() == pytest.approx(0.5, rel=1e-3)
+    with pytest.raises(ValueError, match="norm_at"):
+        compounds.HyperConnections(atoms.Linear(8, 8), streams=2, norm_at="typical")

@@ -107,8 +107,11 @@ class HyperConnections(Module):
 
     def __init__(self, branch, streams=4, dynamic=True, constrained=True, sinkhorn_iters=20, sinkhorn_tol=None,
                  depth=None, recompute=False, width=None, gate_scale=0.01, res_init_diagonal=0.95,
-                 coeff_mass=0.5, branch_output_bound=None, sinkhorn_max_iters=1000):
+                 coeff_mass=0.5, branch_output_bound=None, sinkhorn_max_iters=1000, norm_at="init"):
         super().__init__()
+        if norm_at not in ("init", "bound"):
+            raise ValueError(f"norm_at must be 'init' or 'bound', got {norm_at!r}")
+        self.norm_at = norm_at
         if not isinstance(branch, Module):
             raise TypeError(f"HyperConnections wraps a modula_mhc Module, got {type(branch).__name__}")
         if not isinstance(streams, int) or streams < 1:
@@ -276,10 +279,25 @@ class HyperConnections(Module):
         # σ and the unrolled Sinkhorn has no simple weight-independent bound (docs/mhc.md).
         return Sharpness(S.INF, S.INF, S.INF)
 
+    @property
+    def norm_sensitivity(self):
+        """ν used for the modular norm. ``norm_at="bound"``: the certified bound (= sensitivity).
+        ``norm_at="init"`` (default): the block's constants at initialisation — streams equal,
+        Σ h_pre = 1, h_post = 1, H_res ≈ I, gates ≈ 0 — i.e. those of the plain residual,
+        ρ + β·ν_F, so an mHC network takes the same per-atom steps as its plain-residual twin.
+        The worst-case bound grows to ρ + 2nβν_F (Σσ ≤ n, 2σ ≤ 2), which over 2L layers
+        compounds to e^(2n−1)-sized coefficients that all but freeze the lower layers."""
+        if self.norm_at == "bound":
+            return self.sensitivity
+        return self.residual_scale + self.branch_scale * float(S.to_number(self.branch.norm_sensitivity))
+
     def _coefficient_map(self):
         mu = self.mass
         out = {}
-        for part, s in self._parts():
+        parts = self._parts()
+        if self.norm_at == "init":  # the branch enters with h_post = 1 at init (not the bound 2)
+            parts = [(m, self.branch_scale if m is self.branch else s) for m, s in parts]
+        for part, s in parts:
             if S.is_zero(part.mass) or s == 0:
                 continue
             for atom, c in part._coefficient_map().items():

@@ -3,7 +3,9 @@
 Such an atom steps by plain subtraction (W ← W − lr·A) and its retraction is the identity; the
 two norms used by several atoms live here once:
 
-* ``MaxAbsAtom``: ‖w‖_∞ (the RMS→RMS operator norm of diag(w)); dual t·sign(G). Init 1.
+* ``MaxAbsAtom``: ‖w‖_∞ (the RMS→RMS operator norm of diag(w)); dual t·sign(G), except that
+  entries below 1e-6 of max|G| get 0: their sign is rounding noise (summation order), not a
+  direction, and a full-size step along noise made data-parallel runs diverge. Init 1.
 * ``RMSAtom``: ‖w‖_RMS; dual t·G/‖G‖_RMS (0 for a zero gradient). Init 0.
 """
 from __future__ import annotations
@@ -50,8 +52,13 @@ class MaxAbsAtom(FreeAtom):
         W = self.weight if W is None else W
         return W.float().abs().max()
 
+    #: entries with |G| ≤ noise_floor·max|G| are treated as 0 (loses ≤ numel·1e-6 of ⟨G, A⟩)
+    noise_floor = 1e-6
+
     def dualize_weight(self, G, target=1.0, state=None):
-        return torch.sign(G) * target
+        mag = G.abs()
+        keep = mag > self.noise_floor * mag.max()
+        return torch.where(keep, torch.sign(G), torch.zeros_like(G)) * target
 
 
 class RMSAtom(FreeAtom):

@@ -38,6 +38,7 @@ CASES = {
     "rope": (lambda: bonds.Rope(), lambda: _x((2, 7, 16))),
     "softmax": (lambda: atoms.Linear(6, 6) @ bonds.Softmax(scale=2.0), lambda: _x((4, 6))),
     "attention-core": (lambda: bonds.AttentionCore(heads=2), lambda: _qkv((2, 7, 16))),
+    "attention-core-hot": (lambda: bonds.AttentionCore(heads=2, temperature=4.0), lambda: _qkv((2, 7, 16))),
     "attention-core-1head": (lambda: bonds.AttentionCore(heads=1, rope=False), lambda: _qkv((2, 7, 8))),
     "merge-split": (lambda: bonds.MergeHeads() @ bonds.SplitHeads(2), lambda: _x((2, 7, 16))),
     "mlp": (lambda: compounds.MLP(24, 12, 32, 3), lambda: _x((5, 24))),

@@ -99,19 +99,29 @@ class Softmax(Bond):
 
 
 class AttentionCore(Bond):
-    """(q, k, v) ↦ softmax(q kᵀ / d + mask) v per head, heads merged; q, k, v are (…, T, H·d).
+    """(q, k, v) ↦ softmax(τ·q kᵀ / d + mask) v per head, heads merged; q, k, v are (…, T, H·d).
 
-    1/d scaling (d = head width), optional causal mask and rotary embedding of q and k.
-    Sensitivity 1 and γ = 6 in the tuple norm (module docstring)."""
+    τ/d scaling (d = head width, temperature τ = 1 by default), optional causal mask and rotary
+    embedding of q and k. The logits' derivatives scale with τ, so the sensitivity is max(1, τ)
+    and γ = 6·max(1, τ)² in the tuple norm (module docstring; τ = 1 gives 1 and 6)."""
 
-    _sensitivity = 1.0
-    _sharpness = Sharpness(0.0, 0.0, 6.0)
-
-    def __init__(self, heads: int, causal: bool = True, rope: bool = True, rope_base: float = 10000.0):
+    def __init__(self, heads: int, causal: bool = True, rope: bool = True, rope_base: float = 10000.0,
+                 temperature: float = 1.0):
         super().__init__()
         if not S.is_symbolic(heads) and (int(heads) != heads or heads < 1):
             raise ValueError(f"heads must be a positive integer, got {heads}")
+        if not S.is_symbolic(temperature) and not (S.is_number(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
         self.heads, self.causal, self.rope, self.rope_base = heads, causal, rope, rope_base
+        self.temperature = temperature
+
+    @property
+    def sensitivity(self):
+        return S.maximum(1.0, self.temperature)
+
+    @property
+    def sharpness(self):
+        return Sharpness(0.0, 0.0, 6.0 * S.maximum(1.0, self.temperature) ** 2)
 
     def forward(self, qkv):
         q, k, v = qkv
@@ -125,7 +135,7 @@ class AttentionCore(Bond):
             cos, sin = rope_tables(T, d, self.rope_base, q.device, q.dtype)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         try:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=1.0 / d)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=float(self.temperature) / d)
         except NotImplementedError:  # fused kernels lack forward-mode AD (jvp) on some backends
-            o = attention_reference(q, k, v, self.causal, 1.0 / d)
+            o = attention_reference(q, k, v, self.causal, float(self.temperature) / d)
         return o.transpose(-3, -2).reshape(*lead, T, W)

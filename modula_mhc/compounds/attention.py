@@ -10,9 +10,9 @@ from ._util import check_positive_int
 class Attention(Compose):
     """Attention(width, heads): W_o @ (1/3)·core @ (W_q, W_k, W_v), where core is softmax(q kᵀ/d)v
     (1/d scaling, causal, rotary). The 1/3 cancels the tuple's sensitivity 3, so the whole is
-    1-sensitive, mass 4 (one per Linear)."""
+    1-sensitive (max(1, τ) with an attention temperature τ), mass 4 (one per Linear)."""
 
-    def __init__(self, width, heads, causal=True, rope=True, manifold="euclidean"):
+    def __init__(self, width, heads, causal=True, rope=True, manifold="euclidean", temperature=1.0):
         check_positive_int("width", width)
         check_positive_int("heads", heads)
         if not S.is_symbolic(width, heads) and width % heads:
@@ -22,6 +22,6 @@ class Attention(Compose):
         self.width, self.heads = width, heads
         qkv = Parallel(*(atoms.Linear(width, width, manifold=manifold, role=r) for r in ("attn_q", "attn_k", "attn_v")))
         third = S.fraction(1, 3, like=width)
-        core = Scale(third, bonds.AttentionCore(heads, causal=causal, rope=rope))
+        core = Scale(third, bonds.AttentionCore(heads, causal=causal, rope=rope, temperature=temperature))
         super().__init__(qkv, core, atoms.Linear(width, width, manifold=manifold, role="attn_o"))
         self.in_dim = self.out_dim = width

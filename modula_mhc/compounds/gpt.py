@@ -10,9 +10,9 @@ from .attention import Attention
 RESIDUALS = ("plain", "hc", "mhc")
 
 
-def attention_branch(width, heads, manifold="euclidean"):
+def attention_branch(width, heads, manifold="euclidean", temperature=1.0):
     """x ↦ Attention(RMSNorm(x))."""
-    return Attention(width, heads, manifold=manifold) @ bonds.RMSNorm()
+    return Attention(width, heads, manifold=manifold, temperature=temperature) @ bonds.RMSNorm()
 
 
 def mlp_branch(width, ratio=4, manifold="euclidean", activation_fn=None):
@@ -27,17 +27,18 @@ class Block(Compose):
     """Block(width, heads, depth): two residual branches, attention then MLP, each
     x ↦ (1 − 1/(2L))x + 1/(2L)·branch(x) with L = depth (the number of blocks in the network)."""
 
-    def __init__(self, width, heads, depth, mlp_ratio=4, attn_manifold="euclidean", mlp_manifold="euclidean"):
+    def __init__(self, width, heads, depth, mlp_ratio=4, attn_manifold="euclidean", mlp_manifold="euclidean",
+                 attn_temperature=1.0):
         check_positive_int("depth", depth)
         two_l = 2 * depth
-        super().__init__(residual(attention_branch(width, heads, attn_manifold), two_l),
+        super().__init__(residual(attention_branch(width, heads, attn_manifold, attn_temperature), two_l),
                          residual(mlp_branch(width, mlp_ratio, mlp_manifold), two_l))
         self.in_dim = self.out_dim = width
 
 
 class GPT(Compose):
     """GPT(vocab_size, context, width, depth, heads, residual="plain"|"hc"|"mhc", streams=4,
-    attn_manifold="stiefel", mlp_manifold="dgram").
+    attn_manifold="stiefel", mlp_manifold="dgram", attn_temperature=1.0).
 
     Embed → depth blocks → RMSNorm → Linear head (logits). Masses: embed 1, head 1, and the
     blocks together ``blocks_mass`` (split equally between their atoms), so the share of learning
@@ -45,7 +46,7 @@ class GPT(Compose):
 
     def __init__(self, vocab_size, context, width, depth, heads, residual="plain", streams=4,
                  attn_manifold="stiefel", mlp_manifold="dgram", mlp_ratio=4, blocks_mass=5.0,
-                 embed_mass=1.0, head_mass=1.0, **hyper_options):
+                 embed_mass=1.0, head_mass=1.0, attn_temperature=1.0, **hyper_options):
         for n, v in (("vocab_size", vocab_size), ("context", context), ("width", width), ("depth", depth),
                      ("heads", heads), ("streams", streams)):
             check_positive_int(n, v)
@@ -58,12 +59,12 @@ class GPT(Compose):
         if residual == "plain":
             if hyper_options:
                 raise TypeError(f"unexpected options for residual='plain': {sorted(hyper_options)}")
-            block = Block(width, heads, depth, mlp_ratio, attn_manifold, mlp_manifold)
+            block = Block(width, heads, depth, mlp_ratio, attn_manifold, mlp_manifold, attn_temperature)
         else:
             from .hyper import hyper_block
             block = hyper_block(width, heads, depth, streams=streams, constrained=(residual == "mhc"),
                                 mlp_ratio=mlp_ratio, attn_manifold=attn_manifold, mlp_manifold=mlp_manifold,
-                                **hyper_options)
+                                attn_temperature=attn_temperature, **hyper_options)
         set_total_mass(block, S.fraction(1, 1, like=depth) * blocks_mass / depth)
         body = repeat(block, depth)
         layers = [atoms.Embed(vocab_size, width, mass=embed_mass)]

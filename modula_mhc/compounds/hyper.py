@@ -312,14 +312,14 @@ class HyperConnections(Module):
 
 
 def hyper_block(width, heads, depth, streams=4, constrained=True, mlp_ratio=4, attn_manifold="euclidean",
-                mlp_manifold="euclidean", **options):
+                mlp_manifold="euclidean", attn_temperature=1.0, **options):
     """A GPT block on streams (B, T, n, C): HC/mHC around the attention branch, then around the MLP
     branch, each with ``depth = 2·depth`` (two hyper-connected branches per block)."""
     from .gpt import attention_branch, mlp_branch
     if "depth" in options:
         raise TypeError("hyper_block: depth is set from the GPT depth (2 branches per block)")
     kw = dict(streams=streams, constrained=constrained, depth=2 * depth, width=width, **options)
-    block = Compose(HyperConnections(attention_branch(width, heads, attn_manifold), **kw),
+    block = Compose(HyperConnections(attention_branch(width, heads, attn_manifold, attn_temperature), **kw),
                     HyperConnections(mlp_branch(width, mlp_ratio, mlp_manifold), **kw))
     block.in_dim = block.out_dim = width
     return block

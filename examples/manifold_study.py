@@ -50,6 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--lr", type=float, default=0.1, help="shared DualizeRetract learning rate (default 0.1)")
+    p.add_argument("--attn-temperature", type=float, default=1.0,
+                   help="attention logits τ·q·k/d (default 1): lets Stiefel attention (σ(Q/K) = 1) sharpen")
+    p.add_argument("--tag", default="", help="suffix of the output files (e.g. _tau8)")
     p.add_argument("--warmup", type=int, default=0, help="linear warmup steps (default 0)")
     p.add_argument("--seeds", type=int, default=1, help="seeds per preset (default 1)")
     p.add_argument("--dual-max-iters", type=int, default=10,
@@ -106,7 +109,7 @@ def train_preset(preset, seed, corpus, val, args):
     attn_m, mlp_m = (manifold(m, args) for m in PRESETS[preset])
     gen = C.set_seed(seed)
     model = compounds.GPT(corpus.vocab_size, args.context, args.width, args.depth, args.heads,
-                          attn_manifold=attn_m, mlp_manifold=mlp_m)
+                          attn_manifold=attn_m, mlp_manifold=mlp_m, attn_temperature=args.attn_temperature)
     opt = optim.DualizeRetract(model, lr=args.lr, momentum=0.95, nesterov=True)
     sv = {"step": [0], "max": [max(qk_singular_values(model))], "dual_iterations": []}
 
@@ -176,12 +179,12 @@ def main(argv=None):
     header = ["preset", "attention", "MLP", f"final val loss (mean of {args.seeds} seed(s))", "best val loss",
               "final max σ(Q/K)", "seconds/run", "paper (GPT-2 small)"]
     md = f"Command: `{C.command_line()}`\n\n" + C.markdown_table(header, rows)
-    C.write_text(os.path.join(args.out, "manifold_study.md"), md)
-    C.write_json(os.path.join(args.out, "manifold_study.json"),
+    C.write_text(os.path.join(args.out, f"manifold_study{args.tag}.md"), md)
+    C.write_json(os.path.join(args.out, f"manifold_study{args.tag}.json"),
                  dict(config=dict(vars(args), command=C.command_line(), data=corpus.source), summary=summary,
                       runs={p: [dict(evals=r["evals"], qk_sigma_max=r["qk_sigma_max"], diverged=r["diverged"],
                                      losses=r["losses"][::10]) for r in recs] for p, recs in runs.items()}))
-    plot(os.path.join(args.out, "manifold_study.png"), runs, args)
+    plot(os.path.join(args.out, f"manifold_study{args.tag}.png"), runs, args)
     print(md)
 
 

@@ -227,3 +227,37 @@ def markdown_table(header, rows):
 def command_line():
     """The command that is running, as a user would type it (for provenance in outputs)."""
     return "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
+
+
+# ---------------------------------------------------------------------------------- study arguments
+
+def add_gpt_study_arguments(p, depth: int, steps: int, eval_every: int):
+    """The options every GPT study shares: model size, lr, evaluation, data, output, threads."""
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--depth", type=int, default=depth, help=f"number of blocks (default {depth})")
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--context", type=int, default=64)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--lr", type=float, default=0.1, help="DualizeRetract learning rate (default 0.1)")
+    p.add_argument("--eval-every", type=int, default=eval_every)
+    p.add_argument("--val-batches", type=int, default=8)
+    p.add_argument("--data", default=default_data_path(),
+                   help="UTF-8 text file (default ../shared/data/tinyshakespeare.txt if present, else the "
+                        "embedded corpus)")
+    p.add_argument("--out", default=FIGURES)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--progress", action="store_true")
+
+
+def check_gpt_study_arguments(p, args, positive=()):
+    """Reject non-positive sizes (the shared ones and ``positive``), a non-positive lr, and heads
+    that do not divide the width, with argparse's error message."""
+    for name in ("width", "depth", "heads", "context", "batch", "steps", "eval_every", "val_batches", "threads",
+                 *positive):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not args.lr > 0:
+        p.error(f"--lr must be > 0, got {args.lr}")
+    if args.width % args.heads:
+        p.error(f"--heads ({args.heads}) must divide --width ({args.width})")

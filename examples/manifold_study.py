@@ -43,13 +43,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", nargs="+", choices=list(PRESETS), default=list(PRESETS))
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--depth", type=int, default=2, help="number of blocks (default 2)")
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--context", type=int, default=64)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--lr", type=float, default=0.1, help="shared DualizeRetract learning rate (default 0.1)")
+    C.add_gpt_study_arguments(p, depth=2, steps=1000, eval_every=100)
     p.add_argument("--attn-temperature", type=float, default=1.0,
                    help="attention logits τ·q·k/d (default 1): lets Stiefel attention (σ(Q/K) = 1) sharpen")
     p.add_argument("--tag", default="", help="suffix of the output files (e.g. _tau8)")
@@ -59,28 +53,15 @@ def parse_args(argv=None):
                    help="cap on the Stiefel/DGram dual-ascent iterations per step (default 10: warm-started, "
                         "it is the CPU cost that dominates; the library default is 100)")
     p.add_argument("--dual-tol", type=float, default=1e-3, help="dual-ascent tolerance (default 1e-3)")
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--val-batches", type=int, default=8)
     p.add_argument("--sv-every", type=int, default=25, help="record Q/K singular values every N steps")
-    p.add_argument("--data", default=C.default_data_path(),
-                   help="UTF-8 text file (default ../shared/data/tinyshakespeare.txt if present, else the "
-                        "embedded corpus)")
-    p.add_argument("--out", default=C.FIGURES)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--progress", action="store_true")
     args = p.parse_args(argv)
-    for name in ("width", "depth", "heads", "context", "batch", "steps", "seeds", "eval_every", "val_batches",
-                 "sv_every", "threads", "dual_max_iters"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    C.check_gpt_study_arguments(p, args, positive=("seeds", "sv_every", "dual_max_iters"))
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
     if not args.dual_tol > 0:
         p.error(f"--dual-tol must be > 0, got {args.dual_tol}")
-    if not args.lr > 0:
-        p.error(f"--lr must be > 0, got {args.lr}")
-    if args.width % args.heads:
-        p.error(f"--heads ({args.heads}) must divide --width ({args.width})")
+    if not args.attn_temperature > 0:
+        p.error(f"--attn-temperature must be > 0, got {args.attn_temperature}")
     return args
 
 

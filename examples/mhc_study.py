@@ -36,34 +36,13 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--residuals", nargs="+", choices=["plain", "hc", "mhc"], default=["plain", "hc", "mhc"])
     p.add_argument("--streams", type=int, default=4, help="residual streams n for HC/mHC (default 4)")
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--depth", type=int, default=4, help="number of blocks (default 4)")
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--context", type=int, default=64)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--lr", type=float, default=0.1, help="DualizeRetract learning rate (default 0.1)")
+    C.add_gpt_study_arguments(p, depth=4, steps=500, eval_every=50)
     p.add_argument("--manifolds", choices=sorted(MANIFOLD_PRESETS), default="muon",
                    help="manifold preset of the weights (default muon: the residual is what varies)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--val-batches", type=int, default=8)
     p.add_argument("--gain-every", type=int, default=25, help="stability report every N steps (default 25)")
-    p.add_argument("--data", default=C.default_data_path(),
-                   help="UTF-8 text file (default ../shared/data/tinyshakespeare.txt if present, else the "
-                        "embedded corpus)")
-    p.add_argument("--out", default=C.FIGURES)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--progress", action="store_true")
     args = p.parse_args(argv)
-    for name in ("streams", "width", "depth", "heads", "context", "batch", "steps", "eval_every", "val_batches",
-                 "gain_every", "threads"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not args.lr > 0:
-        p.error(f"--lr must be > 0, got {args.lr}")
-    if args.width % args.heads:
-        p.error(f"--heads ({args.heads}) must divide --width ({args.width})")
+    C.check_gpt_study_arguments(p, args, positive=("streams", "gain_every"))
     return args
 
 

@@ -1,7 +1,6 @@
 """Gain atom: learnable per-channel scale y = g ⊙ x."""
 from __future__ import annotations
 
-from ..module import Sharpness
 from ._free import MaxAbsAtom
 
 
@@ -17,7 +16,3 @@ class Gain(MaxAbsAtom):
 
     def forward(self, x):
         return x * self.weight
-
-    @property
-    def sharpness(self):
-        return Sharpness(0.0, 1.0, 0.0)

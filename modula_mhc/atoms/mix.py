@@ -64,14 +64,7 @@ class Mix(Atom):
 
     def dualize_weight(self, G, target=1.0, state=None):
         return (target / math.sqrt(self.streams)) * self.manifold.dualize(self.weight, G, state)
-
-    @property
-    def sensitivity(self):
-        return 1.0
-
-    @property
-    def sharpness(self):
-        return Sharpness(0.0, 1.0, 0.0)
+    # sensitivity 1 and sharpness (0, 1, 0) are the Atom defaults: x ↦ W x is bilinear in (W, x)
 
 
 class Gate(MaxAbsAtom):

@@ -180,15 +180,9 @@ class DistributedDualizeRetract(DualizeRetract):
         with _FullWeight(self._atom(p), W):  # the atom's weight shares W's storage: its in-place step lands in W
             self._update(p, G, group)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One distributed dualize-then-retract step; returns closure() (evaluated on every rank)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        if self._skip_nonfinite():
-            return loss
+    def _step_parameters(self):
+        """The distributed step (``step`` itself — closure on every rank, the non-finite check agreed
+        across ranks — is DualizeRetract's)."""
         # every rank must agree on which parameters take part (a collective per parameter follows)
         work = [(p, g) for g in self.param_groups for p in g["params"]
                 if self._targets[id(p)] != 0.0]
@@ -205,7 +199,6 @@ class DistributedDualizeRetract(DualizeRetract):
         if sharded:
             self._step_sharded(sharded)
         self._step_replicated(replicated)
-        return loss
 
     def _step_replicated(self, work):
         for p, group in work:

@@ -159,8 +159,12 @@ class DualizeRetract(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._skip_nonfinite():
-            return loss
+        if not self._skip_nonfinite():
+            self._step_parameters()
+        return loss
+
+    def _step_parameters(self):
+        """Update every parameter that has a gradient and influence (subclasses distribute this)."""
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None or self._targets[id(p)] == 0.0:
@@ -168,7 +172,6 @@ class DualizeRetract(Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError("DualizeRetract does not support sparse gradients")
                 self._update(p, p.grad, group)
-        return loss
 
     def state_dict(self):
         """torch.optim's state dict plus ``skipped_steps``."""

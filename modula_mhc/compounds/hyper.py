@@ -49,9 +49,8 @@ def _coeff_input(x_flat: torch.Tensor, phi: torch.Tensor):
     return kernels.mhc_coeff_input(x_flat, phi)
 
 
-class ExpandStreams(Bond):
-    """ExpandStreams(n): (..., C) ↦ (..., n, C), every stream a copy of x (sensitivity 1 in the
-    stream norm, linear)."""
+class _StreamsBond(Bond):
+    """A width-preserving bond between 1 and n streams."""
 
     preserves_dim = True
 
@@ -60,22 +59,19 @@ class ExpandStreams(Bond):
         if not isinstance(streams, int) or streams < 1:
             raise ValueError(f"streams must be a positive int, got {streams!r}")
         self.streams = streams
+
+
+class ExpandStreams(_StreamsBond):
+    """ExpandStreams(n): (..., C) ↦ (..., n, C), every stream a copy of x (sensitivity 1 in the
+    stream norm, linear)."""
 
     def forward(self, x):
         return x.unsqueeze(-2).expand(*x.shape[:-1], self.streams, x.size(-1))
 
 
-class CollapseStreams(Bond):
+class CollapseStreams(_StreamsBond):
     """CollapseStreams(n): (..., n, C) ↦ (..., C), the mean of the streams (a convex combination:
     sensitivity 1, linear). With identical streams it is the identity on each of them."""
-
-    preserves_dim = True
-
-    def __init__(self, streams: int):
-        super().__init__()
-        if not isinstance(streams, int) or streams < 1:
-            raise ValueError(f"streams must be a positive int, got {streams!r}")
-        self.streams = streams
 
     def forward(self, x):
         if x.ndim < 2 or x.size(-2) != self.streams:

@@ -19,7 +19,7 @@ DEFAULT_CORPUS_NAME = "stdlib"
 
 
 class DataError(ValueError):
-    """Unusable data: a missing, empty, too short or binary file (message names the file)."""
+    """Unusable data: a missing, non-regular, empty, too short or binary file (message names the file)."""
 
 
 def default_corpus(max_chars: int = DEFAULT_CORPUS_CHARS) -> str:
@@ -54,12 +54,15 @@ def default_corpus(max_chars: int = DEFAULT_CORPUS_CHARS) -> str:
 
 
 def load_text(path) -> str:
-    """Read a UTF-8 text file, refusing missing, empty and binary (NUL bytes / invalid UTF-8) files."""
+    """Read a UTF-8 text file, refusing missing, non-regular (FIFO, device), empty and binary (NUL bytes /
+    invalid UTF-8) files."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise DataError(f"data file {path!r} does not exist")
     if os.path.isdir(path):
         raise DataError(f"data file {path!r} is a directory, not a text file")
+    if not os.path.isfile(path):  # a FIFO, socket or device would block or never end: refuse before opening
+        raise DataError(f"data file {path!r} is not a regular file (a pipe, socket or device); give a text file")
     try:
         with open(path, "rb") as f:
             raw = f.read()

@@ -1,0 +1,206 @@
+"""The training configuration: presets, defaults and the one place where options are validated.
+
+``TrainConfig(...)`` checks every field it is given (ranges, choices, cross-field rules) when it is
+built; :func:`resolve_config` fills the unset fields (checkpoint, then preset, then defaults) and
+checks the rules that need every field. The command line passes its flags through unchanged, so
+an error names the field (``steps: must be a positive integer``) and the CLI prints it as a flag.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .optim.presets import PRESETS as MANIFOLD_PRESETS
+
+
+class ConfigError(ValueError):
+    """A nonsense configuration. ``option`` is the field (``weight_decay``), ``reason`` the rest."""
+
+    def __init__(self, option: str, reason: str):
+        self.option, self.reason = option, reason
+        super().__init__(f"{option}: {reason}")
+
+
+#: model/run sizes per preset; ``tiny`` finishes in about a minute on 2 CPU cores, ``small`` is the
+#: DESIGN quality setting (tinyshakespeare: old Modula and AdamW reach ~1.70 val nats/char).
+PRESETS = {
+    "tiny": dict(width=64, depth=2, heads=2, context=64, batch=16, steps=150, eval_every=25, eval_batches=8),
+    "small": dict(width=128, depth=4, heads=4, context=64, batch=12, steps=3200, eval_every=200, eval_batches=20),
+}
+
+#: default learning rate per optimizer (measured: docs/training.md, "Choosing the learning rates")
+DEFAULT_LR = {"dualize": 0.2, "adamw": 1e-2}
+
+OPTIMIZERS = ("dualize", "adamw")
+MODELS = ("gpt", "mlp")  # mlp: CharMLP, next char from the previous --ngram chars
+RESIDUALS = ("plain", "hc", "mhc")
+SCHEDULES = ("linear", "cosine", "constant")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "bfloat16")
+#: DualizeRetract's policies a run may choose ("ignore" would let NaN reach the weights)
+NONFINITE_POLICIES = ("skip", "raise")
+
+#: options that may change when resuming; every other option must match the checkpoint
+RESUMABLE_OVERRIDES = ("steps", "eval_every", "eval_batches", "sample_chars", "out", "device", "dtype",
+                       "threads", "quiet", "resume", "name", "force")
+
+#: defaults for options that are neither in a preset nor given (None = derived in resolve_config)
+BASE_DEFAULTS = dict(
+    preset="tiny", model="gpt", ngram=8, data=None, residual="plain", streams=4, manifolds=None, optimizer="dualize",
+    lr=None, momentum=0.95, weight_decay=0.0, schedule="linear", warmup=0, seed=0, device="auto", dtype="float32",
+    threads=1,  # small models run fastest single-threaded; 2 threads on a busy 2-core machine were 10x slower
+    sample_chars=500, nonfinite=None, max_nonfinite=10,
+)
+
+_CHOICES = dict(preset=tuple(PRESETS), model=MODELS, residual=RESIDUALS, manifolds=tuple(MANIFOLD_PRESETS),
+                optimizer=OPTIMIZERS, schedule=SCHEDULES, device=DEVICES, dtype=DTYPES, nonfinite=NONFINITE_POLICIES)
+_POSITIVE = ("width", "depth", "heads", "context", "batch", "steps", "streams", "eval_every", "eval_batches",
+             "max_nonfinite", "ngram")
+_NONNEGATIVE = ("warmup", "sample_chars", "seed", "threads")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs. Fields left as None are filled, in order, from the checkpoint being
+    resumed, the preset, then ``BASE_DEFAULTS`` (see :func:`resolve_config`)."""
+
+    preset: str | None = None
+    model: str | None = None            # gpt | mlp (CharMLP: an MLP on the one-hot of the last ngram chars)
+    ngram: int | None = None            # chars seen by the mlp model
+    data: str | None = None             # a UTF-8 text file; None: the embedded stdlib corpus
+    width: int | None = None
+    depth: int | None = None            # number of transformer blocks
+    heads: int | None = None
+    context: int | None = None
+    batch: int | None = None
+    steps: int | None = None            # total optimizer steps (a resumed run continues to this count)
+    lr: float | None = None
+    residual: str | None = None         # plain | hc | mhc
+    streams: int | None = None          # residual streams for hc / mhc
+    manifolds: str | None = None        # a preset of modula_mhc.optim.presets (hetero, muon, ...)
+    optimizer: str | None = None        # dualize | adamw
+    momentum: float | None = None
+    weight_decay: float | None = None
+    schedule: str | None = None         # linear | cosine | constant (lr multiplier after warmup)
+    warmup: int | None = None
+    seed: int | None = None
+    device: str | None = None           # auto | cpu | cuda
+    threads: int | None = None          # CPU threads for torch (0: torch's default); see BASE_DEFAULTS
+    dtype: str | None = None            # float32 | bfloat16 (autocast; weights and optimizer stay fp32)
+    eval_every: int | None = None
+    eval_batches: int | None = None
+    sample_chars: int | None = None
+    nonfinite: str | None = None        # skip | raise: DualizeRetract's policy for NaN/Inf gradients
+    max_nonfinite: int | None = None    # give up after this many consecutive skipped steps
+    out: str | None = None              # run directory; default runs/<name or timestamp>
+    name: str | None = None
+    resume: str | bool | None = None    # a checkpoint file or run directory; True: <out>/ckpt.pt or latest run
+    force: bool = False                 # replace the outputs of an earlier run in ``out``
+    quiet: bool = False                 # no progress bar and no printing (for sweeps)
+    extra: dict = field(default_factory=dict)  # free-form notes recorded in metrics.json
+
+    def __post_init__(self):
+        _validate(self, partial=True)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _validate(c: TrainConfig, partial: bool) -> None:
+    """Range and choice checks on every field that is set; the rules needing all fields at the end."""
+    def fail(option, reason):
+        raise ConfigError(option, reason)
+
+    for name, allowed in _CHOICES.items():
+        v = getattr(c, name)
+        if v is not None and v not in allowed:
+            fail(name, f"unknown value {v!r}; choose one of {', '.join(allowed)}")
+    for name in _POSITIVE:
+        v = getattr(c, name)
+        if v is not None and (not _is_int(v) or v < 1):
+            fail(name, f"must be a positive integer, got {v!r}")
+    for name in _NONNEGATIVE:
+        v = getattr(c, name)
+        if v is not None and (not _is_int(v) or v < 0):
+            fail(name, f"must be a non-negative integer, got {v!r}")
+    if c.seed is not None and c.seed >= 2 ** 63:
+        fail("seed", f"must be below 2**63, got {c.seed}")
+    if c.lr is not None and (not _is_number(c.lr) or c.lr <= 0):
+        fail("lr", f"must be a positive finite number, got {c.lr!r}")
+    if c.momentum is not None and (not _is_number(c.momentum) or not 0 <= c.momentum < 1):
+        fail("momentum", f"must be in [0, 1), got {c.momentum!r}")
+    if c.weight_decay is not None and (not _is_number(c.weight_decay) or c.weight_decay < 0):
+        fail("weight_decay", f"must be a non-negative finite number, got {c.weight_decay!r}")
+    for name in ("data", "out"):
+        v = getattr(c, name)
+        if v is not None and (not isinstance(v, (str, os.PathLike)) or not os.fspath(v)):
+            fail(name, f"must be a non-empty path, got {v!r}")
+    if c.name is not None and (not isinstance(c.name, str) or not c.name or os.sep in c.name
+                               or c.name in (".", "..")):
+        fail("name", f"must be a non-empty name without {os.sep!r}, got {c.name!r}")
+    if c.resume is not None and c.resume is not False and c.resume is not True and (
+            not isinstance(c.resume, (str, os.PathLike)) or not os.fspath(c.resume)):
+        fail("resume", f"must be a checkpoint file or run directory, got {c.resume!r} "
+                       "(without a value: <out>/ckpt.pt or the newest run)")
+    if c.force and c.resume:
+        fail("force", "replaces an earlier run and --resume continues it; give one of them")
+    if c.model == "mlp" and c.residual not in (None, "plain"):
+        fail("residual", f"{c.residual!r} applies to --model gpt only")
+    if c.model != "mlp" and c.width is not None and c.heads is not None:
+        if c.width % c.heads:
+            fail("heads", f"heads ({c.heads}) must divide width ({c.width})")
+        if (c.width // c.heads) % 2:
+            fail("heads", f"the head width width/heads = {c.width // c.heads} must be even (rotary embedding)")
+    if c.optimizer == "adamw" and c.manifolds not in (None, "muon"):
+        fail("manifolds", f"{c.manifolds!r} needs --optimizer dualize (AdamW does not retract onto manifolds)")
+    if c.optimizer == "adamw" and c.nonfinite is not None:
+        fail("nonfinite", "is DualizeRetract's policy; the AdamW baseline has none (docs/training.md)")
+    if partial:
+        return
+    if c.warmup >= c.steps:
+        fail("warmup", f"must be smaller than --steps ({c.steps}), got {c.warmup}")
+    if c.device == "cuda" and not torch.cuda.is_available():
+        fail("device", "cuda was asked for but torch.cuda.is_available() is False")
+
+
+def resolve_config(config: TrainConfig, checkpoint_config: dict | None = None) -> TrainConfig:
+    """A copy with every field set: given fields win, then the checkpoint's, then the preset's,
+    then ``BASE_DEFAULTS``; lr, manifolds and nonfinite default per optimizer. When resuming,
+    fields outside ``RESUMABLE_OVERRIDES`` must agree with the checkpoint."""
+    given = {k: v for k, v in config.to_dict().items() if v is not None}
+    merged = {}
+    if checkpoint_config is not None:
+        for k, v in given.items():
+            old = checkpoint_config.get(k)
+            if k not in RESUMABLE_OVERRIDES and k != "extra" and old is not None and v != old:
+                raise ConfigError(k, f"the checkpoint was trained with {old!r}, cannot resume with {v!r}")
+        merged.update({k: v for k, v in checkpoint_config.items() if k in given or v is not None})
+        for k in ("resume", "force"):
+            merged.pop(k, None)
+    merged.update(given)
+    preset = merged.get("preset") or BASE_DEFAULTS["preset"]
+    for k, v in {**BASE_DEFAULTS, **PRESETS[preset]}.items():
+        if merged.get(k) is None:
+            merged[k] = v
+    if merged["lr"] is None:
+        merged["lr"] = DEFAULT_LR[merged["optimizer"]]
+    if merged["manifolds"] is None:
+        merged["manifolds"] = "hetero" if merged["optimizer"] == "dualize" else "muon"
+    if merged["nonfinite"] is None and merged["optimizer"] == "dualize":
+        merged["nonfinite"] = "skip"
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    resolved = TrainConfig(**{k: v for k, v in merged.items() if k in known})
+    _validate(resolved, partial=False)
+    return resolved

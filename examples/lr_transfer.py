@@ -42,10 +42,8 @@ DEFAULT_SIZES = {
 #: factor-2 learning-rate grids (log2): the modular-norm step size and AdamW's usual range
 DEFAULT_LOG2_LRS = {"dualize": list(range(-5, 1)), "adamw": list(range(-10, -4))}
 DEFAULT_STEPS = {"mlp": 200, "gpt": 150}
-#: --manifolds preset → (attention manifold, MLP manifold), as in `modula-mhc train --manifolds`
-MANIFOLD_PRESETS = {"muon": ("euclidean", "euclidean"), "all-stiefel": ("stiefel", "stiefel"),
-                    "hetero": ("stiefel", "dgram"), "hetero-inv": ("dgram", "stiefel"),
-                    "all-dgram": ("dgram", "dgram")}
+#: --manifolds preset → (attention manifold, MLP manifold, other), as in `modula-mhc train --manifolds`
+from modula_mhc.optim.presets import PRESETS as MANIFOLD_PRESETS  # noqa: E402
 HEAD_WIDTH = 16  # GPT heads = width / 16, so the head width stays fixed across the width sweep
 
 
@@ -90,7 +88,7 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------------------------------ models
 def build(model_kind, optimizer, width, depth, vocab, args):
     """(model, torch optimizer factory lr ↦ optimizer) for one run."""
-    attn_m, mlp_m = MANIFOLD_PRESETS[args.manifolds]
+    attn_m, mlp_m = MANIFOLD_PRESETS[args.manifolds][:2]
     if model_kind == "mlp":
         n_in = args.ngram * vocab
         model = SPMLP(n_in, vocab, width, depth) if optimizer == "adamw" else \

@@ -27,8 +27,7 @@ import _common as C  # noqa: E402
 
 from modula_mhc import compounds  # noqa: E402
 
-MANIFOLD_PRESETS = {"muon": ("euclidean", "euclidean"), "hetero": ("stiefel", "dgram"),
-                    "all-stiefel": ("stiefel", "stiefel")}
+from modula_mhc.optim.presets import PRESETS as MANIFOLD_PRESETS  # noqa: E402  (attn, mlp, other)
 
 
 def parse_args(argv=None):
@@ -57,7 +56,7 @@ def gains(model, probe):
 
 def train_residual(residual, corpus, val, probe, args):
     from modula_mhc import optim
-    attn_m, mlp_m = MANIFOLD_PRESETS[args.manifolds]
+    attn_m, mlp_m = MANIFOLD_PRESETS[args.manifolds][:2]
     gen = C.set_seed(args.seed)
     kw = dict(streams=args.streams) if residual != "plain" else {}
     model = compounds.GPT(corpus.vocab_size, args.context, args.width, args.depth, args.heads, residual=residual,

@@ -7,11 +7,14 @@ DistributedDualizeRetract, launched by torchrun:
 It reuses the pieces of ``modula-mhc train`` (TrainConfig, model, schedule, loss, atomic checkpoints);
 each rank draws its own batch (seed + rank), so the global batch is ``--batch`` × world size.
 Rank 0 prints the losses and writes ``<out>/ckpt.pt`` (weights and the full optimizer state).
-On CPU it uses the gloo backend, on GPUs nccl. See docs/distributed.md.
+On CPU it uses the gloo backend, on GPUs nccl; ``--dist-timeout`` bounds how long a rank waits
+for a stuck one. ``modula-mhc sample <out>`` samples from the checkpoint. See docs/distributed.md.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
+import math
 import os
 import sys
 
@@ -35,7 +38,12 @@ def parse(argv):
     p.add_argument("--eval-every", type=int, default=None)
     p.add_argument("--fsdp", action="store_true", help="shard parameters with FSDP2 fully_shard (default: DDP)")
     p.add_argument("--out", default="runs/torchrun")
-    return p.parse_args(argv)
+    p.add_argument("--dist-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="how long a collective waits for the other ranks before failing [600]")
+    args = p.parse_args(argv)
+    if not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):
+        p.error(f"--dist-timeout: must be a positive number of seconds, got {args.dist_timeout}")
+    return args
 
 
 def main(argv=None):
@@ -44,7 +52,7 @@ def main(argv=None):
                                         lr=args.lr, manifolds=args.manifolds, eval_every=args.eval_every,
                                         out=args.out, quiet=True))
     cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=args.dist_timeout))
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:

@@ -21,6 +21,10 @@ Non-finite gradients: all ranks agree (one all-reduce of a flag) before any stat
 follow ``nonfinite="skip"`` (default: skip the step, warn, count it in ``skipped_steps``) or
 ``"raise"`` (``FloatingPointError``); a skipped step leaves weights and momentum untouched.
 
+Every collective runs on tensors on the parameters' device (CUDA tensors under NCCL, CPU under
+gloo); how long a collective may wait for a stuck rank is the process group's ``timeout``
+(``init_process_group(timeout=...)``; the torchrun example's ``--dist-timeout``).
+
 Without an initialised process group the optimizer is :class:`~modula_mhc.optim.DualizeRetract`
 plus the non-finite policy (world size 1). See docs/distributed.md.
 """
@@ -150,6 +154,12 @@ class DistributedDualizeRetract(DualizeRetract):
         self.world = dist.get_world_size(process_group) if self.distributed else 1
         self.rank = dist.get_rank(process_group) if self.distributed else 0
         params = self._all_params()
+        devices = {_local(p).device for p in params}
+        if len(devices) != 1:
+            raise ValueError("DistributedDualizeRetract: all parameters must be on one device, found "
+                             f"{sorted(map(str, devices))}")
+        #: where the optimizer's own collective tensors live (the parameters' device: NCCL needs CUDA tensors)
+        self.device = devices.pop()
         owners = assign_owners([tuple(p.shape) for p in params], self.world)
         self._owner = {id(p): r for p, r in zip(params, owners)}
         self._layout = {id(p): _row_layout(p, self.world) for p in params}
@@ -166,7 +176,7 @@ class DistributedDualizeRetract(DualizeRetract):
     # ------------------------------------------------------------------ the step
     def _gradients_finite(self) -> bool:
         """True when every rank's gradients (local shards for sharded parameters) are finite."""
-        bad = torch.zeros(1)
+        bad = torch.zeros(1, device=self.device)  # NCCL has no CPU tensors: flags live on the parameters' device
         for p in self._all_params():
             if p.grad is not None and not bool(torch.isfinite(_local(p.grad)).all()):
                 bad.fill_(1.0)
@@ -186,7 +196,7 @@ class DistributedDualizeRetract(DualizeRetract):
         # every rank must agree on which parameters take part (a collective per parameter follows)
         work = [(p, g) for g in self.param_groups for p in g["params"]
                 if self._targets[id(p)] != 0.0]
-        has_grad = torch.tensor([float(p.grad is not None) for p, _ in work])
+        has_grad = torch.tensor([float(p.grad is not None) for p, _ in work], device=self.device)
         if self.distributed and work:
             agreed = has_grad.clone()
             dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self.group)
@@ -251,7 +261,7 @@ class DistributedDualizeRetract(DualizeRetract):
         handles, outs = [], []
         for (p, _), chunks in zip(work, new_rows):
             _, chunk, rows = self._layout[id(p)]
-            out = torch.empty((chunk,) + tuple(p.shape[1:]), dtype=p.dtype)
+            out = torch.empty((chunk,) + tuple(p.shape[1:]), dtype=p.dtype, device=_local(p).device)
             handles.append(dist.scatter(out, chunks, src=self._global(self._owner[id(p)]), group=self.group,
                                         async_op=True))
             outs.append(out)

@@ -136,6 +136,24 @@ class Compose(Module):
             nu = nu * m.norm_sensitivity
         return nu
 
+    @property
+    def weight_gain(self):
+        """κ = Σ_i (μ_i/μ)·κ_i·Π_{j>i} ν_j/ν'_j (ν' = norm_sensitivity): layer i's weights move the
+        output by ≤ Π_{j>i}ν_j·κ_i‖Δw_i‖ and the norm gives ‖Δw_i‖ ≤ (μ_i/(μ·Π_{j>i}ν'_j))‖Δw‖_M."""
+        mu = self.mass
+        if S.is_zero(mu):
+            return 1.0
+        total, ratio = 0.0, 1.0
+        for m in reversed(self.layers):
+            if not S.is_zero(m.mass):
+                total = total + (m.mass / mu) * m.weight_gain * ratio
+            nu, nu_n = m.sensitivity, m.norm_sensitivity
+            if not S.is_zero(nu_n):
+                ratio = ratio * nu / nu_n
+            elif not S.is_zero(nu):
+                ratio = S.infinity()
+        return total
+
 
 class _Branches(Module):
     """Shared rules of modules that apply several branches to one input."""
@@ -179,6 +197,14 @@ class _Branches(Module):
                 p = m.mass / mu
                 a, b = a + S.product(ma, p ** 2), b + S.product(mb, p)
         return Sharpness(a, b, g)
+
+    @property
+    def weight_gain(self):
+        """κ = Σ_i (μ_i/μ)·κ_i (each branch's weights move only its own output)."""
+        mu = self.mass
+        if S.is_zero(mu):
+            return 1.0
+        return sum(((m.mass / mu) * m.weight_gain for m in self.branches if not S.is_zero(m.mass)), 0.0)
 
     def _coefficient_map(self):
         mu = self.mass
@@ -258,6 +284,10 @@ class Scale(Module):
         return S.absolute(self.a) * self.module.norm_sensitivity
 
     @property
+    def weight_gain(self):
+        return self.module.weight_gain
+
+    @property
     def sharpness(self):
         al, be, ga = self.module.sharpness
         if S.is_zero(self.a):
@@ -321,6 +351,14 @@ class SymbolicRepeat(Module):
     @property
     def norm_sensitivity(self):
         return self.module.norm_sensitivity ** self.depth
+
+    @property
+    def weight_gain(self):
+        """κ·Σ_l (1/L)·r^(L−l) with r = ν/ν' (= κ when the norm uses the certified ν)."""
+        r = self.module.sensitivity / self.module.norm_sensitivity
+        if r == 1:
+            return self.module.weight_gain
+        return self.module.weight_gain * (r ** self.depth - 1) / (self.depth * (r - 1))
 
     @property
     def sharpness(self):

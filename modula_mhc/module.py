@@ -15,6 +15,7 @@ Three kinds of module exist: :class:`Atom` (owns exactly one ``nn.Parameter`` ca
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import NamedTuple
 
@@ -22,6 +23,21 @@ import torch
 from torch import nn
 
 from . import scalars as S
+
+
+_STATIC_DEPTH = [0]  # > 0 inside static_constants(): local (measured) stats are ignored
+
+
+@contextlib.contextmanager
+def static_constants():
+    """Inside this context every module reports its static (declared) constants, even while
+    :func:`modula_mhc.claims.certify` has attached local input statistics to it. The modular norm
+    is always built this way: it is a fixed geometry, not a certificate."""
+    _STATIC_DEPTH[0] += 1
+    try:
+        yield
+    finally:
+        _STATIC_DEPTH[0] -= 1
 
 
 class Sharpness(NamedTuple):
@@ -62,8 +78,28 @@ class Module(nn.Module):
         """The sensitivity the modular norm is built with (the ν of the composition rule for norm
         coefficients). Equal to ``sensitivity`` everywhere except in modules that choose to weigh
         their parts by their constants at initialisation rather than by a loose worst-case bound
-        (HyperConnections with ``norm_at="init"``); ``sensitivity`` stays the certified claim."""
-        return self.sensitivity
+        (HyperConnections with ``norm_at="init"``, attention with several heads); ``sensitivity``
+        stays the certified claim. Always static (see :func:`static_constants`)."""
+        with static_constants():
+            return self.sensitivity
+
+    @property
+    def weight_gain(self):
+        """κ with ‖∇_w f · Δw‖ ≤ κ · ‖Δw‖_M (certified weight well-normedness). κ = 1 whenever the
+        modular norm is built from the certified sensitivities; it exceeds 1 where a module builds
+        its norm from smaller constants (``norm_sensitivity`` < ``sensitivity``: attention with
+        several heads, HC/mHC with ``norm_at="init"``) or, under ``claims.certify``, where a
+        weight sees inputs of RMS > 1 (docs/algebra.md, "Certified domain")."""
+        return 1.0
+
+    def local_stats(self):
+        """The input statistics ``claims.certify`` attached to this module (None outside it, and
+        inside ``static_constants()``). Modules whose constants hold only on a domain (RMSNorm:
+        input RMS ≥ 1; attention: q, k, v RMS ≤ 1; HC: unit streams; atoms: ‖W‖ ≤ 1) return their
+        local constants from these statistics."""
+        if _STATIC_DEPTH[0]:
+            return None
+        return self.__dict__.get("_local_stats")
 
     def _coefficient_map(self) -> dict:
         """{atom: c_a} with ‖w‖_M = max_a c_a ‖w_a‖_a (atoms of zero mass are absent)."""
@@ -77,7 +113,8 @@ class Module(nn.Module):
     def norm_coefficients(self) -> list:
         """c_a for each atom, aligned with ``atoms()``; ``inf`` for atoms with no influence
         (zero mass), so that the target t/c_a of such an atom is 0."""
-        cmap = self._coefficient_map()
+        with static_constants():
+            cmap = self._coefficient_map()
         return [cmap.get(a, S.infinity()) for a in self.atoms()]
 
     def _aligned(self, tensors, what):
@@ -260,11 +297,21 @@ class Atom(Module):
 
     @property
     def sensitivity(self):
-        return 1.0
+        """1 at well-normed weights (‖W‖ ≤ 1); under ``claims.certify`` max(1, ‖W‖) for the atoms
+        whose map is linear in x with operator norm ‖W‖ (the claims module sets ``weight_norm``)."""
+        st = self.local_stats()
+        return 1.0 if st is None else max(1.0, st.get("weight_norm", 1.0))
 
     @property
     def sharpness(self):
         return Sharpness(0.0, 1.0, 0.0)
+
+    @property
+    def weight_gain(self):
+        """‖ΔW x‖ ≤ ‖ΔW‖·‖x‖: 1 for well-normed inputs (RMS ≤ 1); under ``claims.certify`` the
+        largest input RMS seen (at least 1)."""
+        st = self.local_stats()
+        return 1.0 if st is None else max(1.0, st.get("input_rms", 1.0))
 
     def _coefficient_map(self):
         return {} if S.is_zero(self._mass) else {self: 1.0}

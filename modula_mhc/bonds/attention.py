@@ -1,11 +1,13 @@
 """Attention pieces: rotary embedding, causal mask, softmax and the fused attention core.
 
-Norm convention for token sequences: the max over tokens of the per-token RMS. With it, and with
-Modula's convention that each head's slice of q, k, v is well-normed (RMS ≤ 1), the attention
-core softmax(q kᵀ/d) v with 1/d (not 1/√d) scaling is 1-sensitive in the tuple norm
-‖q‖+‖k‖+‖v‖: the value path is a convex combination, and the q and k paths are covariances
-Cov_p(v, ⟨Δq, k⟩/d) bounded by Cauchy–Schwarz (docs/algebra.md). Its second derivative is
-bounded by 3 along one direction, hence γ = 6 for two directions (polarisation).
+Norm convention for token sequences: the max over tokens of the per-token RMS over the full
+width H·d. With H heads and q, k, v of per-token RMS ≤ 1, the attention core softmax(τ q kᵀ/d) v
+with 1/d (not 1/√d) scaling has sensitivity max(√H, τH) in the tuple norm ‖q‖+‖k‖+‖v‖: the value
+path is a convex combination per head (√H when every head attends to a different token), the q
+and k paths are covariances Cov_p(v, ⟨Δq, k⟩/d) bounded by Cauchy–Schwarz, H when every head's
+k and v are concentrated on that head (docs/algebra.md). H = 1 gives Modula's 1. γ = 6·H^(5/2)·max(1, τ)².
+The modular norm keeps Modula's per-head convention (``norm_sensitivity`` max(1, τ)), so the
+step sizes do not depend on the number of heads; ``weight_gain`` reports the difference.
 """
 from __future__ import annotations
 
@@ -115,13 +117,27 @@ class AttentionCore(Bond):
         self.heads, self.causal, self.rope, self.rope_base = heads, causal, rope, rope_base
         self.temperature = temperature
 
+    def _input_scale(self):
+        """max(1, largest per-token RMS of q, k, v) seen under ``claims.certify`` (1 otherwise)."""
+        st = self.local_stats()
+        return 1.0 if st is None else max(1.0, st.get("max_rms", 1.0))
+
     @property
     def sensitivity(self):
+        """max(√H, τ·H·s²) with s = max(1, RMS of q, k, v): the value path is ≤ √H, the q and k
+        paths ≤ τ·H·‖k‖·‖v‖ and τ·H·‖q‖·‖v‖ (declared domain: s = 1)."""
+        H, tau, s = self.heads, self.temperature, self._input_scale()
+        return S.maximum(S.sqrt(H), tau * H * s ** 2)
+
+    @property
+    def norm_sensitivity(self):
+        """Modula's per-head convention max(1, τ) (the step sizes do not depend on H)."""
         return S.maximum(1.0, self.temperature)
 
     @property
     def sharpness(self):
-        return Sharpness(0.0, 0.0, 6.0 * S.maximum(1.0, self.temperature) ** 2)
+        H, s = self.heads, self._input_scale()
+        return Sharpness(0.0, 0.0, 6.0 * H ** S.fraction(5, 2, like=H) * S.maximum(1.0, self.temperature) ** 2 * s ** 3)
 
     def forward(self, qkv):
         q, k, v = qkv

@@ -25,7 +25,7 @@ from .. import atoms, bonds, kernels
 from .. import scalars as S
 from ..algebra import Compose
 from ..atoms.mix import Gate, Mix, StaticCoefficients
-from ..module import Bond, Module, Sharpness
+from ..module import Bond, Module, Sharpness, static_constants
 
 __all__ = ["HyperConnections", "ExpandStreams", "CollapseStreams", "hyper_block", "stability_report",
            "residual_init_logit"]
@@ -236,12 +236,21 @@ class HyperConnections(Module):
         return parts
 
     def _bounds(self) -> dict:
-        """The constants of the sensitivity derivation in docs/mhc.md, at well-normed weights and inputs."""
+        """The constants of the sensitivity derivation in docs/mhc.md, at well-normed weights and inputs
+        (declared domain: unit-RMS streams, ‖φ‖ ≤ 1, ‖g‖_∞ ≤ 1, HC static mixing norm ≤ 1).
+
+        Under ``claims.certify`` the layer has recorded, at the certified batch, the largest stream
+        RMS X, the smallest RMS of the flattened stream r, the largest Σ|h_pre|, |h_post|, row sum
+        of |H_res| and RMS of F(u), and the weights' norms; the same derivation at that point then
+        uses those (X multiplies the coefficient terms Σ dq_j x_j and Σ dH_ij x_j, 1/r the RMS
+        normaliser of the coefficient path)."""
         n, rho, beta = self.streams, self.residual_scale, self.branch_scale
         nu_f = float(S.to_number(self.branch.sensitivity))
         m_f = nu_f if self.branch_output_bound is None else float(self.branch_output_bound)
         a = self.gate.scale if self.dynamic else 0.0
         m = self.n_coeffs if self.dynamic else 0
+        st = self.local_stats()
+        xs, inv_r, phi = 1.0, 1.0, 1.0
         if self.constrained:
             p_max, pre_l1, res_rows = 2.0, float(n), 1.0
             # per unit ‖ΔH̃‖₂: res (Fisher-metric projection bound), pre (σ' ≤ 1/4, ℓ1 ≤ √n ℓ2), post (2σ' ≤ 1/2)
@@ -249,11 +258,20 @@ class HyperConnections(Module):
         else:
             p_max, pre_l1, res_rows = 1.0 + a, 1.0 + n * a, 1.0 + n * a
             k_res, k_pre, k_post = math.sqrt(n), math.sqrt(n), 1.0
-        k_coef = rho * k_res + beta * p_max * nu_f * k_pre + beta * m_f * k_post
+        if st is not None:  # the same bounds at the recorded point (claims.certify)
+            p_max, pre_l1, res_rows = st["post_max"], st["pre_l1"], st["res_rows"]
+            m_f = st["f_max"]
+            xs = max(1.0, st["stream_max"])
+            inv_r = math.inf if st["flat_min"] <= 0 else max(1.0, 1.0 / st["flat_min"])
+            if self.dynamic:
+                a = self.gate.scale * st["gate_max"]
+                phi = max(1.0, st["phi_norm"])
+        k_coef = xs * rho * k_res + beta * p_max * nu_f * k_pre * xs + beta * m_f * k_post
         direct = rho * res_rows + beta * p_max * nu_f * pre_l1
-        dynamic = k_coef * a * math.sqrt(m)
+        dynamic = k_coef * a * math.sqrt(m) * phi * inv_r
         out = dict(direct=direct, dynamic=dynamic, k_coef=k_coef, s_branch=beta * p_max, s_phi=dynamic,
-                   s_gate=k_coef * math.sqrt(m) * (self.gate.scale if self.dynamic else 0.0), s_mix=rho)
+                   s_gate=k_coef * math.sqrt(m) * (self.gate.scale if self.dynamic else 0.0) * phi * inv_r,
+                   s_mix=rho * xs)
         if self.constrained:
             out["s_static"] = k_coef * math.sqrt(2 * n + (n * n if self.dynamic else 0))
         else:
@@ -284,16 +302,39 @@ class HyperConnections(Module):
         The worst-case bound grows to ρ + 2nβν_F (Σσ ≤ n, 2σ ≤ 2), which over 2L layers
         compounds to e^(2n−1)-sized coefficients that all but freeze the lower layers."""
         if self.norm_at == "bound":
-            return self.sensitivity
+            with static_constants():
+                return self.sensitivity
         return self.residual_scale + self.branch_scale * float(S.to_number(self.branch.norm_sensitivity))
+
+    @property
+    def weight_gain(self):
+        """κ = Σ_parts (μ_p/μ)·κ_p·s_p/s'_p: s_p the certified effect per unit of the part's norm,
+        s'_p the one its norm coefficient is built with (they differ for the branch with
+        ``norm_at="init"``, h_post ≤ 2 against 1, and everywhere under ``claims.certify``)."""
+        mu = self.mass
+        cert = self._parts()
+        with static_constants():
+            built = dict((id(m), s) for m, s in self._norm_parts())
+        total = 0.0
+        for part, s in cert:
+            s_n = built[id(part)]
+            if S.is_zero(part.mass) or s == 0:
+                continue
+            ratio = math.inf if s_n == 0 else s / s_n
+            total += (part.mass / mu) * float(S.to_number(part.weight_gain)) * ratio
+        return total
+
+    def _norm_parts(self):
+        """[(part, s')]: the per-part scale the modular norm is built with."""
+        parts = self._parts()
+        if self.norm_at == "init":  # the branch enters with h_post = 1 at init (not the bound 2)
+            parts = [(m, self.branch_scale if m is self.branch else s) for m, s in parts]
+        return parts
 
     def _coefficient_map(self):
         mu = self.mass
         out = {}
-        parts = self._parts()
-        if self.norm_at == "init":  # the branch enters with h_post = 1 at init (not the bound 2)
-            parts = [(m, self.branch_scale if m is self.branch else s) for m, s in parts]
-        for part, s in parts:
+        for part, s in self._norm_parts():
             if S.is_zero(part.mass) or s == 0:
                 continue
             for atom, c in part._coefficient_map().items():

@@ -10,15 +10,13 @@ import sys
 import pytest
 import torch
 
-from modula_mhc import cli, optim
+from modula_mhc import cli
 from modula_mhc.data import CharCorpus, DataError, default_corpus, load_text
 from modula_mhc.train import (CheckpointError, ConfigError, TrainConfig, atomic_write, load_checkpoint, lr_at,
                               resolve_config, save_checkpoint, train)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HAVE_DUALIZE = hasattr(optim, "DualizeRetract")
-OPTIMIZERS = [pytest.param("dualize", marks=pytest.mark.skipif(not HAVE_DUALIZE, reason="optim not built yet")),
-              "adamw"]
+OPTIMIZERS = ["dualize", "adamw"]
 
 # a model small enough that 20 steps take a few seconds on 2 shared CPU cores
 TINY = dict(width=32, depth=1, heads=2, context=32, batch=8, eval_batches=2)
@@ -98,15 +96,18 @@ def test_presets_and_defaults_resolve():
     assert resolve_config(TrainConfig()).manifolds == "hetero"
 
 
-@pytest.mark.parametrize("kwargs, flag", [
-    (dict(steps=-1), "--steps"), (dict(width=30, heads=4), "--heads"), (dict(preset="huge"), "--preset"),
-    (dict(manifolds="hyperbolic"), "--manifolds"), (dict(residual="dense"), "--residual"), (dict(lr=0.0), "--lr"),
-    (dict(lr=float("nan")), "--lr"), (dict(streams=0), "--streams"), (dict(width=6, heads=2), "--heads"),
-    (dict(optimizer="adamw", manifolds="all-stiefel"), "--manifolds"),
+@pytest.mark.parametrize("kwargs, option", [
+    (dict(steps=-1), "steps"), (dict(width=30, heads=4), "heads"), (dict(preset="huge"), "preset"),
+    (dict(manifolds="hyperbolic"), "manifolds"), (dict(residual="dense"), "residual"), (dict(lr=0.0), "lr"),
+    (dict(lr=float("nan")), "lr"), (dict(streams=0), "streams"), (dict(width=6, heads=2), "heads"),
+    (dict(optimizer="adamw", manifolds="all-stiefel"), "manifolds"), (dict(resume=""), "resume"),
+    (dict(out=""), "out"), (dict(name="a/b"), "name"), (dict(force=True, resume="x"), "force"),
+    (dict(optimizer="adamw", nonfinite="skip"), "nonfinite"), (dict(weight_decay=float("inf")), "weight_decay"),
 ])
-def test_bad_config_raises_at_construction(kwargs, flag):
-    with pytest.raises(ConfigError, match=flag):
+def test_bad_config_raises_at_construction(kwargs, option):
+    with pytest.raises(ConfigError, match=f"^{option}: ") as e:
         TrainConfig(**kwargs)
+    assert e.value.option == option
 
 
 def test_lr_schedules():
@@ -153,10 +154,9 @@ def test_truncated_and_foreign_checkpoints_give_clear_errors(tmp_path):
 
 # ------------------------------------------------------------------------------------------ end to end
 
-@pytest.mark.parametrize("optimizer", OPTIMIZERS)
-def test_cli_end_to_end_tiny_run(tmp_path, optimizer):
+def test_cli_end_to_end_tiny_run(tmp_path):
     out = tmp_path / "run"
-    r = run_cli("train", *TINY_FLAGS, "--optimizer", optimizer, "--steps", "20", "--eval-every", "10",
+    r = run_cli("train", *TINY_FLAGS, "--manifolds", "muon", "--steps", "20", "--eval-every", "10",
                 "--sample-chars", "80", "--out", str(out))
     assert r.returncode == 0, r.stderr
     for name in ("ckpt.pt", "metrics.json", "loss.png", "sample.txt"):
@@ -174,7 +174,7 @@ def test_cli_end_to_end_tiny_run(tmp_path, optimizer):
 
 def test_mlp_model_trains(tmp_path, text_file):
     """--model mlp: the CharMLP (one-hot of the last 8 chars → MLP) learns under DualizeRetract."""
-    m = train(TrainConfig(**dict(TINY, data=text_file, model="mlp", depth=3, steps=40, eval_every=20,
+    m = train(TrainConfig(**dict(TINY, data=text_file, model="mlp", depth=3, steps=30, eval_every=30, manifolds="muon",
                                  sample_chars=20, quiet=True, out=str(tmp_path / "mlp"))))
     assert m["final"]["val_loss"] < m["initial"]["val"] - 1.0, (m["initial"], m["final"])
     with pytest.raises(ConfigError, match="residual"):
@@ -197,18 +197,18 @@ def test_resume_continues_bit_identically(tmp_path, text_file, optimizer):
 def test_resume_rejects_a_different_model(tmp_path, text_file):
     train(TrainConfig(**TINY, data=text_file, optimizer="adamw", steps=2, eval_every=2, sample_chars=0, quiet=True,
                       out=str(tmp_path / "a")))
-    with pytest.raises(ConfigError, match="--width"):
+    with pytest.raises(ConfigError, match="^width: "):
         train(TrainConfig(width=64, resume=str(tmp_path / "a"), steps=4, quiet=True))
 
 
 # ------------------------------------------------------------------------------------------ CLI errors
 
-def test_cli_errors_in_a_real_process(tmp_path):
+def test_cli_errors_are_one_line(tmp_path, capsys):
     missing = tmp_path / "nope.txt"
-    r = run_cli("train", "--data", str(missing), "--steps", "1")
-    assert r.returncode == 2 and str(missing) in r.stderr and "Traceback" not in r.stderr
-    r = run_cli("--steps", "-3", module="modula_mhc.train")  # the module form takes no subcommand
-    assert r.returncode == 2 and "--steps" in r.stderr and "Traceback" not in r.stderr
+    assert cli.main(["train", "--data", str(missing), "--steps", "1", "--out", str(tmp_path / "r")]) == 2
+    assert str(missing) in capsys.readouterr().err
+    err = cli_error(capsys, ["train", "--steps", "-3"])
+    assert err.startswith("modula-mhc train: error: --steps: must be a positive integer")
 
 
 @pytest.mark.parametrize("content", [b"", b"\x00\x01\x02binary" * 50, b"\xc3\x28 broken utf8 " * 50, b"too short"])
@@ -237,7 +237,9 @@ def test_cli_rejects_nonsense_flags(tmp_path, capsys, flags, mentioned):
 
 # ------------------------------------------------------------------------------------------ numerics
 
-def test_nonfinite_loss_skips_the_step_and_keeps_weights_finite(tmp_path, text_file, monkeypatch):
+def test_nonfinite_loss_is_the_optimizers_policy(tmp_path, text_file, monkeypatch):
+    """A NaN loss (hence NaN gradients) at two steps: DualizeRetract's policy skips and counts them —
+    the loop has no check of its own; with nonfinite="raise" the optimizer stops the run."""
     import modula_mhc.train as T
     real_loss_of, calls = T.loss_of, {"n": 0}
 
@@ -250,19 +252,20 @@ def test_nonfinite_loss_skips_the_step_and_keeps_weights_finite(tmp_path, text_f
         return loss
 
     monkeypatch.setattr(T, "loss_of", poisoned)
-    with pytest.warns(RuntimeWarning, match="non-finite"):
-        m = train(TrainConfig(**TINY, data=text_file, optimizer="adamw", steps=6, eval_every=6, sample_chars=0,
-                              quiet=True, out=str(tmp_path / "nan")))
+    kw = dict(TINY, data=text_file, manifolds="muon", steps=6, eval_every=6, sample_chars=0, quiet=True)
+    with pytest.warns(RuntimeWarning, match="non-finite gradient .*optimizer step skipped"):
+        m = train(TrainConfig(**kw, out=str(tmp_path / "nan")))
     assert m["skipped_steps"] == 2
     saved = json.loads((tmp_path / "nan" / "metrics.json").read_text())  # strict JSON: NaN saved as null
     assert saved["skipped_steps"] == 2 and saved["history"]["train_loss"][1] is None
     ckpt = load_checkpoint(tmp_path / "nan" / "ckpt.pt")
+    assert ckpt["optimizer"]["skipped_steps"] == 2
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert math.isfinite(m["final"]["val_loss"])
+    calls["n"] = 0
     with pytest.raises(FloatingPointError, match="non-finite"):
-        calls["n"] = 0
-        train(TrainConfig(**TINY, data=text_file, optimizer="adamw", steps=6, eval_every=6, sample_chars=0,
-                          quiet=True, nonfinite="raise", out=str(tmp_path / "nan2")))
+        train(TrainConfig(**kw, nonfinite="raise", out=str(tmp_path / "nan2")))
+    assert json.loads((tmp_path / "nan2" / "metrics.json").read_text())["status"] == "diverged"
 
 
 def test_bfloat16_autocast_runs_and_matches_fp32_at_start(tmp_path, text_file):
@@ -272,3 +275,205 @@ def test_bfloat16_autocast_runs_and_matches_fp32_at_start(tmp_path, text_file):
     # same initial weights and batches: the first losses differ only by bf16 rounding (~3 digits)
     assert m16["history"]["train_loss"][0] == pytest.approx(m32["history"]["train_loss"][0], rel=2e-2)
     assert math.isfinite(m16["final"]["val_loss"])
+
+
+# ------------------------------------------------------------------------------------------ runs (issue 14)
+# A seconds-long configuration: 16 wide, unconstrained matrices (no dual ascent), 4 steps.
+MINI = dict(width=16, depth=1, heads=2, context=16, batch=4, eval_batches=1, steps=4, eval_every=2, sample_chars=0,
+            manifolds="muon", quiet=True)
+MINI_FLAGS = ["--width", "16", "--depth", "1", "--heads", "2", "--context", "16", "--batch", "4", "--eval-batches",
+              "1", "--steps", "4", "--eval-every", "2", "--sample-chars", "0", "--manifolds", "muon", "--quiet"]
+
+
+def cli_error(capsys, argv, command="train"):
+    """Run cli.main; assert exit 2 and exactly one stderr line; return that line."""
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"modula-mhc {command}: error: "), (code, err)
+    assert "Traceback" not in err
+    return err.strip()
+
+
+def test_a_run_is_never_overwritten_without_resume_or_force(tmp_path, capsys, text_file):
+    out = tmp_path / "run"
+    flags = [*MINI_FLAGS, "--data", text_file, "--out", str(out)]
+    assert cli.main(["train", *flags]) == 0
+    before = {f: (out / f).read_bytes() for f in ("ckpt.pt", "metrics.json", "metrics.jsonl", "loss.png")}
+    err = cli_error(capsys, ["train", *flags, "--seed", "1"])
+    assert "--out" in err and "already holds a run" in err and "--force" in err
+    assert {f: (out / f).read_bytes() for f in before} == before  # untouched
+    assert cli.main(["train", *flags, "--seed", "1", "--force"]) == 0
+    assert load_checkpoint(out / "ckpt.pt")["config"]["seed"] == 1
+    assert "--force" in cli_error(capsys, ["train", "--resume", str(out), "--force"])
+
+
+def test_a_locked_run_directory_refuses_a_second_run(tmp_path, capsys, text_file):
+    from modula_mhc.checkpoint import RunDirectory
+    out = tmp_path / "run"
+    with RunDirectory(out, fresh=True):  # another run holds the directory
+        err = cli_error(capsys, ["train", *MINI_FLAGS, "--data", text_file, "--out", str(out)])
+        assert "in use by another run" in err and f"pid {os.getpid()}" in err
+    assert cli.main(["train", *MINI_FLAGS, "--data", text_file, "--out", str(out)]) == 0  # released
+
+
+def test_resume_errors_instead_of_rewriting_outputs(tmp_path, capsys, text_file):
+    out = tmp_path / "run"
+    train(TrainConfig(**MINI, data=text_file, out=str(out)))
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    assert "--resume" in cli_error(capsys, ["train", "--resume", ""])
+    for steps in ("2", "4"):
+        err = cli_error(capsys, ["train", "--resume", str(out), "--steps", steps])
+        assert "--steps" in err and "4 steps already" in err
+    assert "4 steps already" in cli_error(capsys, ["train", "--resume", str(out)])  # the finished run's own 4
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+
+
+def test_a_diverging_run_keeps_the_last_good_checkpoint(tmp_path, capsys, text_file):
+    def poison(info):  # the weights turn NaN after step 2's checkpoint
+        if info["step"] == 4:
+            with torch.no_grad():
+                next(info["model"].parameters()).fill_(float("nan"))
+
+    with pytest.raises(FloatingPointError, match=r"last good checkpoint \(step 2\) is kept"):
+        train(TrainConfig(**MINI, data=text_file, out=str(tmp_path / "a")), callback=poison)
+    ckpt = load_checkpoint(tmp_path / "a" / "ckpt.pt")
+    assert ckpt["step"] == 2 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["status"] == "diverged"
+    # from the CLI: an absurd weight decay; one line, exit 2, never a NaN checkpoint
+    err = cli_error(capsys, ["train", *MINI_FLAGS, "--data", text_file, "--weight-decay", "1e20",
+                             "--out", str(tmp_path / "b")])
+    assert "no longer finite" in err
+    if (tmp_path / "b" / "ckpt.pt").exists():
+        assert all(torch.isfinite(t).all() for t in load_checkpoint(tmp_path / "b" / "ckpt.pt")["model"].values())
+
+
+def test_unusable_run_directories_are_one_line_errors(tmp_path, capsys, text_file, monkeypatch):
+    regular = tmp_path / "file.txt"
+    regular.write_text("x")
+    for out in (str(regular), str(regular / "run"), ""):
+        assert "--out" in cli_error(capsys, ["train", *MINI_FLAGS, "--data", text_file, "--out", out])
+    import modula_mhc.checkpoint as C
+
+    def no_permission(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", args[0])
+
+    monkeypatch.setattr(C.os, "makedirs", no_permission)  # (root ignores chmod, so simulate it)
+    assert "Permission denied" in cli_error(capsys, ["train", *MINI_FLAGS, "--data", text_file, "--out",
+                                                     str(tmp_path / "ro")])
+
+
+def test_fifo_as_data_is_refused_without_blocking(tmp_path, capsys):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    import signal
+
+    def hung(*_):
+        raise AssertionError("reading the FIFO blocked")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        err = cli_error(capsys, ["train", *MINI_FLAGS, "--data", str(fifo), "--out", str(tmp_path / "run")])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert "not a regular file" in err and str(fifo) in err
+
+
+def test_live_jsonl_log_and_resume_rewrites_it(tmp_path, text_file):
+    out = tmp_path / "run"
+    seen = {}
+
+    def read_log(info):
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        seen[info["step"]] = [json.loads(line) for line in lines]
+
+    train(TrainConfig(**MINI, data=text_file, out=str(out)), callback=read_log)
+    at2 = seen[2]  # written while the run was going: eval 0, steps 1-2, eval 2
+    assert [(r["kind"], r["step"]) for r in at2] == [("eval", 0), ("step", 1), ("step", 2), ("eval", 2)]
+    assert all(math.isfinite(r["train_loss"]) and r["lr"] > 0 for r in at2 if r["kind"] == "step")
+    train(TrainConfig(resume=str(out), steps=6, quiet=True))
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["kind"] == "step"] == [1, 2, 3, 4, 5, 6]
+    m = json.loads((out / "metrics.json").read_text())
+    assert [r["train_loss"] for r in log if r["kind"] == "step"] == m["history"]["train_loss"]
+
+
+def test_ctrl_c_writes_metrics_plot_and_checkpoint_then_exits_nonzero(tmp_path, capsys, text_file, monkeypatch):
+    import signal
+
+    import modula_mhc.train as T
+    real, calls = T.loss_of, {"n": 0}
+
+    def press_ctrl_c(model, *args):  # a real SIGINT inside training step 3: the loop stops after it
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+        return real(model, *args)
+
+    monkeypatch.setattr(T, "loss_of", press_ctrl_c)
+    out = tmp_path / "run"
+    code = cli.main(["train", *MINI_FLAGS, "--steps", "20", "--data", text_file, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 130 and err.count("\n") == 1 and "interrupted at step 3 of 20" in err, err
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["status"] == "interrupted" and m["steps"] == 3 and (out / "loss.png").is_file()
+    assert load_checkpoint(out / "ckpt.pt")["step"] == 3
+    monkeypatch.setattr(T, "loss_of", real)
+    assert train(TrainConfig(resume=str(out), steps=5, quiet=True))["steps"] == 5  # and it resumes
+
+
+def test_sample_subcommand_and_version(tmp_path, capsys, text_file):
+    out = tmp_path / "run"
+    train(TrainConfig(**MINI, data=text_file, out=str(out)))
+    assert cli.main(["sample", str(out), "--chars", "30", "--seed", "3"]) == 0
+    text = capsys.readouterr().out
+    assert len(text) == 31 and text.endswith("\n")
+    assert cli.main(["generate", str(out / "ckpt.pt"), "--chars", "30", "--seed", "3", "--prompt", "def"]) == 0
+    assert len(capsys.readouterr().out) == 31
+    assert "--temperature" in cli_error(capsys, ["sample", str(out), "--temperature", "0"], "sample")
+    assert "--prompt" in cli_error(capsys, ["sample", str(out), "--prompt", "\u2603"], "sample")
+    assert "does not exist" in cli_error(capsys, ["sample", str(tmp_path / "nope")], "sample")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"modula-mhc {__import__('modula_mhc').__version__}"
+
+
+def test_changing_threads_on_resume_continues_but_is_not_promised_bitwise(tmp_path, text_file):
+    """docs/training.md: bit-identical only with the same --threads (and device, dtype)."""
+    kw = dict(MINI, data=text_file, schedule="constant")
+    straight = train(TrainConfig(**kw, out=str(tmp_path / "a")))
+    train(TrainConfig(**{**kw, "steps": 2}, out=str(tmp_path / "b")))
+    resumed = train(TrainConfig(resume=str(tmp_path / "b"), steps=4, threads=2, quiet=True))
+    assert resumed["config"]["threads"] == 2
+    assert resumed["history"]["train_loss"] == pytest.approx(straight["history"]["train_loss"], rel=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ layout (issue 15)
+
+def test_package_layout_one_source_per_policy():
+    import ast
+    import glob
+
+    from modula_mhc import config, optim
+    pkg = os.path.join(REPO, "modula_mhc")
+    mine = ("train", "config", "checkpoint", "outputs", "cli", "data", "distributed")
+    long = {p: n for p in (os.path.join(pkg, f"{m}.py") for m in mine)
+            if (n := len(open(p, encoding="utf-8").read().splitlines())) > 400}
+    assert not long, long
+    assert config.MANIFOLD_PRESETS is optim.presets.PRESETS
+    for ex in glob.glob(os.path.join(REPO, "examples", "*.py")):
+        assert "MANIFOLD_PRESETS = {" not in open(ex, encoding="utf-8").read(), ex
+    # the loop imports neither the CLI nor has a __main__ of its own; config/checkpoint import no loop
+    for name, forbidden in (("train", {"cli"}), ("config", {"train", "cli", "checkpoint"}),
+                            ("checkpoint", {"train", "cli"}), ("outputs", {"train", "cli"})):
+        tree = ast.parse(open(os.path.join(pkg, f"{name}.py"), encoding="utf-8").read())
+        imported = {(n.module or "").lstrip(".").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert not imported & forbidden, (name, imported & forbidden)
+        assert "__main__" not in ast.unparse(tree), name
+    src = open(os.path.join(pkg, "train.py"), encoding="utf-8").read()
+    assert "not available in this build" not in src and "isfinite(loss" not in src

@@ -258,6 +258,7 @@ class HyperConnections(Module):
         else:
             p_max, pre_l1, res_rows = 1.0 + a, 1.0 + n * a, 1.0 + n * a
             k_res, k_pre, k_post = math.sqrt(n), math.sqrt(n), 1.0
+        inv_u = 1.0
         if st is not None:  # the same bounds at the recorded point (claims.certify)
             p_max, pre_l1, res_rows = st["post_max"], st["pre_l1"], st["res_rows"]
             m_f = st["f_max"]
@@ -266,17 +267,35 @@ class HyperConnections(Module):
             if self.dynamic:
                 a = self.gate.scale * st["gate_max"]
                 phi = max(1.0, st["phi_norm"])
-        k_coef = xs * rho * k_res + beta * p_max * nu_f * k_pre * xs + beta * m_f * k_post
-        direct = rho * res_rows + beta * p_max * nu_f * pre_l1
-        dynamic = k_coef * a * math.sqrt(m) * phi * inv_r
+            if self._scale_invariant_branch():
+                # F = G ∘ RMSNorm: ‖JF(u)w‖ ≤ ν_G·max_t ‖w_t‖/RMS(u_t), and ‖Σ_j q_j dx_j‖_t ≤ Σ_j|q_tj|·‖dx‖,
+                # so the direct term takes max_t Σ_j|q_tj|/RMS(u_t) (= 1 for parallel streams)
+                first = self.branch.layers[0]
+                saved = first.__dict__.pop("_local_stats", None)
+                try:
+                    nu_f = float(S.to_number(self.branch.sensitivity))
+                finally:
+                    if saved is not None:
+                        first._local_stats = saved
+                pre_l1 = st["u_ratio"]
+                inv_u = math.inf if st["u_min"] <= 0 else max(1.0, 1.0 / st["u_min"])
+        prod = S.product  # 0·∞ = 0: a term that cannot occur contributes nothing
+        k_coef = xs * rho * k_res + prod(beta * p_max * nu_f * k_pre * xs, inv_u) + beta * m_f * k_post
+        direct = rho * res_rows + prod(beta * p_max * nu_f, pre_l1)
+        dynamic = prod(k_coef, a * math.sqrt(m) * phi, inv_r)
         out = dict(direct=direct, dynamic=dynamic, k_coef=k_coef, s_branch=beta * p_max, s_phi=dynamic,
-                   s_gate=k_coef * math.sqrt(m) * (self.gate.scale if self.dynamic else 0.0) * phi * inv_r,
+                   s_gate=prod(k_coef, math.sqrt(m) * (self.gate.scale if self.dynamic else 0.0) * phi, inv_r),
                    s_mix=rho * xs)
         if self.constrained:
             out["s_static"] = k_coef * math.sqrt(2 * n + (n * n if self.dynamic else 0))
         else:
             out["s_static"] = rho + beta * p_max * nu_f + beta * m_f
         return out
+
+    def _scale_invariant_branch(self) -> bool:
+        """True when the branch starts with an RMSNorm (F(cu) = F(u) for c > 0), as the GPT branches."""
+        from ..algebra import Compose
+        return isinstance(self.branch, Compose) and isinstance(self.branch.layers[0], bonds.RMSNorm)
 
     @property
     def mass(self):

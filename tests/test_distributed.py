@@ -61,48 +61,64 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, world, port, kind, residual, outdir, nan_step):
-    """One rank: wrap, train STEPS steps on its slice of each batch, save full weights and state."""
+SCENARIOS = (("ddp", "plain", -1), ("fsdp", "mhc", -1), ("ddp", "plain", 1))  # (wrapper, residual, NaN step)
+
+
+def _worker(rank, world, port, outdir):
+    """One rank, one process group, every scenario in turn: wrap, train STEPS steps on its slice of
+    each batch, save full weights and state (one spawn for all: process start-up dominates)."""
     import torch.distributed as dist
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        model = _model(residual)
-        if kind == "ddp":
-            from torch.nn.parallel import DistributedDataParallel
-            wrapped = DistributedDataParallel(model)
-        else:
-            from torch.distributed.fsdp import fully_shard
-            fully_shard(model)
-            wrapped = model
-        opt = DistributedDualizeRetract(model, **HYPER)
-        per_rank = BATCH // world
-        for step, seq in enumerate(_batches()):
-            _loss(wrapped, seq[rank * per_rank:(rank + 1) * per_rank]).backward()
-            if step == nan_step and rank == world - 1:  # one rank sees a NaN: all must skip
-                next(model.parameters()).grad.fill_(float("nan"))
-            with warnings.catch_warnings(record=True):
-                warnings.simplefilter("always")
-                opt.step()
-            opt.zero_grad()
-        weights = {}
-        for n, p in model.named_parameters():
-            weights[n] = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
-        owned = [i for i, p in enumerate(opt._all_params()) if opt.owner_of(p) == rank]
-        local_state = [i for i, p in enumerate(opt._all_params()) if p in opt.state and opt.state[p]]
-        full = opt.full_state_dict()
-        torch.save({"weights": weights, "owned": owned, "local_state": local_state, "skipped": opt.skipped_steps,
-                    "full_state_keys": sorted(full["state"])}, os.path.join(outdir, f"rank{rank}.pt"))
+        for kind, residual, nan_step in SCENARIOS:
+            _scenario(rank, world, kind, residual, nan_step, outdir)
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(kind, residual, tmp_path, nan_step=-1):
+def _scenario(rank, world, kind, residual, nan_step, outdir):
+    model = _model(residual)
+    if kind == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        wrapped = DistributedDataParallel(model)
+    else:
+        from torch.distributed.fsdp import fully_shard
+        fully_shard(model)
+        wrapped = model
+    opt = DistributedDualizeRetract(model, **HYPER)
+    per_rank = BATCH // world
+    for step, seq in enumerate(_batches()):
+        _loss(wrapped, seq[rank * per_rank:(rank + 1) * per_rank]).backward()
+        if step == nan_step and rank == world - 1:  # one rank sees a NaN: all must skip
+            next(model.parameters()).grad.fill_(float("nan"))
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            opt.step()
+        opt.zero_grad()
+    weights = {}
+    for n, p in model.named_parameters():
+        weights[n] = (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+    owned = [i for i, p in enumerate(opt._all_params()) if opt.owner_of(p) == rank]
+    local_state = [i for i, p in enumerate(opt._all_params()) if p in opt.state and opt.state[p]]
+    full = opt.full_state_dict()
+    torch.save({"weights": weights, "owned": owned, "local_state": local_state, "skipped": opt.skipped_steps,
+                "full_state_keys": sorted(full["state"])},
+               os.path.join(outdir, f"{kind}-{residual}-{nan_step}-rank{rank}.pt"))
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    """{(wrapper, residual, NaN step): [per-rank results]} of one 2-process gloo spawn."""
     import torch.multiprocessing as mp
     if sys.platform.startswith("linux"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
-    mp.spawn(_worker, args=(WORLD, _free_port(), kind, residual, str(tmp_path), nan_step), nprocs=WORLD)
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    outdir = tmp_path_factory.mktemp("ranks")
+    before = torch.get_num_threads()
+    mp.spawn(_worker, args=(WORLD, _free_port(), str(outdir)), nprocs=WORLD)
+    torch.set_num_threads(before)
+    return {sc: [torch.load(outdir / f"{sc[0]}-{sc[1]}-{sc[2]}-rank{r}.pt", weights_only=False) for r in range(WORLD)]
+            for sc in SCENARIOS}
 
 
 pytestmark = pytest.mark.distributed
@@ -118,8 +134,8 @@ def _one_thread():
 
 
 @pytest.mark.parametrize("kind, residual", [("ddp", "plain"), ("fsdp", "mhc")])
-def test_matches_single_process_on_the_concatenated_batch(tmp_path, kind, residual):
-    ranks = _spawn(kind, residual, tmp_path)
+def test_matches_single_process_on_the_concatenated_batch(spawned, kind, residual):
+    ranks = spawned[(kind, residual, -1)]
     ref = _reference(residual)
     worst = 0.0
     for r in ranks:
@@ -141,10 +157,10 @@ def test_matches_single_process_on_the_concatenated_batch(tmp_path, kind, residu
         assert r["full_state_keys"] == sorted(owned[0] | owned[1])
 
 
-def test_nonfinite_gradient_on_one_rank_skips_the_step_everywhere(tmp_path):
+def test_nonfinite_gradient_on_one_rank_skips_the_step_everywhere(spawned):
     """A NaN on rank 1 at step 1: both ranks skip that step (weights stay finite and identical,
     skipped_steps == 1) — equal to a single-process run of the two other steps."""
-    ranks = _spawn("ddp", "plain", tmp_path, nan_step=1)
+    ranks = spawned[("ddp", "plain", 1)]
     model = _model()
     opt = DualizeRetract(model, **HYPER)
     for step, seq in enumerate(_batches()):
@@ -203,10 +219,77 @@ def test_torchrun_example_runs(tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "run"
     r = subprocess.run([os.path.join(repo, "examples", "torchrun_train.sh"), "--steps", "4", "--eval-every", "4",
-                        "--out", str(out)], capture_output=True, text=True, timeout=240)
+                        "--manifolds", "muon", "--batch", "4", "--dist-timeout", "120", "--out", str(out)],
+                       capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "step 4:" in r.stdout and "2 ranks, DDP" in r.stdout
     from modula_mhc.train import load_checkpoint
     ckpt = load_checkpoint(out / "ckpt.pt")
     assert ckpt["world_size"] == 2 and ckpt["step"] == 4
     assert len(ckpt["optimizer"]["state"]) == len(ckpt["model"])  # momentum of every matrix, gathered
+
+
+def test_torchrun_example_dist_timeout_option():
+    """--dist-timeout bounds how long a rank waits for a stuck one (gloo's default is 30 minutes)."""
+    import importlib.util
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("torchrun_train", os.path.join(repo, "examples", "torchrun_train.py"))
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.parse(["--dist-timeout", "45"]).dist_timeout == 45.0
+    assert example.parse([]).dist_timeout == 600.0
+    for bad in ("0", "-1", "nan", "abc"):
+        with pytest.raises(SystemExit):
+            example.parse(["--dist-timeout", bad])
+
+
+def test_collectives_use_tensors_on_the_parameters_device(monkeypatch):
+    """NCCL has no CPU tensors: the optimizer's own flags must live on the parameters' device. Here
+    the device is faked as "meta" and the collective records what it was given."""
+    import torch.distributed as dist
+    model = _model()
+    opt = DistributedDualizeRetract(model, **HYPER)
+    assert opt.device == next(model.parameters()).device
+    _loss(model, _batches()[0]).backward()
+    seen = []
+
+    class Seen(Exception):
+        pass
+
+    def all_reduce(t, *args, **kwargs):
+        seen.append(t.device)
+        raise Seen
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    opt.distributed, opt.device = True, torch.device("meta")
+    with pytest.raises(Seen):
+        opt._gradients_finite()
+    with pytest.raises(Seen):
+        opt._step_parameters()
+    assert seen == [torch.device("meta")] * 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (NCCL)")
+def test_nccl_step_on_cuda_matches_the_plain_optimizer():
+    """One process, NCCL, DDP on a GPU: DistributedDualizeRetract's collectives run on CUDA tensors
+    and the step equals DualizeRetract's."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    store = dist.TCPStore("127.0.0.1", _free_port(), 1, is_master=True)
+    dist.init_process_group("nccl", store=store, rank=0, world_size=1)
+    try:
+        model, ref = _model().cuda(), _model().cuda()
+        opt, ref_opt = DistributedDualizeRetract(model, **HYPER), DualizeRetract(ref, **HYPER)
+        wrapped = DistributedDataParallel(model, device_ids=[0])
+        assert opt.distributed and opt.device.type == "cuda"
+        for seq in _batches():
+            _loss(wrapped, seq.cuda()).backward()
+            _loss(ref, seq.cuda()).backward()
+            opt.step()
+            ref_opt.step()
+            opt.zero_grad()
+            ref_opt.zero_grad()
+        for p, q in zip(model.parameters(), ref.parameters()):
+            assert (p - q).abs().max().item() < 1e-9
+    finally:
+        dist.destroy_process_group()

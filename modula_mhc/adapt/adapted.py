@@ -1,0 +1,257 @@
+"""``adapt(model, manifolds)``: an existing nn.Module as a modula_mhc Module (atom views over its
+own parameters, a recovered or defaulted structure, manifolds from a preset or rules)."""
+from __future__ import annotations
+
+import fnmatch
+import math
+
+import torch
+from torch import nn
+
+from .. import manifolds as _manifolds
+from .. import scalars as S
+from ..module import Module, Sharpness
+from ..optim.presets import PRESETS, _preset_choice
+from . import describe as _describe
+from .roles import infer
+from .structure import build_shadow
+from .views import EmbedView, GainView, MatrixView, VectorView
+
+__all__ = ["adapt", "Adapted"]
+
+#: roles read as "a matrix without a preset role" (they take the preset's third manifold)
+_GENERIC_MATRIX_ROLES = ("conv", "matrix")
+
+
+class Adapted(Module):
+    """An existing ``nn.Module`` seen as a modula_mhc Module. Build it with :func:`adapt`.
+
+    ``adapted(*args, **kwargs)`` runs ``adapted.model`` unchanged; ``parameters()`` are the model's
+    own tensors; ``atoms()`` are the atom views (one per distinct parameter, in
+    ``model.parameters()`` order), so ``DualizeRetract(adapted)``, ``norm()``, ``dualize()`` and
+    ``retract()`` work as on native modules. Attributes not found here are looked up on the model
+    (``adapted.config``, ``adapted.save_pretrained`` …)."""
+
+    def __init__(self, model: nn.Module, views: list, shadow, placed: dict, summary: str, atoms=None):
+        super().__init__()
+        self.model = model
+        self.atom_views = nn.ModuleDict({v.name.replace(".", "/"): v for v in views})
+        object.__setattr__(self, "_views", list(atoms if atoms is not None else views))
+        object.__setattr__(self, "_shadow", shadow)
+        self.structure_summary = summary
+        for v in views:  # (atoms of native modules inside the model describe themselves)
+            v.structure = "recovered" if v.name in placed else "defaulted"
+            if v.name in placed:
+                v.note = placed[v.name] + (f"; {v.note}" if v.note else "")
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self._modules.get("model")
+            if model is None or name.startswith("__"):
+                raise
+            return getattr(model, name)
+
+    # -- the Module protocol
+    def atoms(self) -> list:
+        return list(self._views)
+
+    @property
+    def recovered(self) -> bool:
+        return self._shadow is not None
+
+    @property
+    def mass(self):
+        if self._shadow is not None:
+            return self._shadow.mass
+        return sum((v.mass for v in self._views), 0.0)
+
+    @property
+    def sensitivity(self):
+        """The shadow compound's sensitivity when the structure was recovered (the model's own
+        residual read as the library's, norms and cores as 1-sensitive stand-ins: an estimate in
+        the library's conventions, not a certificate for the model); ∞ (no claim) when defaulted."""
+        return self._shadow.sensitivity if self._shadow is not None else math.inf
+
+    def sensitivity_text(self):
+        s = S.to_number(self.sensitivity)
+        return "∞ (not derived: structure defaulted)" if s == S.INF else f"{s:.4g} (estimate, from the recovered structure)"
+
+    @property
+    def sharpness(self):
+        # not derived for a foreign model: its norms, cores and activations are only stand-ins here
+        return Sharpness(S.INF, S.INF, S.INF)
+
+    def _coefficient_map(self):
+        if self._shadow is None:
+            out = {}
+            for _, isl in _islands(self.model):  # native modules inside keep their own coefficients
+                out.update(isl._coefficient_map())
+            return {v: out.get(v, 1.0) for v in self._views if not S.is_zero(v.mass)}
+        cmap = self._shadow._coefficient_map()
+        return {v: cmap.get(v, 1.0) for v in self._views if not S.is_zero(v.mass)}
+
+    # -- reading it
+    def describe(self, file=None) -> str:
+        """Print (to ``file``, default stdout; None-returning print skipped when file=False) and return
+        the table: parameter, shape, role, manifold, mass, norm coefficient, structure."""
+        text = _describe.table(self)
+        if file is not False:
+            print(text, file=file)
+        return text
+
+    def describe_rows(self) -> list[dict]:
+        return _describe.rows(self)
+
+    def name_of(self, atom) -> str:
+        """The model's name for an atom's parameter."""
+        name = getattr(atom, "name", None)
+        if isinstance(name, str):
+            return name
+        for n, p in self.model.named_parameters():
+            if p is atom.weight:
+                return n
+        return type(atom).__name__
+
+    def views_by_role(self, *roles) -> list:
+        return [v for v in self._views if any(fnmatch.fnmatch(v.role, r) for r in roles)]
+
+
+def _islands(model):
+    """(name, module) of the top-most native modula_mhc Modules inside a foreign model."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, Module) and not any(name.startswith(n + ".") or n == "" for n, _ in out):
+            out.append((name, m))
+    return out
+
+
+def _atom_of_param(island, p):
+    for a in island.atoms():
+        if a.weight is p:
+            return a
+    raise ValueError(f"adapt: a parameter of shape {tuple(p.shape)} inside a modula_mhc module belongs to no atom")
+
+
+def _choose(rules, view):
+    for pattern, m in rules:
+        if view.role == pattern or fnmatch.fnmatch(view.name, pattern) or fnmatch.fnmatch(view.role, pattern):
+            return m
+    return None
+
+
+def _resolve_manifolds(manifolds, views):
+    """{view: manifold} for the matrix views (other views stay Euclidean)."""
+    out = {}
+    if isinstance(manifolds, str):
+        key = manifolds.lower()
+        if key not in PRESETS:
+            raise ValueError(f"adapt: unknown manifold preset {manifolds!r}; known: {', '.join(sorted(PRESETS))} "
+                             "(or a dict {name glob or role: manifold})")
+        for v in views:
+            if isinstance(v, MatrixView):
+                role = None if v.role in _GENERIC_MATRIX_ROLES else v.role
+                choice = _preset_choice(key, role)
+                out[v] = _manifolds.get(choice or "euclidean")
+        return out
+    if isinstance(manifolds, dict):
+        rules = [(str(k), _manifolds.get(m)) for k, m in manifolds.items()]
+        for v in views:
+            m = _choose(rules, v)
+            if m is not None:
+                if not isinstance(v, MatrixView) and m.name != "euclidean":
+                    raise ValueError(f"adapt: {v.name} ({v.role}, shape {tuple(v.shape)}) cannot live on "
+                                     f"{m.name}: only matrices take manifolds other than euclidean")
+                out[v] = m
+            elif isinstance(v, MatrixView):
+                out[v] = _manifolds.get("euclidean")
+        return out
+    raise TypeError(f"adapt: manifolds must be a preset name or a dict, got {type(manifolds).__name__}")
+
+
+def adapt(model: nn.Module, manifolds="muon", *, roles=None, split_heads=False, structure="auto",
+          masses=None, retract=True) -> Adapted:
+    """Wrap an existing ``nn.Module`` as a modula_mhc Module, without editing its code.
+
+    ``manifolds``: a preset — "muon" (everything Euclidean: Muon), "hetero" (Stiefel attention,
+    DGram MLP), "hetero-inv", "all-stiefel", "all-dgram" — or a dict {parameter-name glob or role:
+    manifold}, first match wins, unmatched matrices Euclidean. Embeddings, the head and 1-D
+    parameters stay Euclidean under every preset (as in ``compounds.GPT``).
+    ``roles``: {parameter-name glob: role} overriding what was inferred (e.g. {"*.wo.weight":
+    "attn_o"}). ``split_heads``: also split fused and separate q/k/v projections into heads when
+    the model says how many (``num_heads``/``n_head`` on the attention module or its config).
+    ``structure``: "auto" (recover blocks where possible) or "default" (coefficient 1 for every
+    parameter). ``masses``: overrides of ``structure.DEFAULT_MASSES``. ``retract``: put the
+    weights of non-Euclidean matrices on their manifold now (in place; Euclidean weights keep the
+    model's initialisation).
+
+    Returns an :class:`Adapted` whose ``describe()`` prints what was inferred.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"adapt: expected a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, Module):
+        raise TypeError("adapt: this is already a modula_mhc Module; use it directly")
+    if structure not in ("auto", "default"):
+        raise ValueError(f"adapt: structure must be 'auto' or 'default', got {structure!r}")
+    islands = _islands(model)
+    island_of = {id(p): (name, isl) for name, isl in islands for p in isl.parameters()}
+    infos = []
+    for info in infer(model):
+        p = info.module.get_parameter(info.param_name)
+        if id(p) in island_of:  # a native modula_mhc module inside the model: its own atoms
+            name, isl = island_of[id(p)]
+            rel = info.name[len(name) + 1:] if name else info.name
+            info.kind, info.module_name, info.module, info.param_name = "island", name, isl, rel
+            atom = _atom_of_param(isl, p)
+            info.role = getattr(atom, "role", None) or "native"
+        infos.append(info)
+    if not infos:
+        raise ValueError("adapt: the model has no parameters")
+    role_rules = list((roles or {}).items())
+    views, by_id, ordered = [], {}, []
+    for info in infos:
+        p = info.module.get_parameter(info.param_name)
+        if info.kind == "island":
+            atom = _atom_of_param(info.module, p)
+            by_id[id(p)] = atom
+            ordered.append(atom)
+            continue
+        for pattern, role in role_rules:
+            if fnmatch.fnmatch(info.name, pattern):
+                info.role = role
+                if role == "embed" and info.kind != "embed" and p.ndim == 2:
+                    info.kind = "embed"
+                break
+        if info.kind == "embed":
+            v = EmbedView(info.module, info.param_name, info.name, info.role)
+        elif info.kind == "matrix":
+            seg = info.segments if info.role == "attn_qkv" else None
+            hd = info.head_dim if (split_heads and info.role.startswith("attn") and info.role != "attn_o") else None
+            v = MatrixView(info.module, info.param_name, info.name, info.role, layout=info.layout, segments=seg,
+                           head_dim=hd)
+        elif info.kind == "gain":
+            v = GainView(info.module, info.param_name, info.name, info.role)
+        else:
+            v = VectorView(info.module, info.param_name, info.name, info.role)
+        if info.tied:
+            v.note = "tied with " + ", ".join(info.tied)
+        views.append(v)
+        ordered.append(v)
+        by_id[id(p)] = v
+    if structure == "auto":
+        shadow, placed, summary = build_shadow(model, infos, by_id, masses)
+    else:
+        shadow, placed, summary = None, {}, "defaulted (structure='default')"
+    for v, m in _resolve_manifolds(manifolds, views).items():
+        v.manifold = v._check_manifold(m)
+        if retract and m.name != "euclidean":
+            with torch.no_grad():
+                v.retract_()
+    adapted = Adapted(model, views, shadow, placed, summary, atoms=ordered)
+    for v in views:  # the last adapter of a parameter owns its tag
+        v._tag()
+    return adapted

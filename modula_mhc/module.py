@@ -185,12 +185,19 @@ class Module(nn.Module):
         return Sum(other, self)
 
     def __mul__(self, a):
+        """``M * a`` scales the *input*, as in Modula: x ↦ M(a·x) (= ``M @ (a * Identity())``)."""
+        from .algebra import Identity, Scale, compose
+        if isinstance(a, Module):
+            raise TypeError("M * N is not defined for two modules; compose with M @ N or add with M + N")
+        return compose(self, Scale(a, Identity()))
+
+    def __rmul__(self, a):
+        """``a * M`` scales the *output*: x ↦ a·M(x) (sensitivity |a|·ν, norm |a|·‖w‖), as in Modula."""
         from .algebra import Scale
         return Scale(a, self)
 
-    __rmul__ = __mul__
-
     def __truediv__(self, a):
+        """``M / a`` = (1/a)·M: the output divided by a."""
         from .algebra import Scale
         return Scale(1 / a, self)
 

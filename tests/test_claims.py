@@ -165,3 +165,17 @@ def test_tuple_sensitivity_adds():
     net = net.double()
     for dx in _directions(net, x):
         assert seq_norm(input_jvp(net, x, dx)).item() <= 3.0 * SLACK
+
+
+def test_scalar_multiplication_follows_modula():
+    """`M * a` scales the input (Modula's M(a·x)), `a * M` the output; `M / a` divides the output."""
+    x = _x((3, 8))
+    g = bonds.GELU()
+    assert torch.allclose((g * 2.0)(x), torch.nn.functional.gelu(2 * x))
+    assert torch.allclose((2.0 * bonds.GELU())(x), 2 * torch.nn.functional.gelu(x))
+    assert torch.allclose((bonds.GELU() / 2.0)(x), torch.nn.functional.gelu(x) / 2)
+    lin = atoms.Linear(8, 8)
+    assert (lin * 3.0).sensitivity == 3.0 and (lin * 3.0).norm_coefficients() == [1.0]
+    assert (3.0 * atoms.Linear(8, 8)).norm_coefficients() == [3.0]
+    with pytest.raises(TypeError):
+        atoms.Linear(8, 8) * atoms.Linear(8, 8)

@@ -44,7 +44,7 @@ def _static_h_res(layer):
         return layer._sinkhorn(logits)
 
 
-def stability_report(model, batch=None, tokens=(2, 64), seed=0) -> dict:
+def stability_report(model, batch=None, tokens=(2, 64), seed=0, certify=True) -> dict:
     """Per-layer and composite forward/backward gains of H_res over every HyperConnections layer of
     ``model`` (in execution order).
 
@@ -57,6 +57,11 @@ def stability_report(model, batch=None, tokens=(2, 64), seed=0) -> dict:
     ``composite_backward_gain`` (lists over depth: gains of H^(l)⋯H^(1)), the final composite
     gains, ``max_marginal_error`` and ``source``. H_res is reported without the depth factor
     ρ = 1 − 1/L (listed per layer as residual_scale).
+
+    With a batch (or random tokens) and ``certify=True``, ``certificate`` holds
+    ``modula_mhc.claims.certify(model, batch).as_dict()``: whether the batch and the current weights
+    are inside the domain of the declared constants, the conditions that fail, and the constants
+    that hold there (one more forward pass). None for the static-parameters report.
     """
     from .hyper import HyperConnections
     layers = [m for m in model.modules() if isinstance(m, HyperConnections)]
@@ -99,6 +104,10 @@ def stability_report(model, batch=None, tokens=(2, 64), seed=0) -> dict:
         comp_fwd.append(float(cf.max()))
         comp_bwd.append(float(cb.max()))
     errs = [e for e in errors if e is not None]
-    return dict(source=source, layers=per_layer, composite_forward_gain=comp_fwd, composite_backward_gain=comp_bwd,
+    certificate = None
+    if certify and batch is not None:
+        from ..claims import certify as _certify
+        certificate = _certify(model, batch).as_dict()
+    return dict(source=source, certificate=certificate, layers=per_layer, composite_forward_gain=comp_fwd, composite_backward_gain=comp_bwd,
                 final_composite_forward_gain=comp_fwd[-1], final_composite_backward_gain=comp_bwd[-1],
                 max_marginal_error=max(errs) if errs else None)

@@ -339,18 +339,21 @@ def test_oblique_dualize_per_column():
 
 
 # ---------------------------------------------------------------------------- Birkhoff
-def test_birkhoff_dualize_is_the_normalised_projection():
+def test_birkhoff_dualize_is_the_fisher_direction_at_unit_norm():
+    # since issue 12: Fisher-metric steepest direction W ⊙ (G − α1ᵀ − 1βᵀ), scaled to unit norm
+    # max(row ℓ1, column ℓ1) (it was the Frobenius projection, which the multiplicative step mismatched)
     m = Birkhoff()
     W = m.random((6, 6), generator=gen(27))
     G = randn(6, 6, seed=28)
     A = m.dualize(W, G)
     assert A.sum(dim=0).abs().max().item() < 1e-6 and A.sum(dim=1).abs().max().item() < 1e-6
     assert abs(m.norm(A).item() - 1) < 1e-6
-    # no unit-Frobenius tangent direction scores higher (random tangent competitors)
-    for s in range(20):
-        B = randn(6, 6, seed=100 + s)
-        B = B - B.mean(dim=1, keepdim=True) - B.mean(dim=0, keepdim=True) + B.mean()
-        assert inner(G, B / B.norm()).item() <= inner(G, A).item() + 1e-6
+    assert inner(G, A).item() > 0
+    Y = A.double() / W.double()  # A ⊘ W = (G − α1ᵀ − 1βᵀ)/c: G minus a row and a column term
+    c = (G.double()[0, 0] - G.double()[0, 1] - G.double()[1, 0] + G.double()[1, 1]) / \
+        (Y[0, 0] - Y[0, 1] - Y[1, 0] + Y[1, 1])
+    D = G.double() - c * Y  # must be of the form α1ᵀ + 1βᵀ: its double differences vanish
+    assert (D - D[:, :1] - D[:1, :] + D[0, 0]).abs().max().item() < 1e-4 * G.abs().max().item()
 
 
 def test_birkhoff_retract_and_positive_step():

@@ -28,10 +28,12 @@ class Mix(Atom):
     """Mix(streams, init_diagonal=0.95): out_i = Σ_j W_ij x_j on a stream tensor (..., n, C), with W a
     doubly-stochastic n×n matrix on the Birkhoff manifold (the static H_res of mHC).
 
-    Natural norm √n·‖A‖_B where ‖·‖_B is the Birkhoff manifold's norm: ‖A‖_{∞→∞} ≤ √n‖A‖_F and
-    ≤ √n‖A‖₂, so ‖ΔW x‖ ≤ ‖ΔW‖_Mix‖x‖ in the stream norm whichever of these the manifold uses.
-    Dualize: the manifold's direction scaled by t/√n. Step: the manifold's (positivity-keeping) step.
-    Sensitivity 1 (W ≥ 0 with unit row sums), sharpness (0, 1, 0) (bilinear in W and x).
+    Natural norm: the Birkhoff norm ‖A‖_B = max(max row ℓ1, max column ℓ1) ≥ ‖A‖_{∞→∞}, so
+    ‖ΔW x‖ ≤ ‖ΔW‖_Mix‖x‖ in the stream norm (max over streams of the RMS), and every
+    doubly-stochastic weight has norm exactly 1 (well-normed). Dualize: the manifold's direction
+    (Fisher-metric steepest, scaled to norm t). Step: the manifold's mirror step, which moves W by
+    at most lr·t in this norm and keeps it on the polytope. Sensitivity 1 (W ≥ 0 with unit row
+    sums), sharpness (0, 1, 0) (bilinear in W and x).
     Init: diagonal ``init_diagonal``, off-diagonal (1 − d)/(n − 1), so the block starts as a
     plain residual with streams mixing only weakly."""
 
@@ -59,11 +61,10 @@ class Mix(Atom):
         return self.weight.to(x.dtype) @ x
 
     def weight_norm(self, W=None):
-        W = self.weight if W is None else W
-        return math.sqrt(self.streams) * self.manifold.norm(W)
+        return self.manifold.norm(self.weight if W is None else W)
 
     def dualize_weight(self, G, target=1.0, state=None):
-        return (target / math.sqrt(self.streams)) * self.manifold.dualize(self.weight, G, state)
+        return target * self.manifold.dualize(self.weight, G, state)
     # sensitivity 1 and sharpness (0, 1, 0) are the Atom defaults: x ↦ W x is bilinear in (W, x)
 
 

@@ -11,7 +11,8 @@ import torch
 
 from . import reference
 from .dispatch import backend_for, triton_available
-from .reference import POLAR_EXPRESS_COEFFS, polar_express_coeffs, sinkhorn_project
+from .reference import (POLAR_EXPRESS_COEFFS, SinkhornConvergenceWarning, polar_express_coeffs, sinkhorn_project,
+                        sinkhorn_tol_floor)
 
 __all__ = [
     "POLAR_EXPRESS_COEFFS",
@@ -20,6 +21,8 @@ __all__ = [
     "msign",
     "sinkhorn",
     "sinkhorn_project",
+    "sinkhorn_tol_floor",
+    "SinkhornConvergenceWarning",
     "mhc_coeff_input",
     "mhc_pre",
     "mhc_post_res",
@@ -36,9 +39,12 @@ def msign(X: torch.Tensor, steps: int = 8) -> torch.Tensor:
 
 
 def sinkhorn(logits: torch.Tensor, iters: int = 20, tol: float | None = None, max_iters: int = 1000,
-             return_error: bool = False):
+             return_error: bool = False, nonconvergence: str = "warn"):
     """Doubly-stochastic Sinkhorn–Knopp(exp(logits)) with exact backward; see ``reference.sinkhorn``.
 
+    ``tol`` mode iterates until the marginal error is below ``tol`` (at most ``max_iters``): a tol
+    below ``sinkhorn_tol_floor(logits.dtype)`` raises ValueError, and stopping at the cap warns
+    (``SinkhornConvergenceWarning``; ``nonconvergence="raise"`` or ``"ignore"`` to change that).
     The Triton kernel covers the fixed-iteration mode for n ≤ 16 (fp32/bf16/fp16); ``tol`` mode,
     float64 and larger n use the reference.
     """
@@ -46,7 +52,8 @@ def sinkhorn(logits: torch.Tensor, iters: int = 20, tol: float | None = None, ma
         from .triton_sinkhorn import MAX_N, sinkhorn as sinkhorn_triton
         if logits.ndim >= 2 and logits.size(-1) == logits.size(-2) <= MAX_N:
             return sinkhorn_triton(logits, iters=iters, return_error=return_error)
-    return reference.sinkhorn(logits, iters=iters, tol=tol, max_iters=max_iters, return_error=return_error)
+    return reference.sinkhorn(logits, iters=iters, tol=tol, max_iters=max_iters, return_error=return_error,
+                              nonconvergence=nonconvergence)
 
 
 def mhc_coeff_input(x_flat: torch.Tensor, phi: torch.Tensor):

@@ -12,6 +12,7 @@ Nothing here imports triton.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -20,6 +21,8 @@ __all__ = [
     "msign",
     "sinkhorn",
     "sinkhorn_project",
+    "sinkhorn_tol_floor",
+    "SinkhornConvergenceWarning",
     "mhc_coeff_input",
     "mhc_pre",
     "mhc_post_res",
@@ -123,7 +126,23 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check_sinkhorn_input(logits: torch.Tensor, iters: int, tol, max_iters: int) -> None:
+#: what tolerance mode does when ``max_iters`` is reached before the marginal error is below tol
+NONCONVERGENCE = ("warn", "raise", "ignore")
+
+
+class SinkhornConvergenceWarning(RuntimeWarning):
+    """Tolerance-mode Sinkhorn reached ``max_iters`` with a marginal error still ≥ ``tol``."""
+
+
+def sinkhorn_tol_floor(dtype: torch.dtype) -> float:
+    """Smallest ``tol`` that tolerance mode accepts for logits of ``dtype``: 8 units of roundoff of
+    the compute dtype (float32 for float32/bfloat16/float16 logits: 9.5e-7; float64: 1.8e-15).
+    Row sums of a converged iterate still carry a few ulps of rounding (measured up to 2.4e-7 in
+    float32), so a smaller tol would only run to ``max_iters``."""
+    return 8.0 * torch.finfo(_compute_dtype(dtype)).eps
+
+
+def _check_sinkhorn_input(logits: torch.Tensor, iters: int, tol, max_iters: int, nonconvergence="warn") -> None:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"sinkhorn: expected a torch.Tensor, got {type(logits).__name__}")
     if logits.ndim < 2 or logits.size(-1) != logits.size(-2):
@@ -138,6 +157,14 @@ def _check_sinkhorn_input(logits: torch.Tensor, iters: int, tol, max_iters: int)
             raise ValueError(f"sinkhorn: tol must be a positive number or None, got {tol!r}")
         if not isinstance(max_iters, int) or max_iters < 1:
             raise ValueError(f"sinkhorn: max_iters must be a positive int, got {max_iters!r}")
+        floor = sinkhorn_tol_floor(logits.dtype)
+        if tol < floor:
+            acc = _compute_dtype(logits.dtype)
+            raise ValueError(f"sinkhorn: tol={tol:g} is below what {str(acc).replace('torch.', '')} arithmetic "
+                             f"can reach for {str(logits.dtype).replace('torch.', '')} logits (floor {floor:.3g}: "
+                             "row sums carry that much rounding); use tol >= the floor, or float64 logits")
+    if nonconvergence not in NONCONVERGENCE:
+        raise ValueError(f"sinkhorn: nonconvergence must be one of {NONCONVERGENCE}, got {nonconvergence!r}")
 
 
 # Internally the matrices are stored batch-last, shape (n, n, B): entry [i, j, b] is row i, column
@@ -236,6 +263,26 @@ def _reverse(states: list[torch.Tensor], g: torch.Tensor) -> torch.Tensor:
     return g
 
 
+def _reverse_from(Lc: torch.Tensor, n_iters: int, log_domain: bool, dPc: torch.Tensor) -> torch.Tensor:
+    """Gradient w.r.t. batch-last logits Lc: recompute the iterates, then run the adjoint."""
+    Pt, states = _iterates(Lc, n_iters, log_domain, keep=True)
+    return _reverse(states, dPc * Pt)
+
+
+def _compiling() -> bool:
+    try:
+        return bool(torch.compiler.is_compiling())
+    except AttributeError:  # very old torch
+        return False
+
+
+def _spread_tensor(Lt: torch.Tensor) -> torch.Tensor:
+    """Largest max−min over rows as a 0-dim tensor (no host sync)."""
+    if Lt.numel() == 0:
+        return Lt.new_zeros(())
+    return (Lt.amax(_ROW) - Lt.amin(_ROW)).amax()
+
+
 class _SinkhornFunction(torch.autograd.Function):
     """Sinkhorn with an exact backward that stores only the logits and recomputes the iterates."""
 
@@ -243,11 +290,19 @@ class _SinkhornFunction(torch.autograd.Function):
     def forward(ctx, logits, iters, tol, max_iters):
         acc = _compute_dtype(logits.dtype)
         Lt = _to_batch_last(logits.detach(), acc)
-        log_domain = _row_spread(Lt) > _EXP_DOMAIN_MAX_SPREAD
-        if tol is None:
+        if tol is None and _compiling():
+            # No host sync under torch.compile: both domains, the same batch-wide choice as eager
+            # (a 0-dim bool tensor), selected on the device; the non-finite check is skipped.
+            log_domain = _spread_tensor(Lt) > _EXP_DOMAIN_MAX_SPREAD
+            Pt = torch.where(log_domain, _iterates(Lt, iters, True, keep=False)[0],
+                             _iterates(Lt, iters, False, keep=False)[0])
+            n_iters = iters
+        elif tol is None:
+            log_domain = _row_spread(Lt) > _EXP_DOMAIN_MAX_SPREAD
             Pt, _ = _iterates(Lt, iters, log_domain, keep=False)
             n_iters = iters
         else:
+            log_domain = _row_spread(Lt) > _EXP_DOMAIN_MAX_SPREAD
             Pt, n_iters = _run_to_tol(Lt, float(tol), max_iters, log_domain)
         ctx.save_for_backward(logits)
         ctx.n_iters = n_iters
@@ -272,32 +327,53 @@ class _SinkhornFunction(torch.autograd.Function):
         grads = []
         for start in range(0, max(Lt.size(-1), 1), chunk):
             Lc = Lt[..., start:start + chunk]
-            Pt, states = _iterates(Lc, ctx.n_iters, ctx.log_domain, keep=True)
-            grads.append(_reverse(states, dPt[..., start:start + chunk] * Pt))
+            if isinstance(ctx.log_domain, torch.Tensor):  # compiled forward: select on the device
+                g_log = _reverse_from(Lc, ctx.n_iters, True, dPt[..., start:start + chunk])
+                g_exp = _reverse_from(Lc, ctx.n_iters, False, dPt[..., start:start + chunk])
+                grads.append(torch.where(ctx.log_domain, g_log, g_exp))
+            else:
+                grads.append(_reverse_from(Lc, ctx.n_iters, ctx.log_domain, dPt[..., start:start + chunk]))
         grad = torch.cat(grads, dim=-1) if len(grads) > 1 else grads[0]
         return _from_batch_last(grad, logits.shape, logits.dtype), None, None, None
 
 
 def sinkhorn(logits: torch.Tensor, iters: int = 20, tol: float | None = None, max_iters: int = 1000,
-             return_error: bool = False):
+             return_error: bool = False, nonconvergence: str = "warn"):
     """Doubly-stochastic P = Sinkhorn–Knopp(exp(logits)), batched over (..., n, n).
 
     Each iteration divides rows by their sums, then columns by theirs, so column sums are exact
     after the last step: P = diag(u) exp(L) diag(v). With ``tol`` set, iterate until
     max |row sum − 1| < tol (at most ``max_iters`` iterations; ``iters`` is then ignored).
 
+    Tolerance mode: ``tol`` below :func:`sinkhorn_tol_floor` of the logits' dtype (9.5e-7 for
+    float32/bf16/fp16, 1.8e-15 for float64) raises ValueError — it cannot be met in that
+    arithmetic. If ``max_iters`` is reached with a marginal error ≥ tol, ``nonconvergence``
+    decides: "warn" (default) issues a :class:`SinkhornConvergenceWarning` naming the error
+    reached, "raise" raises RuntimeError, "ignore" says nothing; in every case the result is
+    returned and ``return_error=True`` gives the error to check (``err < tol`` ⇔ converged).
+    Fixed-iteration mode (``tol=None``) never warns: ask for the error with ``return_error``.
+
     Computes in fp32 (fp64 for fp64 input), returns the input dtype. The backward is exact for
     the unrolled iteration (not the implicit fixed-point gradient): it stores only the logits,
     recomputes the iterates and runs the adjoint of every half-step. With ``return_error`` returns
     (P, err), err = max over the batch of |row sum − 1| and |column sum − 1| (fp32/fp64 0-dim).
     """
-    _check_sinkhorn_input(logits, iters, tol, max_iters)
+    _check_sinkhorn_input(logits, iters, tol, max_iters, nonconvergence)
     P, err = _SinkhornFunction.apply(logits, iters, tol, max_iters)
+    if tol is not None and nonconvergence != "ignore":
+        reached = float(err)  # tolerance mode has synchronised every iteration already
+        if not reached < tol:
+            msg = (f"sinkhorn: tolerance mode stopped at max_iters={max_iters} with marginal error "
+                   f"{reached:.3g} >= tol={tol:g} (logits too spread for this cap); raise max_iters, "
+                   "or pass return_error=True and check the error")
+            if nonconvergence == "raise":
+                raise RuntimeError(msg)
+            warnings.warn(msg, SinkhornConvergenceWarning, stacklevel=3)
     return (P, err) if return_error else P
 
 
 def sinkhorn_project(W: torch.Tensor, iters: int = 20, tol: float | None = 1e-5, max_iters: int = 1000,
-                     return_error: bool = False):
+                     return_error: bool = False, nonconvergence: str = "warn"):
     """Project a strictly positive matrix onto the doubly-stochastic set: sinkhorn(log W).
 
     Sinkhorn–Knopp scaling diag(u) W diag(v), in the log domain of ``sinkhorn``; by default
@@ -307,7 +383,8 @@ def sinkhorn_project(W: torch.Tensor, iters: int = 20, tol: float | None = 1e-5,
         raise TypeError("sinkhorn_project: expected a floating-point tensor")
     if W.numel() and not bool((W > 0).all()):
         raise ValueError("sinkhorn_project: W must be strictly positive (log W is taken)")
-    return sinkhorn(W.log(), iters=iters, tol=tol, max_iters=max_iters, return_error=return_error)
+    return sinkhorn(W.log(), iters=iters, tol=tol, max_iters=max_iters, return_error=return_error,
+                    nonconvergence=nonconvergence)
 
 
 # --------------------------------------------------------------------------------------------

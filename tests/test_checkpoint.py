@@ -118,6 +118,7 @@ _WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # `make test-slow`: a long run (issue 15: fast default tier)
 def test_killed_writer_never_destroys_the_previous_checkpoint(tmp_path):
     """SIGKILL a process that rewrites a ~32 MB checkpoint in a loop, at random moments (mostly
     inside torch.save or fsync): the file on disk always loads and holds one whole version."""

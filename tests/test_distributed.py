@@ -213,6 +213,7 @@ def test_bad_arguments_raise():
         DistributedDualizeRetract(torch.nn.Linear(3, 3))
 
 
+@pytest.mark.slow  # `make test-slow`: a long run (issue 15: fast default tier)
 def test_torchrun_example_runs(tmp_path):
     """examples/torchrun_train.sh: 2 processes, 4 steps, writes a checkpoint with the full state."""
     import subprocess

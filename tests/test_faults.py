@@ -211,6 +211,7 @@ def test_training_loop_skips_injected_nonfinite_gradients(tmp_path):
 
 # ------------------------------------------------------------------------------ bf16 autocast
 
+@pytest.mark.slow  # `make test-slow`: a long run (issue 15: fast default tier)
 def test_bf16_autocast_matches_fp32_loss(tmp_path):
     """40 steps of the tiny GPT (Stiefel/DGram atoms) with a bf16 autocast forward vs fp32.
     Measured (2 seeds, `python -m pytest tests/test_faults.py -k bf16`, width 32, 40 steps): max

@@ -139,6 +139,10 @@ class HyperConnections(Module):
         if self.constrained:
             tau = residual_init_logit(n, res_init_diagonal)
             init = [-math.log(max(n - 1, 1))] * n + [0.0] * n
+            if use_mix and n > 1:  # static mHC: h_pre = (1.5 − i/(n−1))/n, Σ = 1 (same function while the
+                # streams are copies) — equal h_pre keep the streams copies forever and every Mix gradient's
+                # tangent part exactly 0 (docs/mhc.md, "Static (Birkhoff Mix) vs dynamic path")
+                init[:n] = [math.log(q / (1 - q)) for q in ((1.5 - i / (n - 1)) / n for i in range(n))]
             if not use_mix:
                 init += (tau * torch.eye(n, dtype=torch.float64)).flatten().tolist()
         else:

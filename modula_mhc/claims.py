@@ -286,8 +286,8 @@ def _record_hooks(model):
         _merge_stat(m, "min_rms", float(_rms_tokens(inp[0]).min()), min)
 
     def core_hook(m, inp, out):
-        q, k, v = inp[0]
-        _merge_stat(m, "max_rms", max(float(_rms_tokens(t).max()) for t in (q, k, v)), max)
+        for name, t in zip("qkv", inp[0]):
+            _merge_stat(m, f"max_rms_{name}", float(_rms_tokens(t).max()), max)
 
     def atom_hook(m, inp, out):
         x = inp[0]
@@ -368,8 +368,9 @@ def _input_violations(model) -> list:
             continue
         if isinstance(m, RMSNorm) and st["min_rms"] < 1 - _TOL:
             out.append(f"{name}: RMSNorm input RMS {st['min_rms']:.4g} < 1")
-        elif isinstance(m, AttentionCore) and st["max_rms"] > 1 + _TOL:
-            out.append(f"{name}: attention q/k/v RMS {st['max_rms']:.4g} > 1")
+        elif isinstance(m, AttentionCore) and max(st[f"max_rms_{c}"] for c in "qkv") > 1 + _TOL:
+            big = ", ".join(f"{c} {st[f'max_rms_{c}']:.4g}" for c in "qkv")
+            out.append(f"{name}: attention input RMS > 1 ({big})")
         elif isinstance(m, HyperConnections):
             if st["stream_max"] > 1 + _TOL or st["flat_min"] < 1 - _TOL:
                 out.append(f"{name}: HC streams not unit-RMS (max stream RMS {st['stream_max']:.4g}, "

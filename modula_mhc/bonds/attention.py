@@ -117,17 +117,19 @@ class AttentionCore(Bond):
         self.heads, self.causal, self.rope, self.rope_base = heads, causal, rope, rope_base
         self.temperature = temperature
 
-    def _input_scale(self):
-        """max(1, largest per-token RMS of q, k, v) seen under ``claims.certify`` (1 otherwise)."""
+    def _input_scale(self, which="qkv"):
+        """max(1, largest per-token RMS of the named inputs) seen under ``claims.certify`` (1 otherwise)."""
         st = self.local_stats()
-        return 1.0 if st is None else max(1.0, st.get("max_rms", 1.0))
+        if st is None:
+            return 1.0
+        return max([1.0] + [st.get(f"max_rms_{c}", 1.0) for c in which])
 
     @property
     def sensitivity(self):
-        """max(√H, τ·H·s²) with s = max(1, RMS of q, k, v): the value path is ≤ √H, the q and k
-        paths ≤ τ·H·‖k‖·‖v‖ and τ·H·‖q‖·‖v‖ (declared domain: s = 1)."""
-        H, tau, s = self.heads, self.temperature, self._input_scale()
-        return S.maximum(S.sqrt(H), tau * H * s ** 2)
+        """max(√H, τ·H·s_v·max(s_q, s_k)) with s = max(1, RMS of q, k, v): the value path is ≤ √H, the
+        q and k paths ≤ τ·H·‖k‖·‖v‖ and τ·H·‖q‖·‖v‖ (declared domain: s = 1)."""
+        H, tau = self.heads, self.temperature
+        return S.maximum(S.sqrt(H), tau * H * self._input_scale("v") * self._input_scale("qk"))
 
     @property
     def norm_sensitivity(self):

@@ -179,18 +179,17 @@ class _StopOnSigint:
     """While active (main thread only), the first Ctrl-C sets ``requested`` so the loop stops after
     the current step with a consistent state; a second Ctrl-C raises KeyboardInterrupt at once."""
 
-    def __init__(self, progress):
-        self.requested, self.progress, self.previous = False, progress, None
+    def __init__(self):
+        self.requested, self.previous = False, None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGINT, self._handler)
         return self
 
-    def _handler(self, signum, frame):
+    def _handler(self, signum, frame):  # no printing here: a handler may interrupt a print
         self.requested = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        self.progress.write("Ctrl-C: stopping after this step (press again to stop at once)")
 
     def __exit__(self, *exc):
         if self.previous is not None:
@@ -333,7 +332,7 @@ def _run(config: TrainConfig, ckpt, ckpt_path, run_dir: RunDirectory, callback) 
     consecutive_skips, consistent = 0, True  # consistent: no step is half done (safe to checkpoint)
     session_tokens, session_seconds = 0, 0.0  # this process only, for the progress bar's tokens/s
     try:
-        with _StopOnSigint(progress) as sigint:
+        with _StopOnSigint() as sigint:
             if not history["eval"]:
                 evaluate()
             model.train()

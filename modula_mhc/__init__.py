@@ -7,6 +7,7 @@
 """
 from . import kernels, manifolds  # noqa: F401  (atoms need manifolds)
 from . import atoms, bonds, compounds, optim, symbolic  # noqa: F401
+from . import claims  # noqa: F401  (certify / check_claims: are the declared constants valid here?)
 from .algebra import Compose, Parallel, Scale, Sum, repeat, residual  # noqa: F401
 from .module import Atom, Bond, Module, Sharpness  # noqa: F401
 from . import adapt  # noqa: F401  (callable: modula_mhc.adapt(model, manifolds) — bring your own model)

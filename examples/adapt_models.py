@@ -63,7 +63,9 @@ class CharBatches:
 
 class ImageBatches:
     """A synthetic 10-class image task: class templates (smooth random 3×16×16 patterns) plus
-    noise; deterministic per step."""
+    noise; deterministic per step. Validation uses batch statistics (``eval_mode = False``)."""
+
+    eval_mode = False
 
     def __init__(self, classes=10, size=16, batch=32, noise=1.0, seed=0, val_batches=4):
         g = torch.Generator().manual_seed(1234)
@@ -168,7 +170,9 @@ def cls_loss(model, batch):
 
 def train(model, optimizer, data, loss_fn, steps):
     """Train ``steps`` steps; returns {"train": mean loss of the last 10% of steps, "val": mean loss on
-    data.val() (eval mode), "diverged": bool}."""
+    data.val(), "diverged": bool}. The validation pass runs in eval mode unless ``data.eval_mode`` is
+    False (BatchNorm nets after a few steps: running statistics lag the weights, batch statistics
+    are the fair measure for every optimizer)."""
     model.train()
     tail, losses = max(1, steps // 10), []
     for step in range(steps):
@@ -179,7 +183,7 @@ def train(model, optimizer, data, loss_fn, steps):
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
-    model.eval()
+    model.train(not getattr(data, "eval_mode", True))
     with torch.no_grad():
         val = sum(float(loss_fn(model, b)) for b in data.val()) / len(data.val())
     model.train()

@@ -109,8 +109,8 @@ class Adapted(Module):
 
     def name_of(self, atom) -> str:
         """The model's name for an atom's parameter."""
-        name = getattr(atom, "name", None)
-        if isinstance(name, str):
+        name = getattr(self, "_names", {}).get(id(atom))
+        if name is not None:
             return name
         for n, p in self.model.named_parameters():
             if p is atom.weight:
@@ -204,7 +204,7 @@ def adapt(model: nn.Module, manifolds="muon", *, roles=None, split_heads=False, 
         p = info.module.get_parameter(info.param_name)
         if id(p) in island_of:  # a native modula_mhc module inside the model: its own atoms
             name, isl = island_of[id(p)]
-            rel = info.name[len(name) + 1:] if name else info.name
+            rel = next(n for n, q in isl.named_parameters() if q is p)
             info.kind, info.module_name, info.module, info.param_name = "island", name, isl, rel
             atom = _atom_of_param(isl, p)
             info.role = getattr(atom, "role", None) or "native"
@@ -250,8 +250,9 @@ def adapt(model: nn.Module, manifolds="muon", *, roles=None, split_heads=False, 
         v.manifold = v._check_manifold(m)
         if retract and m.name != "euclidean":
             with torch.no_grad():
-                v.retract_()
+                v.project_()
     adapted = Adapted(model, views, shadow, placed, summary, atoms=ordered)
+    object.__setattr__(adapted, "_names", {id(by_id[id(i.module.get_parameter(i.param_name))]): i.name for i in infos})
     for v in views:  # the last adapter of a parameter owns its tag
         v._tag()
     return adapted

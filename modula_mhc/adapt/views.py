@@ -198,6 +198,33 @@ class MatrixView(AtomView):
         new = [self.manifold.retract(w) * gain for w, gain in zip(self._pieces_of(M), self.gains)]
         W.copy_(self._unmatrix(torch.cat(new, dim=0), W))
 
+    @torch.no_grad()
+    def project_(self):
+        """Put the weight on its manifold once, exactly: the model's own init can be ill-conditioned
+        (a square Gaussian matrix has singular values near 0), where the iterative polar factor of
+        ``retract`` has not converged. Stiefel: the SVD polar factor U Vᵀ; DGram: U Vᵀ times the
+        column norms (rows for wide pieces); other manifolds: their ``retract``."""
+        W = self.weight
+        name = self.manifold.name
+        if name == "euclidean":
+            return
+        new = []
+        for P, gain in zip(self._pieces_of(self._matrix(W).float()), self.gains):
+            if name in ("stiefel", "dgram"):
+                U, _, Vh = torch.linalg.svd(P.double(), full_matrices=False)
+                Q = U @ Vh
+                if name == "dgram":
+                    wide = P.shape[-2] < P.shape[-1]
+                    norms = torch.linalg.vector_norm(P.double(), dim=-1 if wide else -2)
+                    Q = Q * norms.unsqueeze(-1) if wide else Q * norms
+                    cap = getattr(self.manifold, "max_scale", None)
+                    if cap is not None:
+                        Q = self.manifold.retract(Q)
+                new.append(Q.to(P.dtype) * gain)
+            else:
+                new.append(self.manifold.retract(P) * gain)
+        W.copy_(self._unmatrix(torch.cat(new, dim=0), W).to(W.dtype))
+
     def diagnostics(self):
         M = self._matrix(self.weight.detach())
         out = {}

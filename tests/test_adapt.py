@@ -1,0 +1,372 @@
+"""modula_mhc.adapt: bring your own model (issue 13).
+
+Atom views over a foreign model's own parameters (state_dict / save_pretrained unchanged), roles
+and structure inferred from the module tree, DualizeRetract and DualizeAdamW on the result,
+HC/mHC around nn.Module branches, and training on models nobody here wrote (Hugging Face GPT-2 and
+Llama from configs, a ResNet with BatchNorm) to a loss no worse than AdamW's, best of a small lr
+grid each. Hugging Face tests skip without ``transformers``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import modula_mhc as mm
+from modula_mhc.adapt import DualizeAdamW, expand_streams, hyper_connections, reduce_streams
+from modula_mhc.adapt.views import MatrixView
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+if EXAMPLES not in sys.path:
+    sys.path.insert(0, EXAMPLES)
+import adapt_models as M  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def hf():
+    return pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def chars():
+    return M.CharBatches(M.load_text(max_chars=200_000), context=32, batch=8)
+
+
+def tiny_gpt2(vocab=50, width=32, depth=2):
+    hf()
+    return M.gpt2(vocab, width=width, depth=depth, heads=4, context=32)
+
+
+def tiny_llama(vocab=50, width=32, depth=2):
+    hf()
+    return M.llama(vocab, width=width, depth=depth, heads=4, context=32)
+
+
+# ------------------------------------------------------------------------------------ the wrapper
+def test_plain_torch_model_trains_with_dualize_retract():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    with pytest.raises(ValueError, match="_mm_atom"):
+        mm.optim.DualizeRetract(nn.Sequential(nn.Linear(3, 3)).parameters())
+    net = mm.adapt(model)
+    assert [p for p in net.parameters()] == [p for p in model.parameters()]
+    opt = mm.optim.DualizeRetract(net, lr=0.05)
+    x = torch.randn(64, 8)
+    y = x[:, :1] * 2 - x[:, 1:2]
+    first = None
+    for _ in range(60):
+        loss = nn.functional.mse_loss(model(x), y)
+        first = first if first is not None else float(loss.detach())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < 0.2 * first
+    # also with the parameters alone (each coefficient 1): the tags are on the model's tensors
+    mm.optim.DualizeRetract(model.parameters(), lr=0.05)
+
+
+def test_views_are_the_models_own_tensors_and_state_dict_is_unchanged():
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    keys = list(model.state_dict())
+    net = mm.adapt(model)
+    assert list(model.state_dict()) == keys
+    assert [k[len("model."):] for k in net.state_dict()] == keys
+    for v, (name, p) in zip(net.atoms(), model.named_parameters()):
+        assert v.weight is p and v.name == name
+    sd = {k: torch.randn_like(t) for k, t in model.state_dict().items()}
+    model.load_state_dict(sd)
+    assert torch.equal(net.atoms()[0].weight, sd["0.weight"])
+    assert net(torch.randn(3, 4)).shape == (3, 2)
+
+
+def test_modular_norm_of_the_dual_is_the_target():
+    """net.norm(net.dualize(g, t)) == t for every kind of view (Linear, Conv2d, Conv1d, embedding,
+    norm gain, bias)."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 6)
+            self.c1 = nn.Conv1d(6, 4, 3)
+            self.c2 = nn.Conv2d(1, 3, 2)
+            self.ln = nn.LayerNorm(4)
+            self.fc = nn.Linear(4, 5)
+    net = mm.adapt(Net())
+    grads = [torch.randn_like(p) for p in net.parameters()]
+    for t in (0.3, 1.0):
+        upd = net.dualize(grads, target_norm=t)
+        assert float(net.norm(upd)) == pytest.approx(t, rel=1e-3)
+        for a, c, u in zip(net.atoms(), net.norm_coefficients(), upd):
+            assert float(c * a.weight_norm(u)) == pytest.approx(t, rel=1e-3)
+    assert all(z is None or torch.count_nonzero(z) == 0 for z in net.dualize([torch.zeros_like(g) for g in grads]))
+
+
+def test_linear_view_norm_is_the_rms_operator_norm():
+    lin = nn.Linear(16, 4, bias=False)
+    v = mm.adapt(nn.Sequential(lin)).atoms()[0]
+    W = lin.weight.detach()
+    assert float(v.weight_norm().detach()) == pytest.approx(float(torch.linalg.matrix_norm(W, 2)) * math.sqrt(16 / 4), rel=1e-4)
+    A = v.dualize_weight(torch.randn(4, 16), target=1.0)
+    # a unit dual moves every unit-RMS input by at most RMS 1, and some by exactly 1
+    assert float(torch.linalg.matrix_norm(A, 2)) == pytest.approx(math.sqrt(4 / 16), rel=1e-3)
+
+
+def test_stiefel_and_dgram_views_stay_on_their_manifolds():
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.Module()
+            self.attn.q_proj, self.attn.o_proj = nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False)
+            self.mlp = nn.Module()
+            self.mlp.up_proj, self.mlp.down_proj = nn.Linear(8, 32, bias=False), nn.Linear(32, 8, bias=False)
+
+        def forward(self, x):
+            x = x + self.attn.o_proj(torch.tanh(self.attn.q_proj(x)))
+            return x + self.mlp.down_proj(torch.relu(self.mlp.up_proj(x)))
+
+    model = nn.Sequential(Block(), Block())
+    net = mm.adapt(model, "hetero")
+    roles = {v.name: (v.role, v.manifold.name) for v in net.atoms()}
+    assert roles["0.attn.q_proj.weight"] == ("attn_q", "stiefel")
+    assert roles["1.mlp.down_proj.weight"] == ("mlp_out", "dgram")
+    opt = mm.optim.DualizeRetract(net, lr=0.1)
+    x = torch.randn(16, 8)
+    for _ in range(3):
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for v in net.atoms():
+        unit = v._matrix(v.weight.detach()) / v.gains[0]
+        assert v.manifold.contains(unit, tol=1e-3), v.name
+
+
+def test_manifold_rules_and_role_overrides():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    net = mm.adapt(model, {"0.weight": "stiefel"}, roles={"2.weight": "mlp_out"})
+    assert [v.manifold.name for v in net.atoms() if v.weight.ndim == 2] == ["stiefel", "euclidean"]
+    assert net.atoms()[2].role == "mlp_out"
+    with pytest.raises(ValueError, match="only matrices"):
+        mm.adapt(nn.Sequential(nn.Linear(4, 4)), {"*bias": "stiefel"})
+    with pytest.raises(ValueError, match="unknown manifold preset"):
+        mm.adapt(model, "nope")
+    with pytest.raises(TypeError):
+        mm.adapt(mm.atoms.Linear(3, 3))
+
+
+def test_describe_table_and_defaulted_structure(capsys):
+    net = mm.adapt(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+    text = net.describe()
+    assert capsys.readouterr().out.strip() == text.strip()
+    for col in ("parameter", "shape", "role", "manifold", "norm coef", "structure"):
+        assert col in text
+    assert "defaulted" in text and net.norm_coefficients() == [1.0] * 4
+    assert math.isinf(net.sensitivity)
+
+
+def test_multihead_attention_fused_in_proj_split_per_projection_and_head():
+    mha = nn.MultiheadAttention(16, 4)
+    net = mm.adapt(nn.Sequential(mha), split_heads=True)
+    v = net.atoms()[0]
+    assert v.role == "attn_qkv" and v.segments == (16, 16, 16) and len(v.pieces) == 12
+    G = torch.randn_like(v.weight)
+    A = v.dualize_weight(G, target=1.0)
+    for P in A.split(4, dim=0):  # every head of every projection is a unit step in its own norm
+        assert float(torch.linalg.matrix_norm(P, 2)) == pytest.approx(math.sqrt(4 / 16), rel=1e-3)
+
+
+# ------------------------------------------------------------------------------------ Hugging Face
+def test_gpt2_roles_fused_qkv_conv1d_tied_head_and_structure():
+    model = tiny_gpt2()
+    net = mm.adapt(model, "hetero")
+    by = {v.name: v for v in net.atoms()}
+    qkv = by["transformer.h.0.attn.c_attn.weight"]
+    assert isinstance(qkv, MatrixView) and qkv.layout == "io" and qkv.segments == (32, 32, 32)
+    assert (qkv.role, qkv.manifold.name) == ("attn_qkv", "stiefel")
+    assert by["transformer.h.1.mlp.c_proj.weight"].role == "mlp_out"
+    assert by["transformer.h.1.attn.c_proj.weight"].role == "attn_o"
+    wte = by["transformer.wte.weight"]
+    assert wte.role == "embed" and "lm_head.weight" in wte.note and "lm_head.weight" not in by
+    assert by["transformer.h.0.ln_1.weight"].role == "norm_gain"
+    assert by["transformer.h.0.ln_1.bias"].role == "bias"
+    assert net.recovered and all(v.structure == "recovered" for v in net.atoms())
+    # the fused view is three projections: each q/k/v slice is on Stiefel at gain √(32/32)
+    for P in model.transformer.h[0].attn.c_attn.weight.detach().mT.split(32):
+        assert mm.manifolds.Stiefel().contains(P, tol=1e-3)
+    # as in compounds.GPT: q/k/v coefficient a third of o's within a block
+    c = dict(zip([v.name for v in net.atoms()], net.norm_coefficients()))
+    assert c["transformer.h.0.attn.c_proj.weight"] == pytest.approx(3 * c["transformer.h.0.attn.c_attn.weight"])
+
+
+def test_llama_roles_gqa_and_heads():
+    model = tiny_llama()
+    net = mm.adapt(model, "hetero", split_heads=True)
+    by = {v.name: v for v in net.atoms()}
+    assert by["model.layers.0.self_attn.k_proj.weight"].role == "attn_k"
+    assert len(by["model.layers.0.self_attn.k_proj.weight"].pieces) == 2  # 2 kv heads of 8
+    assert len(by["model.layers.0.self_attn.q_proj.weight"].pieces) == 4
+    assert by["model.layers.0.mlp.gate_proj.weight"].role == "mlp_in"
+    assert by["model.layers.0.mlp.down_proj.weight"].manifold.name == "dgram"
+    assert by["lm_head.weight"].role == "head" and by["lm_head.weight"].manifold.name == "euclidean"
+    assert by["model.embed_tokens.weight"].role == "embed"
+    # the two norms feed different branches (input_layernorm → attention, post_attention → MLP)
+    # shadow: embed, then per block two residuals (Compose flattens), then norm, head
+    attn_branch, mlp_branch = (r.branches[1].module for r in net._shadow.layers[1:3])
+    assert by["model.layers.0.input_layernorm.weight"] in attn_branch.atoms()
+    assert by["model.layers.0.self_attn.q_proj.weight"] in attn_branch.atoms()
+    assert by["model.layers.0.post_attention_layernorm.weight"] in mlp_branch.atoms()
+    assert by["model.layers.0.mlp.up_proj.weight"] in mlp_branch.atoms()
+
+
+def test_gpt2_save_pretrained_round_trip_after_training(tmp_path, chars):
+    model = tiny_gpt2(vocab=chars.vocab)
+    keys = list(model.state_dict())
+    net = mm.adapt(model, "hetero")
+    opt = mm.optim.DualizeRetract(net, lr=0.1)
+    for step in range(2):
+        loss = M.lm_loss(model, chars.train(step))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert list(model.state_dict()) == keys
+    model.save_pretrained(tmp_path)
+    again = type(model).from_pretrained(tmp_path)
+    x = chars.train(5)[0]
+    model.eval()
+    torch.testing.assert_close(again(x).logits, model(x).logits)
+
+
+def test_dualize_adamw_split_and_scheduler(chars):
+    model = tiny_llama(vocab=chars.vocab)
+    net = mm.adapt(model)
+    opt = DualizeAdamW(net, lr=0.1, adamw_lr=3e-3)
+    adam_params = {id(p) for g in opt.adamw.param_groups for p in g["params"]}
+    for v in net.atoms():
+        assert (id(v.weight) in adam_params) == (v.role in ("embed", "head") or v.weight.ndim < 2), v.name
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    first = None
+    for step in range(8):
+        loss = M.lm_loss(model, chars.train(step))
+        first = first if first is not None else float(loss.detach())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    assert float(loss.detach()) < first
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 / 9)
+    assert opt.param_groups[-1]["lr"] == pytest.approx(3e-3 / 9)
+    sd = opt.state_dict()
+    opt.load_state_dict(sd)
+
+
+# ------------------------------------------------------------------------------------ HC wrapper
+def test_hyper_connections_around_any_module_reduce_to_a_residual():
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8))
+    with pytest.raises(TypeError):
+        mm.compounds.hyper.HyperConnections(lin, streams=1, width=8)
+    x = torch.randn(2, 5, 8)
+    hc = hyper_connections(lin, streams=1, dynamic=False, constrained=False)  # HC: h_pre = h_post = 1
+    assert hc.width == 8  # inferred from the LayerNorm
+    torch.testing.assert_close(reduce_streams(hc(expand_streams(x, 1))), x + lin(x))
+    # mHC with one stream: h_pre = σ(0) = 1/2 in front of the scale-invariant LayerNorm (up to its eps)
+    mhc = hyper_connections(lin, streams=1, dynamic=False)
+    torch.testing.assert_close(reduce_streams(mhc(expand_streams(x, 1))), x + lin(x), rtol=1e-3, atol=1e-3)
+    # n streams: shapes, and the branch's parameters are views the optimizer steps
+    hc4 = hyper_connections(lin, streams=4)
+    y = hc4(expand_streams(x, 4))
+    assert y.shape == (2, 5, 4, 8)
+    opt = mm.optim.DualizeRetract(hc4, lr=0.1)
+    before = lin[1].weight.detach().clone()
+    y.square().mean().backward()
+    opt.step()
+    assert not torch.equal(before, lin[1].weight)
+
+
+def test_gpt2_blocks_become_mhc_blocks_and_train(chars):
+    """An existing GPT-2's blocks wrapped in mHC in a few lines (examples/adapt_gpt2.py), trained by
+    DualizeRetract on the adapted whole (the native mHC atoms keep their own manifolds)."""
+    example = _load_example("adapt_gpt2")
+    model = tiny_gpt2(vocab=chars.vocab)
+    hc_model = example.MHCGPT2(model, streams=2)
+    net = mm.adapt(hc_model)
+    assert any(a.manifold.name == "birkhoff" for a in net.atoms()) or any(
+        getattr(a, "role", "") == "hyper_phi" for a in net.atoms())
+    opt = mm.optim.DualizeRetract(net, lr=0.1)
+    losses = []
+    for step in range(6):
+        loss = M.lm_loss(hc_model, chars.train(step))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert math.isfinite(losses[-1]) and losses[-1] < losses[0]
+
+
+def _load_example(name):
+    spec = importlib.util.spec_from_file_location(f"examples_{name}", os.path.join(EXAMPLES, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_example_adapt_gpt2_runs(tmp_path, capsys):
+    hf()
+    _load_example("adapt_gpt2").main(["--steps", "3", "--width", "32", "--context", "16", "--batch", "4",
+                                      "--save", str(tmp_path / "ckpt")])
+    out = capsys.readouterr().out
+    assert "norm coef" in out and "step 3" in out
+    assert (tmp_path / "ckpt" / "config.json").exists()
+
+
+# ------------------------------------------------------------------------------------ proof: vs AdamW
+def _compare(build, data, loss_fn, steps, adam_lrs, dual_lrs):
+    _, (adam_lr, adam) = M.best_of("adamw", build, adam_lrs, data, loss_fn, steps)
+    _, (dual_lr, dual) = M.best_of("dualize", build, dual_lrs, data, loss_fn, steps)
+    return adam, dual, adam_lr, dual_lr
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_hf_transformers_train_no_worse_than_adamw(arch, chars):
+    hf()
+    make = M.gpt2 if arch == "gpt2" else M.llama
+    build = lambda: make(chars.vocab, width=32, depth=2, heads=4, context=32)  # noqa: E731
+    adam, dual, adam_lr, dual_lr = _compare(build, chars, M.lm_loss, 30, (1e-3, 3e-3, 1e-2), (0.05, 0.1, 0.2))
+    assert dual <= adam, f"{arch}: adapt+DualizeRetract {dual:.4f} (lr {dual_lr}) vs AdamW {adam:.4f} (lr {adam_lr})"
+
+
+def test_resnet_with_batchnorm_trains_no_worse_than_adamw():
+    data = M.ImageBatches(batch=16, noise=3.0, size=8)
+    build = lambda: M.ResNet(width=8, blocks=1)  # noqa: E731
+    net = mm.adapt(build())
+    assert net.recovered and "residual" in net.structure_summary
+    assert {v.role for v in net.atoms()} == {"conv", "norm_gain", "bias", "head"}
+    adam, dual, adam_lr, dual_lr = _compare(build, data, M.cls_loss, 40, (0.01, 0.03, 0.1), (0.1, 0.2, 0.4))
+    assert dual <= adam, f"ResNet: adapt+DualizeRetract {dual:.4f} (lr {dual_lr}) vs AdamW {adam:.4f} (lr {adam_lr})"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_lr_transfer_across_a_4x_width_sweep(arch):
+    """The loss-optimal lr moves by at most one factor-2 grid step from width 32 to 128."""
+    hf()
+    lrt = _load_example("adapt_lr_transfer")
+    result = lrt.sweep(arch, widths=(32, 64, 128), lrs=(0.025, 0.05, 0.1, 0.2, 0.4), steps=150)
+    best = [result["best"][str(w)] for w in (32, 64, 128)]
+    steps = [abs(math.log2(b / best[0])) for b in best]
+    assert max(steps) <= 1 + 1e-9, result

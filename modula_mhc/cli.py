@@ -12,8 +12,21 @@ import sys
 
 from . import __version__
 from .checkpoint import CheckpointError
-from .config import (BASE_DEFAULTS, DEFAULT_LR, DEVICES, DTYPES, MANIFOLD_PRESETS, MODELS, NONFINITE_POLICIES,
-                     OPTIMIZERS, PRESETS, RESIDUALS, SCHEDULES, ConfigError, TrainConfig)
+from .config import (
+    BASE_DEFAULTS,
+    DEFAULT_LR,
+    DEVICES,
+    DTYPES,
+    MANIFOLD_PRESETS,
+    MODELS,
+    NONFINITE_POLICIES,
+    OPTIMIZERS,
+    PRESETS,
+    RESIDUALS,
+    SCHEDULES,
+    ConfigError,
+    TrainConfig,
+)
 from .data import DataError
 
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130

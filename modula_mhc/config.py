@@ -1,4 +1,5 @@
-"""The training configuration: presets, defaults and the one place where options are validated.
+"""The training configuration: presets, defaults, the one place where options are validated, and
+the model and device a configuration describes (:func:`build_model`, :func:`resolve_device`).
 
 ``TrainConfig(...)`` checks every field it is given (ranges, choices, cross-field rules) when it is
 built; :func:`resolve_config` fills the unset fields (checkpoint, then preset, then defaults) and
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .compounds import GPT, CharMLP
 from .optim.presets import PRESETS as MANIFOLD_PRESETS
 
 
@@ -204,3 +206,23 @@ def resolve_config(config: TrainConfig, checkpoint_config: dict | None = None) -
     resolved = TrainConfig(**{k: v for k, v in merged.items() if k in known})
     _validate(resolved, partial=False)
     return resolved
+
+
+# ---------------------------------------------------------------------------------- what a config builds
+
+def build_model(config: TrainConfig, vocab_size: int):
+    """The GPT (or CharMLP) of the config, weights initialised from the global torch RNG (seeded by
+    the caller)."""
+    attn, mlp = MANIFOLD_PRESETS[config.manifolds][:2]
+    if config.model == "mlp":  # depth = number of Linear atoms; the MLP preset manifold applies
+        return CharMLP(vocab_size, config.width, config.depth, ngram=config.ngram, manifold=mlp)
+    kwargs = {} if config.residual == "plain" else {"streams": config.streams}
+    return GPT(vocab_size, config.context, config.width, config.depth, config.heads, residual=config.residual,
+               attn_manifold=attn, mlp_manifold=mlp, **kwargs)
+
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

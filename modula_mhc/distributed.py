@@ -31,7 +31,6 @@ plus the non-finite policy (world size 1). See docs/distributed.md.
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.distributed as dist

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import random
-import warnings
 
 import pytest
 import torch

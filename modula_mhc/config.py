@@ -120,61 +120,57 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _validate(c: TrainConfig, partial: bool) -> None:
-    """Range and choice checks on every field that is set; the rules needing all fields at the end."""
-    def fail(option, reason):
-        raise ConfigError(option, reason)
+def _is_path(v) -> bool:
+    return isinstance(v, (str, os.PathLike)) and bool(os.fspath(v))
 
-    for name, allowed in _CHOICES.items():
-        v = getattr(c, name)
-        if v is not None and v not in allowed:
-            fail(name, f"unknown value {v!r}; choose one of {', '.join(allowed)}")
-    for name in _POSITIVE:
-        v = getattr(c, name)
-        if v is not None and (not _is_int(v) or v < 1):
-            fail(name, f"must be a positive integer, got {v!r}")
-    for name in _NONNEGATIVE:
-        v = getattr(c, name)
-        if v is not None and (not _is_int(v) or v < 0):
-            fail(name, f"must be a non-negative integer, got {v!r}")
-    if c.seed is not None and c.seed >= 2 ** 63:
-        fail("seed", f"must be below 2**63, got {c.seed}")
-    if c.lr is not None and (not _is_number(c.lr) or c.lr <= 0):
-        fail("lr", f"must be a positive finite number, got {c.lr!r}")
-    if c.momentum is not None and (not _is_number(c.momentum) or not 0 <= c.momentum < 1):
-        fail("momentum", f"must be in [0, 1), got {c.momentum!r}")
-    if c.weight_decay is not None and (not _is_number(c.weight_decay) or c.weight_decay < 0):
-        fail("weight_decay", f"must be a non-negative finite number, got {c.weight_decay!r}")
-    for name in ("data", "out"):
-        v = getattr(c, name)
-        if v is not None and (not isinstance(v, (str, os.PathLike)) or not os.fspath(v)):
-            fail(name, f"must be a non-empty path, got {v!r}")
-    if c.name is not None and (not isinstance(c.name, str) or not c.name or os.sep in c.name
-                               or c.name in (".", "..")):
-        fail("name", f"must be a non-empty name without {os.sep!r}, got {c.name!r}")
-    if c.resume is not None and c.resume is not False and c.resume is not True and (
-            not isinstance(c.resume, (str, os.PathLike)) or not os.fspath(c.resume)):
-        fail("resume", f"must be a checkpoint file or run directory, got {c.resume!r} "
-                       "(without a value: <out>/ckpt.pt or the newest run)")
+
+#: field → (test of a set value, what it must be); the message is "<field>: <what>, got <value>"
+_FIELD_RULES = {
+    **{n: (lambda v, a=allowed: v in a, f"must be one of {', '.join(allowed)}") for n, allowed in _CHOICES.items()},
+    **{n: (lambda v: _is_int(v) and v >= 1, "must be a positive integer") for n in _POSITIVE},
+    **{n: (lambda v: _is_int(v) and v >= 0, "must be a non-negative integer") for n in _NONNEGATIVE},
+    "seed": (lambda v: _is_int(v) and 0 <= v < 2 ** 63, "must be a non-negative integer below 2**63"),
+    "lr": (lambda v: _is_number(v) and v > 0, "must be a positive finite number"),
+    "momentum": (lambda v: _is_number(v) and 0 <= v < 1, "must be in [0, 1)"),
+    "weight_decay": (lambda v: _is_number(v) and v >= 0, "must be a non-negative finite number"),
+    "data": (_is_path, "must be a non-empty path"),
+    "out": (_is_path, "must be a non-empty path"),
+    "name": (lambda v: isinstance(v, str) and bool(v) and os.sep not in v and v not in (".", ".."),
+             f"must be a non-empty name without {os.sep!r}"),
+    "resume": (lambda v: isinstance(v, bool) or _is_path(v),
+               "must be a checkpoint file or run directory (without a value: <out>/ckpt.pt or the newest run)"),
+}
+
+
+def _rule_errors(c: TrainConfig):
+    """(option, reason) of the rules that tie fields together, as far as the set fields allow."""
     if c.force and c.resume:
-        fail("force", "replaces an earlier run and --resume continues it; give one of them")
+        yield "force", "replaces an earlier run and --resume continues it; give one of them"
     if c.model == "mlp" and c.residual not in (None, "plain"):
-        fail("residual", f"{c.residual!r} applies to --model gpt only")
+        yield "residual", f"{c.residual!r} applies to --model gpt only"
     if c.model != "mlp" and c.width is not None and c.heads is not None:
         if c.width % c.heads:
-            fail("heads", f"heads ({c.heads}) must divide width ({c.width})")
-        if (c.width // c.heads) % 2:
-            fail("heads", f"the head width width/heads = {c.width // c.heads} must be even (rotary embedding)")
+            yield "heads", f"heads ({c.heads}) must divide width ({c.width})"
+        elif (c.width // c.heads) % 2:
+            yield "heads", f"the head width width/heads = {c.width // c.heads} must be even (rotary embedding)"
     if c.optimizer == "adamw" and c.manifolds not in (None, "muon"):
-        fail("manifolds", f"{c.manifolds!r} needs --optimizer dualize (AdamW does not retract onto manifolds)")
+        yield "manifolds", f"{c.manifolds!r} needs --optimizer dualize (AdamW does not retract onto manifolds)"
     if c.optimizer == "adamw" and c.nonfinite is not None:
-        fail("nonfinite", "is DualizeRetract's policy; the AdamW baseline has none (docs/training.md)")
-    if partial:
-        return
-    if c.warmup >= c.steps:
-        fail("warmup", f"must be smaller than --steps ({c.steps}), got {c.warmup}")
-    if c.device == "cuda" and not torch.cuda.is_available():
-        fail("device", "cuda was asked for but torch.cuda.is_available() is False")
+        yield "nonfinite", "is DualizeRetract's policy; the AdamW baseline has none (docs/training.md)"
+    if c.warmup is not None and c.steps is not None and c.warmup >= c.steps:
+        yield "warmup", f"must be smaller than --steps ({c.steps}), got {c.warmup}"
+
+
+def _validate(c: TrainConfig, partial: bool) -> None:
+    """Every set field against ``_FIELD_RULES``, then the rules between fields; CUDA once resolved."""
+    for name, (ok, what) in _FIELD_RULES.items():
+        v = getattr(c, name)
+        if v is not None and not ok(v):
+            raise ConfigError(name, f"{what}, got {v!r}")
+    for option, reason in _rule_errors(c):
+        raise ConfigError(option, reason)
+    if not partial and c.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device", "cuda was asked for but torch.cuda.is_available() is False")
 
 
 def resolve_config(config: TrainConfig, checkpoint_config: dict | None = None) -> TrainConfig:

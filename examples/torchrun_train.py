@@ -23,8 +23,7 @@ import torch.distributed as dist
 
 from modula_mhc.data import DEFAULT_CORPUS_NAME, CharCorpus, default_corpus, load_text
 from modula_mhc.distributed import DistributedDualizeRetract
-from modula_mhc.train import (TrainConfig, build_model, estimate_loss, loss_of, lr_at, resolve_config,
-                              save_checkpoint)
+from modula_mhc.train import TrainConfig, build_model, estimate_loss, loss_of, lr_at, resolve_config, save_checkpoint
 
 
 def parse(argv):

@@ -116,6 +116,12 @@ def _all_finite(model, optimizer) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
+def _grad_norm(model) -> torch.Tensor:
+    """Global 2-norm of the gradients (fp32)."""
+    return torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(p.grad.float()) for p in model.parameters() if p.grad is not None]))
+
+
 class _StopOnSigint:
     """While active (main thread only), the first Ctrl-C sets ``requested`` so the loop stops after
     the current step with a consistent state; a second Ctrl-C raises KeyboardInterrupt at once."""
@@ -207,6 +213,27 @@ class _Run:
         self.progress = Progress(config.quiet)
         self.log = MetricsLog(run_dir.file("metrics.jsonl"), self.history)
 
+    def announce(self, ckpt, ckpt_path) -> None:
+        config, corpus = self.config, self.corpus
+        if ckpt is not None and ckpt["config"].get("threads") != config.threads:
+            self.progress.write(f"note: --threads {config.threads} (the checkpoint used "
+                                f"{ckpt['config'].get('threads')}): the continuation is correct but not "
+                                "bit-identical to an uninterrupted run")
+        where = f"resumed from {ckpt_path} at step {self.step}" if ckpt else "new run"
+        self.progress.write(f"modula-mhc train: {where}; {sum(p.numel() for p in self.model.parameters()):,} "
+                            f"parameters, vocab {corpus.vocab_size} ({corpus.source}, "
+                            f"{len(corpus.train) + len(corpus.val):,} chars), device {self.device}, "
+                            f"out {self.run_dir.path}")
+
+    def report(self, metrics: dict, sample_text: str) -> None:
+        if self.config.quiet:
+            return
+        if sample_text:
+            print(f"\n--- sample ({self.config.sample_chars} chars) ---\n{sample_text}\n---", flush=True)
+        rate, final, out = metrics["tokens_per_s"], metrics["final"], self.run_dir.path
+        print(f"final: train loss {final['train_loss']:.4f}, val loss {final['val_loss']:.4f}, "
+              f"{rate:,.0f} tokens/s; outputs in {out}/" if rate else f"outputs in {out}/", flush=True)
+
     def skipped_steps(self) -> int:  # the optimizer's non-finite policy keeps this count (AdamW has none)
         return getattr(self.optimizer, "skipped_steps", 0)
 
@@ -245,6 +272,16 @@ class _Run:
         })
         self.checkpointed = self.step
 
+    def interrupted(self, consistent: bool) -> Interrupted:
+        """After Ctrl-C: a checkpoint of the steps done (when no step is half done and the weights are
+        finite), then metrics and plot; returns the exception to raise."""
+        self.progress.close()
+        if consistent and self.checkpointed != self.step and _all_finite(self.model, self.optimizer):
+            self.checkpoint()
+        self.finish("interrupted")
+        return Interrupted(f"interrupted at step {self.step} of {self.config.steps}; checkpoint (step "
+                           f"{self.checkpointed}), metrics and plot are in {self.run_dir.path}/")
+
     def finish(self, status: str) -> tuple[dict, str]:
         """Sample (completed runs only), plot and metrics.json of the steps done."""
         config, corpus, history = self.config, self.corpus, self.history
@@ -282,13 +319,7 @@ def _run(config: TrainConfig, ckpt, ckpt_path, run_dir: RunDirectory, callback) 
     it resumes (if any)."""
     run = _Run(config, ckpt, ckpt_path, run_dir, callback)
     model, optimizer, corpus, device = run.model, run.optimizer, run.corpus, run.device
-    if ckpt is not None and ckpt["config"].get("threads") != config.threads:
-        run.progress.write(f"note: --threads {config.threads} (the checkpoint used {ckpt['config'].get('threads')}): "
-                           "the continuation is correct but not bit-identical to an uninterrupted run")
-    run.progress.write(f"modula-mhc train: {f'resumed from {ckpt_path} at step {run.step}' if ckpt else 'new run'}; "
-                       f"{sum(p.numel() for p in model.parameters()):,} parameters, vocab {corpus.vocab_size} "
-                       f"({corpus.source}, {len(corpus.train) + len(corpus.val):,} chars), device {device}, "
-                       f"out {run_dir.path}")
+    run.announce(ckpt, ckpt_path)
     consecutive_skips, consistent = 0, True  # consistent: no step is half done (safe to checkpoint)
     session_tokens, session_seconds = 0, 0.0  # this process only, for the progress bar's tokens/s
     try:
@@ -306,8 +337,7 @@ def _run(config: TrainConfig, ckpt, ckpt_path, run_dir: RunDirectory, callback) 
                 x, y = corpus.batch("train", config.batch, config.context, run.data_gen, device)
                 loss = loss_of(model, x, y, run.autocast_dtype, device)
                 loss.backward()
-                grad_norm = torch.linalg.vector_norm(torch.stack(
-                    [torch.linalg.vector_norm(p.grad.float()) for p in model.parameters() if p.grad is not None]))
+                grad_norm = _grad_norm(model)  # logged; what a NaN does is the optimizer's policy
                 skipped_before = run.skipped_steps()
                 optimizer.step()  # the optimizer's non-finite policy: skip (and warn) or raise
                 consecutive_skips = consecutive_skips + 1 if run.skipped_steps() > skipped_before else 0
@@ -318,7 +348,7 @@ def _run(config: TrainConfig, ckpt, ckpt_path, run_dir: RunDirectory, callback) 
                 run.record_step(loss.item(), grad_norm.item(), lr, dt)
                 consistent = True
                 session_seconds, session_tokens = session_seconds + dt, session_tokens + config.batch * config.context
-                run.progress.update(run.history["train_loss"][-1], session_tokens / session_seconds)
+                run.progress.update(run.history["train_loss"][-1], session_tokens / max(session_seconds, 1e-9))
                 if consecutive_skips >= config.max_nonfinite:
                     raise FloatingPointError(f"step {run.step}: {consecutive_skips} optimizer steps in a row skipped "
                                              "for non-finite gradients; training diverged — try a smaller --lr")
@@ -328,12 +358,7 @@ def _run(config: TrainConfig, ckpt, ckpt_path, run_dir: RunDirectory, callback) 
             if sigint.requested:
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
-        run.progress.close()
-        if consistent and run.checkpointed != run.step and _all_finite(model, optimizer):
-            run.checkpoint()
-        run.finish("interrupted")
-        raise Interrupted(f"interrupted at step {run.step} of {config.steps}; checkpoint (step {run.checkpointed}), "
-                          f"metrics and plot are in {run_dir.path}/") from None
+        raise run.interrupted(consistent) from None
     except FloatingPointError:
         run.progress.close()
         run.finish("diverged")
@@ -343,11 +368,5 @@ def _run(config: TrainConfig, ckpt, ckpt_path, run_dir: RunDirectory, callback) 
         run.log.close()
 
     metrics, sample_text = run.finish("completed")
-    if not config.quiet:
-        if sample_text:
-            print(f"\n--- sample ({config.sample_chars} chars) ---\n{sample_text}\n---", flush=True)
-        rate, final = metrics["tokens_per_s"], metrics["final"]
-        print(f"final: train loss {final['train_loss']:.4f}, val loss {final['val_loss']:.4f}, "
-              f"{rate:,.0f} tokens/s; outputs in {run_dir.path}/" if rate else f"outputs in {run_dir.path}/",
-              flush=True)
+    run.report(metrics, sample_text)
     return metrics

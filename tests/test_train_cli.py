@@ -12,8 +12,17 @@ import torch
 
 from modula_mhc import cli
 from modula_mhc.data import CharCorpus, DataError, default_corpus, load_text
-from modula_mhc.train import (CheckpointError, ConfigError, TrainConfig, atomic_write, load_checkpoint, lr_at,
-                              resolve_config, save_checkpoint, train)
+from modula_mhc.train import (
+    CheckpointError,
+    ConfigError,
+    TrainConfig,
+    atomic_write,
+    load_checkpoint,
+    lr_at,
+    resolve_config,
+    save_checkpoint,
+    train,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTIMIZERS = ["dualize", "adamw"]

@@ -3,7 +3,9 @@
 A :class:`Module` is a ``torch.nn.Module`` that additionally carries
 
 * ``mass`` μ ≥ 0 — its share of learning,
-* ``sensitivity`` ν ≥ 0 — Lipschitz constant in its input at well-normed weights and inputs,
+* ``sensitivity`` ν ≥ 0 — Lipschitz constant in its input at well-normed weights and inputs (each
+  module states its domain; :func:`modula_mhc.claims.certify` checks it on a batch and gives the
+  local constants that hold there),
 * ``sharpness`` (α, β, γ) — bounds on the weight-weight, weight-input and input-input second
   derivatives (see docs/algebra.md for the derivation of the composition rules),
 * the *modular norm* ‖w‖_M = max_a c_a ‖w_a‖_a over its atoms a, with coefficients c_a derived

@@ -8,9 +8,12 @@ from ._util import check_positive_int
 
 
 class Attention(Compose):
-    """Attention(width, heads): W_o @ (1/3)·core @ (W_q, W_k, W_v), where core is softmax(q kᵀ/d)v
-    (1/d scaling, causal, rotary). The 1/3 cancels the tuple's sensitivity 3, so the whole is
-    1-sensitive (max(1, τ) with an attention temperature τ), mass 4 (one per Linear)."""
+    """Attention(width, heads): W_o @ (1/3)·core @ (W_q, W_k, W_v), where core is softmax(τ q kᵀ/d)v
+    (1/d scaling, causal, rotary). The 1/3 cancels the tuple's sensitivity 3, so the whole has the
+    core's sensitivity max(√H, τH) for H heads (1 for one head), on inputs of RMS ≤ 1 with
+    well-normed weights; its modular norm uses Modula's per-head constant max(1, τ) (weight_gain
+    carries the difference). Mass 4 (one per Linear). Modula puts the 1/3 on q, k, v instead:
+    temperature=1/9 reproduces it exactly (docs/algebra.md, "Deviations from Modula")."""
 
     def __init__(self, width, heads, causal=True, rope=True, manifold="euclidean", temperature=1.0):
         check_positive_int("width", width)

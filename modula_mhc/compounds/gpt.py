@@ -42,7 +42,13 @@ class GPT(Compose):
 
     Embed → depth blocks → RMSNorm → Linear head (logits). Masses: embed 1, head 1, and the
     blocks together ``blocks_mass`` (split equally between their atoms), so the share of learning
-    per part does not drift with depth. Input: token ids (B, T) with T ≤ context."""
+    per part does not drift with depth. Input: token ids (B, T) with T ≤ context.
+
+    Declared sensitivity (after the embedding): ≤ e^((H−1)/2 + 0.0645) for H heads, on the domain
+    where every RMSNorm — the final one included — sees inputs of RMS ≥ 1. The convex residual
+    shrinks the stream (RMS ≈ 0.3 at the final RMSNorm at init), so a GPT is normally *outside*
+    that domain: ``claims.certify(gpt, tokens)`` reports it and gives the constants that hold at
+    that batch (docs/algebra.md, "Certified domain")."""
 
     def __init__(self, vocab_size, context, width, depth, heads, residual="plain", streams=4,
                  attn_manifold="stiefel", mlp_manifold="dgram", mlp_ratio=4, blocks_mass=5.0,

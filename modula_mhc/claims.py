@@ -459,7 +459,7 @@ def check_claims(model: Module, x, measure=True, restarts=3, steps=20, sharpness
         return report
     f, xf = input_part(model, x)
     sens = measure_sensitivity(f, xf, restarts=restarts, steps=steps, seed=seed)
-    cert_at = certify(f, sens.x) if f is not model or sens.x is not None else cert
+    cert_at = certify(f, sens.x if sens.x is not None else xf)
     report["measured"] = dict(sensitivity=sens.value,
                               weight_gain=measure_weight_gain(model, x, restarts=restarts, seed=seed).value)
     report["certified_at_worst_input"] = cert_at.as_dict()
@@ -468,6 +468,6 @@ def check_claims(model: Module, x, measure=True, restarts=3, steps=20, sharpness
     if sharpness:
         gam = measure_sharpness(f, xf, "gamma", restarts=restarts, steps=steps, seed=seed)
         report["measured"]["gamma"] = gam.value
-        ok = ok and gam.value <= certify(f, gam.x).certified["gamma"] * (1 + 1e-4)
+        ok = ok and gam.value <= certify(f, gam.x if gam.x is not None else xf).certified["gamma"] * (1 + 1e-4)
     report["ok"] = ok
     return report

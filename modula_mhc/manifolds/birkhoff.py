@@ -88,8 +88,7 @@ def _project(logits: torch.Tensor) -> torch.Tensor:
 
 def _scale(logits: torch.Tensor, iters: int = 4) -> torch.Tensor:
     """``iters`` Sinkhorn–Knopp iterations on exp(logits) as scaling vectors (float64, no host sync;
-    logits within ~700 of their max, as the step's are). Not rounded: the step rounds once at the
-    end. The step's matrices are within e^±(2·MAX_LOG_STEP) of a doubly-stochastic one and, for
+    logits within ~700 of their max, as the step's are), not rounded. The step's matrices are within e^±(2·MAX_LOG_STEP) of a doubly-stochastic one and, for
     small lr, off the polytope by O(lr²) only, so a few iterations suffice."""
     K = (logits - logits.amax(dim=(-2, -1), keepdim=True)).exp()
     Kt = K.mT
@@ -160,7 +159,7 @@ class Birkhoff(Manifold):
         Wd = Wd.clamp_min(FLOOR)
         # mirror step: log of W ⊙ exp(−lr·A ⊘ W), each entry's factor within e^±MAX_LOG_STEP
         step = (Ad / Wd).mul_(-lr).clamp_(-MAX_LOG_STEP, MAX_LOG_STEP)
-        D = _scale(Wd.log() + step) - Wd
+        D = round_to_polytope(_scale(Wd.log() + step)) - Wd
         # trust region: at most lr·‖A‖_B in the natural norm, along the chord W → P (inside the polytope)
         budget = lr * operator_norm(Ad)
         moved = operator_norm(D)

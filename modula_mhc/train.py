@@ -173,7 +173,9 @@ def train(config: TrainConfig | None = None, callback=None) -> dict:
             name = config.name or time.strftime("%Y%m%d-%H%M%S")
             config = dataclasses.replace(config, out=os.path.join("runs", name))
     previous_threads = torch.get_num_threads()
-    with RunDirectory(config.out, fresh=ckpt is None, force=config.force) as run_dir:
+    # a resumed run continues in its own directory; another directory must not hold a run already
+    own_dir = ckpt is not None and os.path.realpath(config.out) == os.path.realpath(os.path.dirname(ckpt_path) or ".")
+    with RunDirectory(config.out, fresh=not own_dir, force=config.force) as run_dir:
         if config.threads and resolve_device(config.device).type == "cpu":
             torch.set_num_threads(config.threads)
         try:

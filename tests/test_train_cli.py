@@ -306,6 +306,13 @@ def test_a_run_is_never_overwritten_without_resume_or_force(tmp_path, capsys, te
     assert cli.main(["train", *flags, "--seed", "1", "--force"]) == 0
     assert load_checkpoint(out / "ckpt.pt")["config"]["seed"] == 1
     assert "--force" in cli_error(capsys, ["train", "--resume", str(out), "--force"])
+    # resuming into another run's directory is refused too; into a new directory it continues there
+    other = tmp_path / "other"
+    assert cli.main(["train", *flags[:-1], str(other)]) == 0
+    assert "already holds a run" in cli_error(capsys, ["train", "--resume", str(out), "--steps", "6",
+                                                       "--out", str(other), "--quiet"])
+    assert cli.main(["train", "--resume", str(out), "--steps", "6", "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    assert load_checkpoint(tmp_path / "b" / "ckpt.pt")["step"] == 6 and load_checkpoint(out / "ckpt.pt")["step"] == 4
 
 
 def test_a_locked_run_directory_refuses_a_second_run(tmp_path, capsys, text_file):

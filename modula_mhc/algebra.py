@@ -42,21 +42,25 @@ def _dims_conflict(a, b):
         and not isinstance(b, tuple) and a != b
 
 
-def compose2_sharpness(m2_mass, m2_sens, m2_sharp, m1_mass, m1_sens, m1_sharp):
-    """Sharpness of M2 ∘ M1 (derivation in docs/algebra.md). With p1 = μ1/(μν2), p2 = μ2/μ:
-    α = α2 p2² + 2β2 p1 p2 + (γ2 + ν2 α1) p1²,  β = β2 ν1 p2 + (γ2 ν1 + ν2 β1) p1,
+def compose2_sharpness(m2_mass, m2_sens, m2_sharp, m1_mass, m1_sens, m1_sharp, m2_norm_sens=None, m1_gain=1.0):
+    """Sharpness of M2 ∘ M1 (derivation in docs/algebra.md). With p1 = μ1/(μν2'), p2 = μ2/μ
+    (ν2' = M2's norm_sensitivity, the one the modular norm is built with; default ν2) and κ1 = M1's
+    weight gain (‖D_w1 f1·Δw1‖ ≤ κ1‖Δw1‖):
+    α = α2 p2² + 2β2 κ1 p1 p2 + (γ2 κ1² + ν2 α1) p1²,  β = β2 ν1 p2 + (γ2 κ1 ν1 + ν2 β1) p1,
     γ = γ2 ν1² + ν2 γ1."""
     a1, b1, g1 = m1_sharp
     a2, b2, g2 = m2_sharp
+    nu2n = m2_sens if m2_norm_sens is None else m2_norm_sens
+    k1 = m1_gain
     mu = m1_mass + m2_mass
     m = S.product  # 0·∞ = 0: a term that cannot occur contributes nothing
     gamma = m(g2, m1_sens ** 2) + m(m2_sens, g1)
     if S.is_zero(mu):
         return Sharpness(0.0, 0.0, gamma)
     p2 = 0 if S.is_zero(m2_mass) else m2_mass / mu
-    p1 = 0 if (S.is_zero(m1_mass) or S.is_zero(m2_sens)) else m1_mass / (mu * m2_sens)
-    alpha = m(a2, p2 ** 2) + 2 * m(b2, p1, p2) + m(g2, p1 ** 2) + m(m2_sens, a1, p1 ** 2)
-    beta = m(b2, m1_sens, p2) + m(g2, m1_sens, p1) + m(m2_sens, b1, p1)
+    p1 = 0 if (S.is_zero(m1_mass) or S.is_zero(nu2n)) else m1_mass / (mu * nu2n)
+    alpha = m(a2, p2 ** 2) + 2 * m(b2, k1, p1, p2) + m(g2, k1 ** 2, p1 ** 2) + m(m2_sens, a1, p1 ** 2)
+    beta = m(b2, m1_sens, p2) + m(g2, k1, m1_sens, p1) + m(m2_sens, b1, p1)
     return Sharpness(alpha, beta, gamma)
 
 
@@ -111,10 +115,15 @@ class Compose(Module):
 
     @property
     def sharpness(self):
-        mass, sens, sharp = 0.0, 1.0, Sharpness(0.0, 0.0, 0.0)
+        mass, sens, gain, sharp = 0.0, 1.0, 1.0, Sharpness(0.0, 0.0, 0.0)
         for m in self.layers:
-            sharp = compose2_sharpness(m.mass, m.sensitivity, m.sharpness, mass, sens, sharp)
-            mass, sens = mass + m.mass, sens * m.sensitivity
+            nu, nu_n = m.sensitivity, m.norm_sensitivity
+            sharp = compose2_sharpness(m.mass, nu, m.sharpness, mass, sens, sharp, nu_n, gain)
+            total = mass + m.mass
+            if not S.is_zero(total):  # κ of the prefix (weight_gain's rule, one layer at a time)
+                ratio = nu / nu_n if not S.is_zero(nu_n) else (1.0 if S.is_zero(nu) else S.infinity())
+                gain = (S.product(mass, gain, ratio) + S.product(m.mass, m.weight_gain)) / total
+            mass, sens = total, sens * nu
         return sharp
 
     def _coefficient_map(self):
@@ -362,7 +371,9 @@ class SymbolicRepeat(Module):
 
     @property
     def sharpness(self):
-        return repeated_sharpness(self.module.mass, self.module.sensitivity, self.module.sharpness, self.depth)
+        m = self.module
+        return repeated_sharpness(m.mass, m.sensitivity, m.sharpness, self.depth, norm_sensitivity=m.norm_sensitivity,
+                                  weight_gain=m.weight_gain)
 
     def _coefficient_map(self):
         if S.is_zero(self.module.mass):
@@ -373,12 +384,24 @@ class SymbolicRepeat(Module):
         return out
 
 
-def repeated_sharpness(mass, nu, sharp, depth):
+def _same(a, b) -> bool:
+    if S.is_symbolic(a) or S.is_symbolic(b):
+        return sympy.simplify(sympy.sympify(a) - sympy.sympify(b)) == 0
+    return a == b
+
+
+def repeated_sharpness(mass, nu, sharp, depth, norm_sensitivity=None, weight_gain=1.0):
     """Closed-form sharpness of M∘…∘M (depth copies) by solving the composition recurrence
     P_k = M ∘ P_{k−1} (docs/algebra.md); tests compare it with the unrolled fold.
 
     The sums are solved for placeholder symbols (a, b, g, v) and the module's own values are
-    substituted afterwards, which keeps sympy's summation on simple geometric-polynomial terms."""
+    substituted afterwards, which keeps sympy's summation on simple geometric-polynomial terms.
+    When the norm is built with ν' ≠ ν or the module's weight gain κ ≠ 1 (attention with several
+    heads), the general recurrence is returned as explicit finite sums (``sympy.Sum``), exact once
+    the depth is a number."""
+    nu_n = nu if norm_sensitivity is None else norm_sensitivity
+    if not (_same(nu, nu_n) and _same(weight_gain, 1)):
+        return _general_repeated_sharpness(mass, nu, nu_n, weight_gain, sharp, depth)
     k, j = sympy.symbols("k j", positive=True, integer=True)
     a, b, g, v = sympy.symbols("alpha beta gamma nu", positive=True)
 
@@ -396,6 +419,27 @@ def repeated_sharpness(mass, nu, sharp, depth):
     values = {a: sympy.sympify(sharp[0]), b: sympy.sympify(sharp[1]), g: sympy.sympify(sharp[2]),
               v: sympy.sympify(nu), k: depth}
     return Sharpness(*(e.subs(values) for e in (alpha_k, beta_k, gamma_k)))
+
+
+def _general_repeated_sharpness(mass, nu, nu_n, kappa, sharp, depth):
+    """P_k = M ∘ P_{k−1} with r = ν/ν', G_j = (j−1)κ_{j−1} = κ Σ_{i<j} r^(j−1−i) (the prefix's
+    weight gain times its share):
+    kβ_k = Σ_j r^(k−j) [β ν^(j−1) + (γ/ν') ν^(j−1) G_j],
+    k²α_k = Σ_j (ν/ν'²)^(k−j) [α + (2β/ν') G_j + (γ/ν'²) G_j²],   γ_k as in the plain case."""
+    a, b, g = (sympy.sympify(v) for v in sharp)
+    v, vn, kap = sympy.sympify(nu), sympy.sympify(nu_n), sympy.sympify(kappa)
+    k, j, i = sympy.symbols("k_rep j_rep i_rep", positive=True, integer=True)
+    r = v / vn
+    G = kap * sympy.Sum(r ** (j - 1 - i), (i, 1, j - 1))
+    gamma_k = sympy.Sum(v ** (k - j) * g * v ** (2 * j - 2), (j, 1, k))
+    beta_k = sympy.Sum(r ** (k - j) * (b * v ** (j - 1) + g / vn * v ** (j - 1) * G), (j, 1, k)) / k
+    alpha_k = sympy.Sum((v / vn ** 2) ** (k - j) * (a + 2 * b / vn * G + g / vn ** 2 * G ** 2), (j, 1, k)) / k ** 2
+    if S.is_zero(mass):
+        alpha_k = beta_k = sympy.Integer(0)
+    out = [e.subs(k, depth) for e in (alpha_k, beta_k, gamma_k)]
+    if not S.is_symbolic(depth):
+        out = [float(e.doit()) for e in out]
+    return Sharpness(*out)
 
 
 def repeat(module: Module, depth) -> Module:

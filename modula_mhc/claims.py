@@ -135,6 +135,8 @@ def measure_sensitivity(f, x, restarts=3, steps=30, lr=0.1, move_input=True, see
                 best = Measurement(val, xc.detach().clone(), (v.detach().clone(),), best.per_restart)
             grads = torch.autograd.grad(ratio, [xr, vr] if move_input else [vr])
             v = _dual(grads[-1].detach())
+            if not torch.isfinite(v).all() or float(seq_norm(v)) == 0:  # a flat spot: start the direction afresh
+                v = _dual(_randn(x.shape, g, x.dtype))
             if move_input:
                 gx = grads[0].detach()
                 step = lr * (1 - k / steps) * _dual(gx)

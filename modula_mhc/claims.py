@@ -133,8 +133,10 @@ def measure_sensitivity(f, x, restarts=3, steps=30, lr=0.1, move_input=True, see
                 run_best = val
             if val > best.value:
                 best = Measurement(val, xc.detach().clone(), (v.detach().clone(),), best.per_restart)
-            grads = torch.autograd.grad(ratio, [xr, vr] if move_input else [vr])
-            v = _dual(grads[-1].detach())
+            wrt = [xr, vr] if move_input else [vr]
+            grads = [torch.zeros_like(t) if gr is None else torch.nan_to_num(gr.detach(), nan=0.0, posinf=0.0, neginf=0.0)
+                     for t, gr in zip(wrt, torch.autograd.grad(ratio, wrt, allow_unused=True))]
+            v = _dual(grads[-1])
             if not torch.isfinite(v).all() or float(seq_norm(v)) == 0:  # a flat spot: start the direction afresh
                 v = _dual(_randn(x.shape, g, x.dtype))
             if move_input:

@@ -161,7 +161,8 @@ def _call(model, names, ws, x):
 
 
 def _unit_dualized(model, grads):
-    return [d.detach() for d in model.dualize([gr.detach() for gr in grads], target_norm=1.0)]
+    clean = [torch.nan_to_num(gr.detach(), nan=0.0, posinf=0.0, neginf=0.0) for gr in grads]
+    return [d.detach() for d in model.dualize(clean, target_norm=1.0)]
 
 
 def measure_weight_gain(model: Module, x, restarts=3, steps=15, seed=0) -> Measurement:
@@ -219,8 +220,11 @@ def measure_sharpness(f, x, which="gamma", restarts=2, steps=15, lr=0.1, move_in
                 run_best = max(run_best, val)
                 if val > best.value:
                     best = Measurement(val, xc.detach().clone(), (u.clone(), v.clone()), best.per_restart)
-                grads = torch.autograd.grad(ratio, ([xr] if move_input else []) + [ur, vr])
-                u, v = _dual(grads[-2].detach()), _dual(grads[-1].detach())
+                wrt = ([xr] if move_input else []) + [ur, vr]
+                grads = [torch.zeros_like(t) if gr is None else torch.nan_to_num(gr.detach(), nan=0.0, posinf=0.0,
+                                                                                  neginf=0.0)
+                         for t, gr in zip(wrt, torch.autograd.grad(ratio, wrt, allow_unused=True))]
+                u, v = _dual(grads[-2]), _dual(grads[-1])
                 if move_input:
                     xc = unit_rms(xc + lr * (1 - k / steps) * _dual(grads[0].detach()))
             best.per_restart.append(run_best)

@@ -5,7 +5,7 @@ Nothing here imports triton.
 
 - ``msign``: polar factor U Vᵀ of X = U Σ Vᵀ by the Polar Express iteration.
 - ``sinkhorn``: Sinkhorn–Knopp normalisation of exp(logits) with an exact, recomputing backward.
-- ``sinkhorn_project``: the same map applied to log W (Birkhoff-manifold retraction).
+- ``sinkhorn_project``: the same map applied to log W (Sinkhorn–Knopp scaling of a positive W).
 - ``mhc_coeff_input``, ``mhc_pre``, ``mhc_post_res``: mHC stream mixing.
 """
 

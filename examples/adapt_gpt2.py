@@ -34,12 +34,13 @@ class MHCGPT2(nn.Module):
     def __init__(self, gpt2, streams=4, **options):
         super().__init__()
         t = gpt2.transformer
-        self.wte, self.wpe, self.ln_f, self.lm_head = t.wte, t.wpe, t.ln_f, gpt2.lm_head
-        self.streams = streams
+        self.wte, self.wpe, self.streams = t.wte, t.wpe, streams  # registration order = execution order
+        options.setdefault("depth", 2 * len(t.h))  # the library's depth scaling (docs/adapt.md)
         self.blocks = nn.ModuleList(
             nn.ModuleDict({"attn": hyper_connections([blk.ln_1, blk.attn], streams=streams, **options),
                            "mlp": hyper_connections([blk.ln_2, blk.mlp], streams=streams, **options)})
             for blk in t.h)
+        self.ln_f, self.lm_head = t.ln_f, gpt2.lm_head
 
     def forward(self, idx):
         pos = torch.arange(idx.shape[-1], device=idx.device)
@@ -82,7 +83,7 @@ def main(argv=None):
         loss.backward()
         opt.step()
         if step == 1 or step % max(1, args.steps // 10) == 0 or step == args.steps:
-            print(f"step {step}: loss {float(loss):.4f}  ({time.time() - t0:.1f}s)")
+            print(f"step {step}: loss {float(loss.detach()):.4f}  ({time.time() - t0:.1f}s)")
     with torch.no_grad():
         val = sum(float(M.lm_loss(trained, b)) for b in data.val()) / len(data.val())
     print(f"val loss {val:.4f}")

@@ -42,7 +42,8 @@ class CharBatches:
     def __init__(self, text, context=64, batch=16, seed=0, val_batches=4):
         chars = sorted(set(text))
         self.vocab = len(chars)
-        ids = torch.tensor([chars.index(c) for c in text], dtype=torch.long)
+        index = {c: i for i, c in enumerate(chars)}
+        ids = torch.tensor([index[c] for c in text], dtype=torch.long)
         n = int(0.9 * len(ids))
         self.train_ids, self.val_ids = ids[:n], ids[n:]
         self.context, self.batch, self.seed = context, batch, seed

@@ -14,7 +14,7 @@ from ..module import Module, Sharpness
 from ..optim.presets import PRESETS, _preset_choice
 from . import describe as _describe
 from .roles import infer
-from .structure import build_shadow
+from .structure import build_branch_shadow, build_shadow
 from .views import EmbedView, GainView, MatrixView, VectorView
 
 __all__ = ["adapt", "Adapted"]
@@ -184,8 +184,9 @@ def adapt(model: nn.Module, manifolds="muon", *, roles=None, split_heads=False, 
     ``roles``: {parameter-name glob: role} overriding what was inferred (e.g. {"*.wo.weight":
     "attn_o"}). ``split_heads``: also split fused and separate q/k/v projections into heads when
     the model says how many (``num_heads``/``n_head`` on the attention module or its config).
-    ``structure``: "auto" (recover blocks where possible) or "default" (coefficient 1 for every
-    parameter). ``masses``: overrides of ``structure.DEFAULT_MASSES``. ``retract``: put the
+    ``structure``: "auto" (recover blocks where possible), "branch" (the model is one residual
+    branch, e.g. norm + attention: how ``hyper_connections`` reads its branch) or "default"
+    (coefficient 1 for every parameter). ``masses``: overrides of ``structure.DEFAULT_MASSES``. ``retract``: put the
     weights of non-Euclidean matrices on their manifold now (in place; Euclidean weights keep the
     model's initialisation).
 
@@ -195,8 +196,8 @@ def adapt(model: nn.Module, manifolds="muon", *, roles=None, split_heads=False, 
         raise TypeError(f"adapt: expected a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, Module):
         raise TypeError("adapt: this is already a modula_mhc Module; use it directly")
-    if structure not in ("auto", "default"):
-        raise ValueError(f"adapt: structure must be 'auto' or 'default', got {structure!r}")
+    if structure not in ("auto", "default", "branch"):
+        raise ValueError(f"adapt: structure must be 'auto', 'default' or 'branch', got {structure!r}")
     islands = _islands(model)
     island_of = {id(p): (name, isl) for name, isl in islands for p in isl.parameters()}
     infos = []
@@ -244,6 +245,8 @@ def adapt(model: nn.Module, manifolds="muon", *, roles=None, split_heads=False, 
         by_id[id(p)] = v
     if structure == "auto":
         shadow, placed, summary = build_shadow(model, infos, by_id, masses)
+    elif structure == "branch":
+        shadow, placed, summary = build_branch_shadow(model, infos, by_id, masses)
     else:
         shadow, placed, summary = None, {}, "defaulted (structure='default')"
     for v, m in _resolve_manifolds(manifolds, views).items():

@@ -83,6 +83,7 @@ class HyperBranch(Module):
         self.in_dim = self.out_dim = int(width)
         self._sensitivity = float(sensitivity)
         self.call = call
+        adapt_options.setdefault("structure", "branch")
         self.adapted = adapt(branch, manifolds, **adapt_options) if any(True for _ in branch.parameters()) else None
         if self.adapted is None:
             self.branch = branch
@@ -124,6 +125,10 @@ def hyper_connections(branch, streams=4, width=None, call=None, constrained=True
                       branch_sensitivity=1.0, **options) -> HyperConnections:
     """HC (``constrained=False``) or mHC (default) around an nn.Module branch; ``options`` go to
     :class:`~modula_mhc.compounds.hyper.HyperConnections` (dynamic, sinkhorn_iters, depth, …).
+    Pass ``depth=`` the number of hyper-connected branches in the network (2 per transformer
+    block) for the library's depth scaling (residual mix × (1 − 1/depth), branch × 1/depth), which
+    keeps the modular norm's coefficients O(1) in depth; without it the layer computes the model's
+    own ``x + F(x)`` and the coefficients grow by (1 + ν_F) per layer.
     Input and output are stream tensors (..., streams, C): use :func:`expand_streams` before the
     first wrapped branch and :func:`reduce_streams` after the last."""
     hb = HyperBranch(branch, width=width, call=call, manifolds=manifolds, sensitivity=branch_sensitivity)

@@ -40,7 +40,7 @@ from ..algebra import Compose, Identity, Parallel, Scale, Sum, residual
 from ..module import Bond
 from .roles import _ATTN_CONTAINER, _MLP_CONTAINER, is_norm_module
 
-__all__ = ["DEFAULT_MASSES", "find_blocks", "build_shadow"]
+__all__ = ["DEFAULT_MASSES", "find_blocks", "build_shadow", "build_branch_shadow"]
 
 #: mass rules (see the module docstring); override with adapt(..., masses={...})
 DEFAULT_MASSES = {"embed": 1.0, "head": 1.0, "blocks": 5.0, "matrix": 1.0, "vector": 0.1}
@@ -165,13 +165,16 @@ class _Builder:
             role = next((i.role for i in infos if i.kind == "matrix"), None)
             if is_norm_module(infos[0].module) and infos[0].kind != "island":
                 norms.append((c, u))
-            elif _ATTN_CONTAINER.search(c):
+            elif (role or "").startswith("attn") or (_ATTN_CONTAINER.search(c) and not (role or "").startswith("mlp")):
                 (attn_out if role == "attn_o" else attn_in if role and role.startswith("attn") else attn_other).append(u)
-            elif _MLP_CONTAINER.search(c):
+            elif (role or "").startswith("mlp") or _MLP_CONTAINER.search(c):
                 (mlp_out if role == "mlp_out" else mlp_in if role == "mlp_in" else mlp_other).append(u)
-            else:
-                norms.append((c, u))
+            else:  # anything else in the block (a gate, a scale): inside the attention branch
+                attn_other.append(u)
         attn_norm, mlp_norm = [], []
+        if depth is None:  # one branch alone: its norms are its own
+            (attn_norm if (attn_in or attn_out) else mlp_norm).extend(u for _, u in norms)
+            norms = []
         for i, (c, u) in enumerate(norms):
             if re.search(r"post|2|ffn|mlp|ff_", c):
                 mlp_norm.append(u)
@@ -192,6 +195,8 @@ class _Builder:
 
         attn_b = branch(attn_norm, attn_in, attn_other, "attention core", attn_out)
         mlp_b = branch(mlp_norm, mlp_in, mlp_other, "activation", mlp_out)
+        if depth is None:  # one branch alone (a hyper-connected branch): whichever has weights
+            return attn_b if (attn_in or attn_out) else mlp_b
         return Compose(residual(attn_b, 2 * depth), residual(mlp_b, 2 * depth))
 
     def _count(self, unit):
@@ -319,3 +324,26 @@ def build_shadow(model, infos, views, masses=None):
     n_post = sum(1 for k in placed.values() if k.startswith("after"))
     return shadow, placed, (f"structure recovered: {depth} {'/'.join(kinds)} blocks, {n_pre} parameters before "
                             f"them, {n_post} after")
+
+
+def build_branch_shadow(model, infos, views, masses=None):
+    """The shadow of one residual *branch* (e.g. ``[ln_1, attn]`` handed to ``hyper_connections``):
+    norm → input projections → (1/k)·core → output projection, as one branch of a transformer
+    block; any other branch: its units composed in order. Masses: one per projection, 1-D
+    parameters ``vector`` of one."""
+    masses = dict(DEFAULT_MASSES, **(masses or {}))
+    if any(i.kind == "island" for i in infos):
+        return None, {}, "defaulted: the branch holds native modula_mhc modules"
+    b = _Builder(infos, views, masses)
+    units = b.units_under("", list(infos))
+    roles = {i.role for i in infos}
+    if any(r.startswith(("attn", "mlp")) for r in roles):
+        shadow = b.transformer_block(units, None)
+        kind = "attention branch" if any(r.startswith("attn") for r in roles) else "MLP branch"
+    else:
+        shadow = Compose(*b._with_activations([u for _, _, u in units]))
+        kind = "sequential branch"
+    atoms = list(dict.fromkeys(shadow.atoms()))
+    _set_masses(atoms, float(len([a for a in atoms if a.weight.ndim >= 2]) or 1), masses["vector"])
+    placed = {i.name: kind for i in infos}
+    return shadow, placed, f"structure recovered: {kind}"

@@ -385,8 +385,10 @@ class SymbolicRepeat(Module):
 
 
 def _same(a, b) -> bool:
+    """Structural equality (no sympy.simplify: it is slow on GPT-sized expressions; a false
+    "different" only selects the general closed form, which is exact as well)."""
     if S.is_symbolic(a) or S.is_symbolic(b):
-        return sympy.simplify(sympy.sympify(a) - sympy.sympify(b)) == 0
+        return sympy.sympify(a) - sympy.sympify(b) == 0
     return a == b
 
 

@@ -89,6 +89,16 @@ def test_views_are_the_models_own_tensors_and_state_dict_is_unchanged():
     model.load_state_dict(sd)
     assert torch.equal(net.atoms()[0].weight, sd["0.weight"])
     assert net(torch.randn(3, 4)).shape == (3, 2)
+    # the tags neither break torch.save(model) nor follow a deep copy (a copy is adapted again)
+    import copy
+    import io
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    assert getattr(torch.load(buf, weights_only=False)[0].weight, "_mm_atom", None) is None
+    twin = copy.deepcopy(net)
+    assert twin.atoms()[0].weight is twin.model[0].weight
+    mm.optim.DualizeRetract(twin, lr=0.1)
 
 
 def test_modular_norm_of_the_dual_is_the_target():

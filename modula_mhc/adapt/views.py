@@ -35,6 +35,24 @@ from ..module import Atom, Sharpness
 __all__ = ["AtomView", "MatrixView", "EmbedView", "GainView", "VectorView"]
 
 
+class _Tag(weakref.ref):
+    """The ``_mm_atom`` tag a view puts on a model's parameter: a weak reference (what
+    DualizeRetract reads) that pickles and deep-copies as None, so ``torch.save(model)`` and
+    ``copy.deepcopy(model)`` keep working (a copy is adapted again to be optimised)."""
+
+    __slots__ = ()
+
+    def __reduce_ex__(self, protocol):
+        return (_no_tag, ())
+
+    def __deepcopy__(self, memo):
+        return None
+
+
+def _no_tag():
+    return None
+
+
 class AtomView(Atom):
     """Base of the views: an Atom over ``getattr(owner, param_name)`` (no parameter registered).
 
@@ -64,7 +82,7 @@ class AtomView(Atom):
         return getattr(self._owner, self.param_name)
 
     def _tag(self):
-        self.weight._mm_atom = weakref.ref(self)
+        self.weight._mm_atom = _Tag(self)
 
     @torch.no_grad()
     def reset_parameters(self, generator=None):

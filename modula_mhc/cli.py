@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from . import __version__
 from .checkpoint import CheckpointError
@@ -28,6 +29,7 @@ from .config import (
     TrainConfig,
 )
 from .data import DataError
+from .train import sample, train
 
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
 
@@ -141,12 +143,18 @@ def main(argv=None) -> int:
     """Entry point of ``modula-mhc``; returns the exit status (0 ok, 2 error, 130 interrupted)."""
     args = build_parser().parse_args(argv)
     prog = f"modula-mhc {args.command}"
-    from . import train as training  # the loop (torch, the model code) only when a command runs
+    with warnings.catch_warnings():  # a warning (e.g. a skipped step) is one line too
+        warnings.showwarning = lambda message, *_: print(f"{prog}: warning: {' '.join(str(message).split())}",
+                                                         file=sys.stderr)
+        return _run_command(args, prog)
+
+
+def _run_command(args, prog) -> int:
     try:
         if args.command == "train":
-            training.train(config_from_args(args))
+            train(config_from_args(args))
         else:
-            text = training.sample(args.checkpoint, chars=args.chars, prompt=args.prompt,
+            text = sample(args.checkpoint, chars=args.chars, prompt=args.prompt,
                                    temperature=args.temperature, seed=args.seed, device=args.device)
             sys.stdout.write(text + "\n")
     except KeyboardInterrupt as e:

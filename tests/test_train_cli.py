@@ -266,6 +266,21 @@ def test_nonfinite_loss_is_the_optimizers_policy(tmp_path, text_file, monkeypatc
     assert json.loads((tmp_path / "nan2" / "metrics.json").read_text())["status"] == "diverged"
 
 
+
+def test_cli_warnings_are_one_line(tmp_path, capsys, text_file, monkeypatch):
+    import modula_mhc.train as T
+    real_loss_of, calls = T.loss_of, {"n": 0}
+
+    def poisoned(model, *args):
+        calls["n"] += model.training
+        return real_loss_of(model, *args) * (float("nan") if model.training and calls["n"] == 2 else 1.0)
+
+    monkeypatch.setattr(T, "loss_of", poisoned)
+    assert cli.main(["train", *MINI_FLAGS, "--data", text_file, "--out", str(tmp_path / "run")]) == 0
+    err = capsys.readouterr().err
+    assert err == "modula-mhc train: warning: non-finite gradient (NaN or Inf): optimizer step skipped (1 so far)\n"
+
+
 def test_bfloat16_autocast_runs_and_matches_fp32_at_start(tmp_path, text_file):
     kw = dict(TINY, data=text_file, optimizer="adamw", steps=3, eval_every=3, sample_chars=0, quiet=True)
     m32 = train(TrainConfig(**kw, out=str(tmp_path / "fp32")))

@@ -191,6 +191,7 @@ class RunDirectory:
         self.path, self._fd = os.fspath(out), None
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise ConfigError("out", f"{self.path!r} exists and is not a directory")
+        self.created = not os.path.exists(self.path)  # removed again if the run fails before writing
         try:
             os.makedirs(self.path, exist_ok=True)
             self._fd = os.open(os.path.join(self.path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o666)
@@ -237,6 +238,9 @@ class RunDirectory:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
+        if exc_type is not None and self.created and os.listdir(self.path) == [LOCK_FILE]:
+            os.unlink(self.file(LOCK_FILE))  # a run that failed before writing leaves no empty directory
+            os.rmdir(self.path)
         self.close()
         return False

@@ -216,6 +216,7 @@ def test_cli_rejects_bad_data_files(tmp_path, capsys, content):
     assert cli.main(["train", "--data", str(p), "--steps", "1", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert str(p) in err and err.startswith("modula-mhc train: error:")
+    assert not (tmp_path / "run").exists()  # a run that failed before writing leaves no directory behind
 
 
 @pytest.mark.parametrize("flags, mentioned", [

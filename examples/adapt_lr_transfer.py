@@ -1,7 +1,7 @@
 """Learning-rate transfer on models nobody here wrote: Hugging Face GPT-2 and Llama (built from
 configs), adapted with ``mm.adapt`` and trained by DualizeRetract, across a width sweep.
 
-    python examples/adapt_lr_transfer.py                      # both, widths 32 64 128, 5 lrs
+    python examples/adapt_lr_transfer.py                      # both, widths 16 32 64, 5 lrs
     python examples/adapt_lr_transfer.py --arch gpt2 --steps 300 --adamw
 
 Writes ``<out>/adapt_lr_transfer.json``, a Markdown table and ``adapt_lr_transfer.png`` (val loss
@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import adapt_models as M  # noqa: E402
 
 
-def sweep(arch, widths=(32, 64, 128), lrs=(0.025, 0.05, 0.1, 0.2, 0.4), steps=150, depth=2, heads=4,
+def sweep(arch, widths=(16, 32, 64), lrs=(0.025, 0.05, 0.1, 0.2, 0.4), steps=150, depth=2, heads=4,
           context=64, batch=16, kind="dualize", manifolds="muon", text=None, seed=0, log=None):
     """{"val": {width: {lr: val loss}}, "best": {width: lr}, "settings": …} (keys are strings)."""
     data = M.CharBatches(text if text is not None else M.load_text(), context=context, batch=batch, seed=seed)
@@ -85,7 +85,7 @@ def plot(results, path):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", nargs="+", default=["gpt2", "llama"], choices=["gpt2", "llama"])
-    ap.add_argument("--widths", nargs="+", type=int, default=[32, 64, 128])
+    ap.add_argument("--widths", nargs="+", type=int, default=[16, 32, 64])
     ap.add_argument("--lrs", nargs="+", type=float, default=[0.025, 0.05, 0.1, 0.2, 0.4])
     ap.add_argument("--adamw", action="store_true", help="also sweep AdamW (lrs --adamw-lrs)")
     ap.add_argument("--adamw-lrs", nargs="+", type=float, default=[1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2])

@@ -243,6 +243,38 @@ def test_llama_roles_gqa_and_heads():
     assert by["model.layers.0.mlp.up_proj.weight"] in mlp_branch.atoms()
 
 
+def test_llama_hetero_per_head_steps_stay_on_the_manifolds(chars):
+    model = tiny_llama(vocab=chars.vocab)
+    net = mm.adapt(model, "hetero", split_heads=True)
+    opt = mm.optim.DualizeRetract(net, lr=0.1)
+    for step in range(2):
+        loss = M.lm_loss(model, chars.train(step))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert math.isfinite(float(loss.detach()))
+    for v in net.atoms():
+        if isinstance(v, MatrixView) and v.manifold.name == "stiefel":
+            for P in v._pieces_of(v._matrix(v.weight.detach())):  # every head on Stiefel
+                assert v.manifold.contains(P, tol=1e-3), v.name
+    d = opt.diagnostics()
+    assert any("iterations" in x for x in d.values())
+
+
+def test_dualize_adamw_skips_non_finite_steps():
+    model = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 4))
+    net = mm.adapt(model)
+    opt = DualizeAdamW(net)
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.tensor([1, 2])).sum().backward()
+    model[0].weight.grad[1, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        opt.step()
+    assert opt.skipped_steps == 1 and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(FloatingPointError):
+        DualizeAdamW(net, nonfinite="raise").step()
+
+
 def test_gpt2_save_pretrained_round_trip_after_training(tmp_path, chars):
     model = tiny_gpt2(vocab=chars.vocab)
     keys = list(model.state_dict())

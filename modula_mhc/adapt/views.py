@@ -275,7 +275,7 @@ class EmbedView(AtomView):
         pass
 
     def diagnostics(self):
-        return {"max_row_rms": float(self.weight_norm())}
+        return {"max_row_rms": float(self.weight_norm(self.weight.detach()))}
 
 
 class GainView(AtomView):
@@ -327,7 +327,7 @@ class VectorView(AtomView):
         pass
 
     def diagnostics(self):
-        return {"rms": float(self.weight_norm())}
+        return {"rms": float(self.weight_norm(self.weight.detach()))}
 
 
 def manifold_of(name_or_manifold):

@@ -229,9 +229,10 @@ class HyperConnections(Module):
         return kernels.mhc_post_res(x, f, self.residual_scale * h_res, self.branch_scale * h_post)
 
     # ----------------------------------------------------------------- modular metadata
-    def _parts(self):
-        """[(module, s)]: s bounds ‖Δout‖ per unit of that part's own norm (docs/mhc.md)."""
-        b = self._bounds()
+    def _parts(self, nu_f=None):
+        """[(module, s)]: s bounds ‖Δout‖ per unit of that part's own norm (docs/mhc.md); ``nu_f``
+        overrides the branch's sensitivity (the norm at init uses its norm_sensitivity)."""
+        b = self._bounds(nu_f)
         parts = [(self.branch, b["s_branch"]), (self.static, b["s_static"])]
         if self.dynamic:
             parts += [(self.phi, b["s_phi"]), (self.gate, b["s_gate"])]
@@ -239,7 +240,7 @@ class HyperConnections(Module):
             parts.append((self.mix, b["s_mix"]))
         return parts
 
-    def _bounds(self) -> dict:
+    def _bounds(self, nu_f=None) -> dict:
         """The constants of the sensitivity derivation in docs/mhc.md, at well-normed weights and inputs
         (declared domain: unit-RMS streams, ‖φ‖ ≤ 1, ‖g‖_∞ ≤ 1, HC static mixing norm ≤ 1).
 
@@ -249,7 +250,7 @@ class HyperConnections(Module):
         uses those (X multiplies the coefficient terms Σ dq_j x_j and Σ dH_ij x_j, 1/r the RMS
         normaliser of the coefficient path)."""
         n, rho, beta = self.streams, self.residual_scale, self.branch_scale
-        nu_f = float(S.to_number(self.branch.sensitivity))
+        nu_f = float(S.to_number(self.branch.sensitivity if nu_f is None else nu_f))
         m_f = nu_f if self.branch_output_bound is None else float(self.branch_output_bound)
         a = self.gate.scale if self.dynamic else 0.0
         m = self.n_coeffs if self.dynamic else 0
@@ -349,10 +350,12 @@ class HyperConnections(Module):
 
     def _norm_parts(self):
         """[(part, s')]: the per-part scale the modular norm is built with."""
-        parts = self._parts()
-        if self.norm_at == "init":  # the branch enters with h_post = 1 at init (not the bound 2)
-            parts = [(m, self.branch_scale if m is self.branch else s) for m, s in parts]
-        return parts
+        if self.norm_at == "bound":
+            return self._parts()
+        # init constants: the branch's norm_sensitivity (Modula's per-head attention constant), and the
+        # branch enters with h_post = 1 (not the bound 2)
+        parts = self._parts(nu_f=self.branch.norm_sensitivity)
+        return [(m, self.branch_scale if m is self.branch else s) for m, s in parts]
 
     def _coefficient_map(self):
         mu = self.mass

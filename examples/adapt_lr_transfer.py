@@ -20,7 +20,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import adapt_models as M  # noqa: E402
+import adapt_models as M
 
 
 def sweep(arch, widths=(16, 32, 64), lrs=(0.025, 0.05, 0.1, 0.2, 0.4), steps=150, depth=2, heads=4,
@@ -28,12 +28,13 @@ def sweep(arch, widths=(16, 32, 64), lrs=(0.025, 0.05, 0.1, 0.2, 0.4), steps=150
     """{"val": {width: {lr: val loss}}, "best": {width: lr}, "settings": …} (keys are strings)."""
     data = M.CharBatches(text if text is not None else M.load_text(), context=context, batch=batch, seed=seed)
     make = M.gpt2 if arch == "gpt2" else M.llama
-    out = {"val": {}, "best": {}, "settings": dict(arch=arch, widths=list(widths), lrs=list(lrs), steps=steps,
-                                                   depth=depth, heads=heads, context=context, batch=batch,
-                                                   kind=kind, manifolds=manifolds, seed=seed)}
+    out = {"val": {}, "best": {}, "settings": {"arch": arch, "widths": list(widths), "lrs": list(lrs), "steps": steps,
+                                               "depth": depth, "heads": heads, "context": context, "batch": batch,
+                                               "kind": kind, "manifolds": manifolds, "seed": seed}}
     for w in widths:
-        res, (best, _) = M.best_of(kind, lambda: make(data.vocab, width=w, depth=depth, heads=heads, context=context,
-                                                      seed=seed), lrs, data, M.lm_loss, steps, manifolds)
+        def build(w=w):
+            return make(data.vocab, width=w, depth=depth, heads=heads, context=context, seed=seed)
+        res, (best, _) = M.best_of(kind, build, lrs, data, M.lm_loss, steps, manifolds)
         out["val"][str(w)] = {str(lr): r["val"] for lr, r in res.items()}
         out["best"][str(w)] = best
         if log:

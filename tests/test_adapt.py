@@ -18,13 +18,18 @@ import torch
 from torch import nn
 
 import modula_mhc as mm
-from modula_mhc.adapt import DualizeAdamW, expand_streams, hyper_connections, reduce_streams
+from modula_mhc.adapt import (
+    DualizeAdamW,
+    expand_streams,
+    hyper_connections,
+    reduce_streams,
+)
 from modula_mhc.adapt.views import MatrixView
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 if EXAMPLES not in sys.path:
     sys.path.insert(0, EXAMPLES)
-import adapt_models as M  # noqa: E402
+import adapt_models as M
 
 
 @pytest.fixture(autouse=True)
@@ -395,7 +400,7 @@ FULL_GRIDS = {"gpt2": ((1e-3, 3e-3, 1e-2, 3e-2), (0.05, 0.1, 0.2, 0.4)),
 def _transformer_case(arch, chars, full):
     hf()
     make = M.gpt2 if arch == "gpt2" else M.llama
-    build = lambda: make(chars.vocab, width=32, depth=2, heads=4, context=32)  # noqa: E731
+    build = lambda: make(chars.vocab, width=32, depth=2, heads=4, context=32)
     adam_lrs, dual_lrs = (FULL_GRIDS if full else GRIDS)[arch]
     adam, dual, adam_lr, dual_lr = _compare(build, chars, M.lm_loss, 60 if full else 30, adam_lrs, dual_lrs)
     assert dual <= adam, f"{arch}: adapt+DualizeRetract {dual:.4f} (lr {dual_lr}) vs AdamW {adam:.4f} (lr {adam_lr})"
@@ -403,7 +408,7 @@ def _transformer_case(arch, chars, full):
 
 def _resnet_case(full):
     data = M.ImageBatches(batch=16, noise=3.0, size=8)
-    build = lambda: M.ResNet(width=8, blocks=1)  # noqa: E731
+    build = lambda: M.ResNet(width=8, blocks=1)
     net = mm.adapt(build())
     assert net.recovered and "residual" in net.structure_summary
     assert {v.role for v in net.atoms()} == {"conv", "norm_gain", "bias", "head"}

@@ -15,8 +15,17 @@ from .optim import DualizeAdamW
 from .roles import infer as infer_roles
 from .structure import DEFAULT_MASSES
 
-__all__ = ["adapt", "Adapted", "DualizeAdamW", "hyper_connections", "HyperBranch", "expand_streams",
-           "reduce_streams", "infer_roles", "DEFAULT_MASSES"]
+__all__ = [
+    "DEFAULT_MASSES",
+    "Adapted",
+    "DualizeAdamW",
+    "HyperBranch",
+    "adapt",
+    "expand_streams",
+    "hyper_connections",
+    "infer_roles",
+    "reduce_streams",
+]
 
 
 class _CallableModule(type(__import__("sys"))):

@@ -17,7 +17,7 @@ from .roles import infer
 from .structure import build_branch_shadow, build_shadow
 from .views import EmbedView, GainView, MatrixView, VectorView
 
-__all__ = ["adapt", "Adapted"]
+__all__ = ["Adapted", "adapt"]
 
 #: roles read as "a matrix without a preset role" (they take the preset's third manifold)
 _GENERIC_MATRIX_ROLES = ("conv", "matrix")

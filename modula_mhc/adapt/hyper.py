@@ -22,7 +22,7 @@ from ..compounds.hyper import CollapseStreams, ExpandStreams, HyperConnections
 from ..module import Module, Sharpness
 from .roles import hf_conv1d_type, is_norm_module
 
-__all__ = ["HyperBranch", "hyper_connections", "expand_streams", "reduce_streams", "infer_width"]
+__all__ = ["HyperBranch", "expand_streams", "hyper_connections", "infer_width", "reduce_streams"]
 
 
 def infer_width(module: nn.Module) -> int | None:

@@ -17,7 +17,7 @@ from torch import nn
 from ..module import Module
 from ..optim.dualize_retract import DualizeRetract
 
-__all__ = ["DualizeAdamW", "ADAMW_ROLES"]
+__all__ = ["ADAMW_ROLES", "DualizeAdamW"]
 
 #: roles handed to AdamW by default
 ADAMW_ROLES = ("embed", "head", "norm_gain", "bias", "vector")
@@ -90,7 +90,7 @@ class DualizeAdamW(torch.optim.Optimizer):
         self._opts = [o for o in (self.dualize_retract, self.adamw) if o is not None]
         self.nonfinite, self.skipped_steps = nonfinite, 0
         # torch.optim.Optimizer's bookkeeping, without a param list of its own
-        self.defaults = dict(lr=lr)
+        self.defaults = {"lr": lr}
         self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
         self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = {}, {}
         self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = {}, {}
@@ -121,15 +121,15 @@ class DualizeAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.nonfinite != "ignore":  # one check over both: the whole step is skipped or raises
-            if not all(bool(torch.isfinite(p.grad).all()) for g in self.param_groups for p in g["params"]
-                       if p.grad is not None):
-                self.skipped_steps += 1
-                msg = f"non-finite gradient (NaN or Inf): optimizer step skipped ({self.skipped_steps} so far)"
-                if self.nonfinite == "raise":
-                    raise FloatingPointError(msg.replace("optimizer step skipped", "policy 'raise'"))
-                warnings.warn(msg, RuntimeWarning, stacklevel=2)
-                return loss
+        # one check over both optimizers: the whole step is skipped (or raises)
+        if self.nonfinite != "ignore" and not all(bool(torch.isfinite(p.grad).all()) for g in self.param_groups
+                                                  for p in g["params"] if p.grad is not None):
+            self.skipped_steps += 1
+            msg = f"non-finite gradient (NaN or Inf): optimizer step skipped ({self.skipped_steps} so far)"
+            if self.nonfinite == "raise":
+                raise FloatingPointError(msg.replace("optimizer step skipped", "policy 'raise'"))
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            return loss
         for o in self._opts:
             o.step()
         return loss

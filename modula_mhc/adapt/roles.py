@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-__all__ = ["ParamInfo", "infer", "is_norm_module", "hf_conv1d_type"]
+__all__ = ["ParamInfo", "hf_conv1d_type", "infer", "is_norm_module"]
 
 # name patterns (matched against the last component of a module path, lower case)
 _ATTN_CONTAINER = re.compile(r"(^|_)(attn|attention|self_attn|selfattention|mha|cross_attn)($|_)|attention$|attn$")
@@ -35,7 +35,7 @@ def hf_conv1d_type():
     """transformers' Conv1D class (weight stored (in, out)), or None without transformers."""
     try:
         from transformers.pytorch_utils import Conv1D
-    except Exception:  # transformers missing or broken: nothing to recognise
+    except ImportError:  # no transformers: nothing to recognise
         return None
     return Conv1D
 
@@ -192,7 +192,7 @@ def infer(model: nn.Module) -> list[ParamInfo]:
             info.role = "head"
         elif in_attn or attn_owner:
             attn_mod = _parent(model, mname)
-            heads, kv, head_dim = _attention_heads(model, attn_mod)
+            heads, _, head_dim = _attention_heads(model, attn_mod)
             info.heads, info.head_dim = heads, head_dim or (fan_in // heads if heads and fan_in % heads == 0 else None)
             if _QKV.match(leaf):
                 info.role = "attn_qkv"

@@ -40,7 +40,7 @@ from ..algebra import Compose, Identity, Parallel, Scale, Sum, residual
 from ..module import Bond
 from .roles import _ATTN_CONTAINER, _MLP_CONTAINER, is_norm_module
 
-__all__ = ["DEFAULT_MASSES", "find_blocks", "build_shadow", "build_branch_shadow"]
+__all__ = ["DEFAULT_MASSES", "build_branch_shadow", "build_shadow", "find_blocks"]
 
 #: mass rules (see the module docstring); override with adapt(..., masses={...})
 DEFAULT_MASSES = {"embed": 1.0, "head": 1.0, "blocks": 5.0, "matrix": 1.0, "vector": 0.1}
@@ -102,7 +102,7 @@ class _Builder:
         rest = [i for i in infos if i.kind == "vector"]
         if infos[0].kind == "island":  # a native modula_mhc module inside the model: itself
             return infos[0].module
-        v = lambda i: self.views[id(i.module.get_parameter(i.param_name))]  # noqa: E731
+        v = lambda i: self.views[id(i.module.get_parameter(i.param_name))]
         if gains or (rest and not mats and is_norm_module(infos[0].module)):
             parts = [v(i) for i in gains + rest]
             core = parts[0] if len(parts) == 1 else Sum(*parts)
@@ -131,11 +131,18 @@ class _Builder:
         units = self.units_under(name, infos_in_order)
         if units and all(self.by_module[o][0].kind == "island" for _, o, _ in units):
             return Compose(*[u for _, _, u in units]), "block of native modules"
-        children = [c for c, _, _ in units]
-        def is_norm(o):
-            return self.by_module[o][0].kind != "island" and is_norm_module(self.by_module[o][0].module)
-        attn = [u for c, o, u in units if _ATTN_CONTAINER.search(c.lower()) and not is_norm(o)]
-        mlp = [u for c, o, u in units if _MLP_CONTAINER.search(c.lower()) and not is_norm(o)]
+        def kind_of(c, o):
+            infos = self.by_module[o]
+            if infos[0].kind == "island" or is_norm_module(infos[0].module):
+                return None
+            role = next((i.role for i in infos if i.kind == "matrix"), "") or ""
+            if role.startswith("attn") or _ATTN_CONTAINER.search(c.lower()):
+                return "attn"
+            if role.startswith("mlp") or _MLP_CONTAINER.search(c.lower()):
+                return "mlp"
+            return None
+        kinds = [kind_of(c, o) for c, o, _ in units]
+        attn, mlp = "attn" in kinds, "mlp" in kinds
         if attn and mlp:
             return self.transformer_block(units, depth), "transformer block"
         shortcut = [u for c, _, u in units if _SHORTCUT.match(c.lower())]
@@ -144,7 +151,6 @@ class _Builder:
             return None, "no weights"
         branch_m = Compose(*self._with_activations(branch))
         short = Compose(*shortcut) if shortcut else Identity()
-        del children
         return Sum(Scale(1.0 - 1.0 / depth, short), Scale(1.0 / depth, branch_m)), "residual block"
 
     @staticmethod
@@ -211,7 +217,7 @@ class _Builder:
 def _set_masses(atoms, total, vector_ratio, keep=frozenset()):
     """Give matrix-like atoms mass ∝ their projection count and 1-D atoms ``vector_ratio`` of one,
     scaled so that they sum to ``total`` (atoms in ``keep``, of native modules, keep their ratios)."""
-    from .views import MatrixView, EmbedView
+    from .views import EmbedView, MatrixView
     raw = {}
     for a in atoms:
         if a in keep:

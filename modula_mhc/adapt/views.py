@@ -28,11 +28,10 @@ import weakref
 import torch
 from torch import nn
 
-from .. import manifolds as _manifolds
 from ..atoms._free import MaxAbsAtom, rms_dual
 from ..module import Atom, Sharpness
 
-__all__ = ["AtomView", "MatrixView", "EmbedView", "GainView", "VectorView"]
+__all__ = ["AtomView", "EmbedView", "GainView", "MatrixView", "VectorView"]
 
 
 class _Tag(weakref.ref):
@@ -60,7 +59,7 @@ class AtomView(Atom):
     (embed, attn_q/k/v/o/qkv, mlp_in/out, head, norm_gain, bias, conv, matrix, vector);
     ``structure``: "recovered" or "defaulted" (set by adapt)."""
 
-    allowed_manifolds = {"euclidean"}
+    allowed_manifolds = frozenset({"euclidean"})
     preserves_dim = False
 
     def __init__(self, owner: nn.Module, param_name: str, name: str, role: str, manifold="euclidean", mass=1.0):
@@ -193,7 +192,7 @@ class MatrixView(AtomView):
             return [None] * len(self.pieces)
         if len(self.pieces) == 1:
             return [state]
-        subs = state.setdefault("pieces", [dict() for _ in self.pieces])
+        subs = state.setdefault("pieces", [{} for _ in self.pieces])
         return subs
 
     @torch.no_grad()
@@ -328,7 +327,3 @@ class VectorView(AtomView):
 
     def diagnostics(self):
         return {"rms": float(self.weight_norm(self.weight.detach()))}
-
-
-def manifold_of(name_or_manifold):
-    return _manifolds.get(name_or_manifold)

@@ -48,8 +48,6 @@ def table(results) -> str:
     lines = []
     for key, r in results.items():
         lrs = r["settings"]["lrs"]
-        if not lines:
-            pass
         lines.append(f"\n{key} ({r['settings']['steps']} steps, depth {r['settings']['depth']}, "
                      f"context {r['settings']['context']}, batch {r['settings']['batch']}):\n")
         lines.append("| width | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | best lr |")

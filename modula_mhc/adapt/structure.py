@@ -238,9 +238,16 @@ def build_shadow(model, infos, views, masses=None):
     from .views import EmbedView
     masses = dict(DEFAULT_MASSES, **(masses or {}))
     blocks = find_blocks(model)
+    b = _Builder(infos, views, masses)
+    if not blocks and isinstance(model, nn.Sequential) and not any(i.kind == "island" for i in infos):
+        # a plain nn.Sequential: its units in order (registration order is execution order here)
+        units = [u for _, _, u in b.units_under("", list(infos))]
+        shadow = Compose(*b._with_activations(units))
+        for v in dict.fromkeys(shadow.atoms()):
+            v.mass = masses["matrix"] if v.weight.ndim >= 2 else masses["vector"] * masses["matrix"]
+        return shadow, {i.name: "sequential" for i in infos}, "structure recovered: nn.Sequential"
     if not blocks:
         return None, {}, "defaulted: no block container (ModuleList/Sequential of one block class) found"
-    b = _Builder(infos, views, masses)
     depth = len(blocks)
     order = list(infos)
     block_names = [n for n, _ in blocks]

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import adapt_models as M  # noqa: E402
+import adapt_models as M
 
-import modula_mhc as mm  # noqa: E402
-from modula_mhc.adapt import expand_streams, hyper_connections, reduce_streams  # noqa: E402
+import modula_mhc as mm
+from modula_mhc.adapt import expand_streams, hyper_connections, reduce_streams
 
 
 class MHCGPT2(nn.Module):

@@ -343,7 +343,9 @@ def test_hyper_connections_around_any_module_reduce_to_a_residual():
     torch.manual_seed(0)
     lin = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8))
     with pytest.raises(TypeError):
-        mm.compounds.hyper.HyperConnections(lin, streams=1, width=8)
+        mm.compounds.hyper.HyperConnections(lambda u: u, streams=1, width=8)
+    direct = mm.compounds.hyper.HyperConnections(lin, streams=2)  # an nn.Module branch is adapted
+    assert direct.width == 8 and direct(expand_streams(torch.randn(3, 8), 2)).shape == (3, 2, 8)
     x = torch.randn(2, 5, 8)
     hc = hyper_connections(lin, streams=1, dynamic=False, constrained=False)  # HC: h_pre = h_post = 1
     assert hc.width == 8  # inferred from the LayerNorm

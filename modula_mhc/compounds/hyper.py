@@ -109,7 +109,10 @@ class HyperConnections(Module):
             raise ValueError(f"norm_at must be 'init' or 'bound', got {norm_at!r}")
         self.norm_at = norm_at
         if not isinstance(branch, Module):
-            raise TypeError(f"HyperConnections wraps a modula_mhc Module, got {type(branch).__name__}")
+            if not isinstance(branch, torch.nn.Module):
+                raise TypeError(f"HyperConnections wraps a Module (modula_mhc or torch.nn), got {type(branch).__name__}")
+            from ..adapt.hyper import HyperBranch  # any nn.Module: adapted (atom views on its parameters)
+            branch = HyperBranch(branch, width=width)
         if not isinstance(streams, int) or streams < 1:
             raise ValueError(f"streams must be a positive int, got {streams!r}")
         width = width if width is not None else branch.in_dim

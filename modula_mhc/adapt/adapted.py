@@ -15,7 +15,8 @@ from ..optim.presets import PRESETS, _preset_choice
 from . import describe as _describe
 from .roles import infer
 from .structure import build_branch_shadow, build_shadow
-from .views import EmbedView, GainView, MatrixView, VectorView
+from .roles import hf_conv1d_type
+from .views import EmbedView, GainView, MatrixView, TiedEmbedView, VectorView
 
 __all__ = ["Adapted", "adapt"]
 
@@ -119,6 +120,19 @@ class Adapted(Module):
 
     def views_by_role(self, *roles) -> list:
         return [v for v in self._views if any(fnmatch.fnmatch(v.role, r) for r in roles)]
+
+
+def _tied_to_head(model, info) -> bool:
+    """True when an embedding's tensor is also the weight of a Linear (or HF Conv1D): a tied head."""
+    heads = (nn.Linear,) + ((hf_conv1d_type(),) if hf_conv1d_type() else ())
+    for name in info.tied:
+        owner = name.rsplit(".", 1)[0] if "." in name else ""
+        try:
+            if isinstance(model.get_submodule(owner), heads):
+                return True
+        except AttributeError:
+            continue
+    return False
 
 
 def _islands(model):
@@ -228,7 +242,8 @@ def adapt(model: nn.Module, manifolds="muon", *, roles=None, split_heads=False, 
                     info.kind = "embed"
                 break
         if info.kind == "embed":
-            v = EmbedView(info.module, info.param_name, info.name, info.role)
+            cls = TiedEmbedView if _tied_to_head(model, info) else EmbedView
+            v = cls(info.module, info.param_name, info.name, info.role)
         elif info.kind == "matrix":
             seg = info.segments if info.role == "attn_qkv" else None
             hd = info.head_dim if (split_heads and info.role.startswith("attn") and info.role != "attn_o") else None

@@ -277,6 +277,35 @@ class EmbedView(AtomView):
         return {"max_row_rms": float(self.weight_norm(self.weight.detach()))}
 
 
+class TiedEmbedView(EmbedView):
+    """An embedding whose matrix is also the output head (GPT-2's ``wte`` / ``lm_head``).
+
+    Used as a head, a (vocab, width) matrix needs the head's RMS→RMS norm √(width/vocab)·‖W‖₂: the
+    embedding norm (max row RMS) does not bound how far the logits move, which grows with the
+    width. The natural norm here is the max of the two; its dual is the head's (Muon) direction at
+    target t, scaled down if a row would move by more than RMS t (only when √vocab > width)."""
+
+    def _head_gain(self, W):
+        return math.sqrt(W.shape[0] / W.shape[1])
+
+    def weight_norm(self, W=None):
+        W = self.weight if W is None else W
+        head = torch.linalg.matrix_norm(W.float(), 2) / self._head_gain(W)
+        return torch.maximum(self._row_rms(W).max(), head)
+
+    def dualize_weight(self, G, target=1.0, state=None):
+        A = self.manifold.dualize(self.weight, G, state) * (self._head_gain(G) * target)
+        rows = self._row_rms(A).max()
+        if target > 0 and rows > target:
+            A = A * (target / rows)
+        return A.to(G.dtype)
+
+    def diagnostics(self):
+        W = self.weight.detach()
+        return {"max_row_rms": float(self._row_rms(W).max()),
+                "head_norm": float(torch.linalg.matrix_norm(W.float(), 2) / self._head_gain(W))}
+
+
 class GainView(AtomView):
     """A norm layer's gain: ‖g‖_∞, dual t·sign(G) with the noise floor of native ``Gain``."""
 

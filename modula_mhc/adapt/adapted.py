@@ -188,7 +188,7 @@ def _resolve_manifolds(manifolds, views):
 
 
 def adapt(model: nn.Module, manifolds="muon", *, roles=None, split_heads=False, structure="auto",
-          masses=None, retract=True) -> Adapted:
+          masses=None, retract=True, tied_head="embed") -> Adapted:
     """Wrap an existing ``nn.Module`` as a modula_mhc Module, without editing its code.
 
     ``manifolds``: a preset — "muon" (everything Euclidean: Muon), "hetero" (Stiefel attention,
@@ -202,7 +202,9 @@ def adapt(model: nn.Module, manifolds="muon", *, roles=None, split_heads=False, 
     branch, e.g. norm + attention: how ``hyper_connections`` reads its branch) or "default"
     (coefficient 1 for every parameter). ``masses``: overrides of ``structure.DEFAULT_MASSES``. ``retract``: put the
     weights of non-Euclidean matrices on their manifold now (in place; Euclidean weights keep the
-    model's initialisation).
+    model's initialisation). ``tied_head``: the norm of an embedding that is also the head (GPT-2):
+    "embed" (default, the embedding's max row RMS) or "max" (the max of that and the head's RMS→RMS
+    norm, ``TiedEmbedView``; measured worse at these sizes, docs/results.md).
 
     Returns an :class:`Adapted` whose ``describe()`` prints what was inferred.
     """
@@ -210,6 +212,8 @@ def adapt(model: nn.Module, manifolds="muon", *, roles=None, split_heads=False, 
         raise TypeError(f"adapt: expected a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, Module):
         raise TypeError("adapt: this is already a modula_mhc Module; use it directly")
+    if tied_head not in ("embed", "max"):
+        raise ValueError(f"adapt: tied_head must be 'embed' or 'max', got {tied_head!r}")
     if structure not in ("auto", "default", "branch"):
         raise ValueError(f"adapt: structure must be 'auto', 'default' or 'branch', got {structure!r}")
     islands = _islands(model)
@@ -242,7 +246,7 @@ def adapt(model: nn.Module, manifolds="muon", *, roles=None, split_heads=False, 
                     info.kind = "embed"
                 break
         if info.kind == "embed":
-            cls = TiedEmbedView if _tied_to_head(model, info) else EmbedView
+            cls = TiedEmbedView if (tied_head == "max" and _tied_to_head(model, info)) else EmbedView
             v = cls(info.module, info.param_name, info.name, info.role)
         elif info.kind == "matrix":
             seg = info.segments if info.role == "attn_qkv" else None

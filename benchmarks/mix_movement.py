@@ -4,7 +4,8 @@
     python benchmarks/mix_movement.py --steps 200 --equal-pre  # h_pre = 1/n (the init before issue 12)
 
 Char-level tinyshakespeare (the first 200k characters), GPT(width 32, depth 2, heads 4, context 32,
-residual="mhc", dynamic=False), DualizeRetract(lr 0.2), batch 8. Prints, per Mix atom, the distance
+residual="mhc", dynamic=False, Euclidean attention/MLP atoms by default), DualizeRetract(lr 0.2),
+batch 8. Prints, per Mix atom, the distance
 moved from init in its natural norm (max row/column ℓ1), the smallest entry, the diagonal, and the
 largest marginal error seen.
 """
@@ -26,11 +27,14 @@ def main():
     ap.add_argument("--lr", type=float, default=0.2)
     ap.add_argument("--equal-pre", action="store_true", help="h_pre = 1/n for every stream (old init)")
     ap.add_argument("--data", default=None, help="text file (default: the library's default corpus)")
+    ap.add_argument("--manifold", default="euclidean", help="attention and MLP manifold (GPT's default is "
+                    "stiefel/dgram; euclidean is faster and does not change what the Mix atoms see)")
     args = ap.parse_args()
     torch.manual_seed(0)
     text = open(args.data).read() if args.data else default_corpus()
     corpus = CharCorpus.from_text(text[:200_000], 32)
-    gpt = mm.compounds.GPT(corpus.vocab_size, 32, 32, 2, 4, residual="mhc", dynamic=False)
+    gpt = mm.compounds.GPT(corpus.vocab_size, 32, 32, 2, 4, residual="mhc", dynamic=False,
+                           attn_manifold=args.manifold, mlp_manifold=args.manifold)
     hcs = [m for m in gpt.modules() if isinstance(m, HyperConnections)]
     if args.equal_pre:
         with torch.no_grad():

@@ -69,7 +69,7 @@ def main(argv=None):
 
     data = M.CharBatches(M.load_text(args.data), context=args.context, batch=args.batch)
     model = M.gpt2(data.vocab, width=args.width, depth=args.depth, heads=args.heads, context=args.context)
-    trained = MHCGPT2(model, streams=args.mhc) if args.mhc else model
+    trained = MHCGPT2(model, streams=args.mhc, manifolds=args.manifolds) if args.mhc else model
 
     net = mm.adapt(trained, args.manifolds)          # 1. atom views on the model's own parameters
     net.describe()                                   #    what was inferred

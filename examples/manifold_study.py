@@ -52,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--dual-max-iters", type=int, default=10,
                    help="cap on the Stiefel/DGram dual-ascent iterations per step (default 10: warm-started, "
                         "it is the CPU cost that dominates; the library default is 100)")
-    p.add_argument("--dual-tol", type=float, default=1e-3, help="dual-ascent tolerance (default 1e-3)")
+    p.add_argument("--dual-tol", type=float, default=1e-3, help="certified relative duality gap of each dualize (default 1e-3)")
     p.add_argument("--sv-every", type=int, default=25, help="record Q/K singular values every N steps")
     args = p.parse_args(argv)
     C.check_gpt_study_arguments(p, args, positive=("seeds", "sv_every", "dual_max_iters"))
@@ -82,7 +82,7 @@ def manifold(name, args):
     from modula_mhc import manifolds
     if name == "euclidean":
         return manifolds.get(name)
-    return type(manifolds.get(name))(tol=args.dual_tol, max_iters=args.dual_max_iters)
+    return type(manifolds.get(name))(gap_tol=args.dual_tol, max_iters=args.dual_max_iters)
 
 
 def train_preset(preset, seed, corpus, val, args):

@@ -46,7 +46,7 @@ def dgram_point(shape, seed=0):
 def test_registry_names_instances_and_errors():
     for name in ["euclidean", "Stiefel", "DGRAM", "oblique", "sphere", "birkhoff"]:
         assert manifolds.get(name).name == name.lower()
-    m = Stiefel(tol=1e-6)
+    m = Stiefel(gap_tol=1e-3)
     assert manifolds.get(m) is m
     with pytest.raises(ValueError, match="known names: birkhoff, dgram, euclidean"):
         manifolds.get("grassmann")
@@ -62,7 +62,7 @@ def test_registry_names_instances_and_errors():
 
 def test_bad_settings_and_shapes_raise():
     with pytest.raises(ValueError):
-        Stiefel(tol=0)
+        Stiefel(gap_tol=0)
     with pytest.raises(ValueError):
         DGram(max_iters=0)
     with pytest.raises(ValueError):
@@ -157,6 +157,13 @@ def test_dualize_is_tangent_unit_and_optimal(cls, shape):
     # optimality, certified: every feasible A has ⟨G, A⟩ ≤ ‖G + 2WΛ‖_* for any Λ (weak duality)
     project, normal = (_stiefel_pieces if cls is Stiefel else _dgram_pieces)(Wt)
     upper = _svd_dual_descent(Wt, Gt, project, normal, iters=800)
+    # the solver's own certificate (its multiplier for the normalised problem), rechecked by SVD:
+    # also a valid upper bound, often the tighter one
+    n = Wt.size(-1)
+    Wn = Wt / (Wt.norm() / math.sqrt(n)) if cls is DGram else Wt
+    c = math.sqrt(n) / Gt.norm().item()
+    own = torch.linalg.svdvals(c * Gt + 2 * Wn @ state["certificate"].double()).sum().item() / c
+    upper = min(upper, own)
     value = inner(Gt, At).item()
     print(f"{cls.__name__} {shape}: iterations {state['iterations']}, <G,A> = {value:.5f}, "
           f"dual bound {upper:.5f}, naive {_naive(m, W, G):.5f}")
@@ -176,17 +183,14 @@ def test_dualize_batched_matches_unbatched(cls):
         assert abs(spec(A[i]).item() - 1) < 2e-3
 
 
-def test_smoothing_rescues_square_dgram():
-    """The plain DGram dual is nonsmooth on square matrices; the smoothed one (default) scores
-    clearly higher within the same 100-iteration cap (measured table: docs/manifolds.md)."""
+def test_square_dgram_is_certified():
+    """Square DGram is where the plain dual is nonsmooth (the optimum needs singular values < 1);
+    the smoothed schedule still certifies the default gap within the cap."""
     W = dgram_point((32, 32), seed=40)
     G = randn(32, 32, seed=41)
-    smooth, plain = {}, {}
-    v_smooth = inner(G, DGram().dualize(W, G, smooth)).item()
-    v_plain = inner(G, DGram(smoothing=0.0).dualize(W, G, plain)).item()
-    print(f"square DGram: smoothed {v_smooth:.4f} ({smooth['iterations']} it), "
-          f"plain {v_plain:.4f} ({plain['iterations']} it)")
-    assert v_smooth > 1.02 * v_plain
+    state = {}
+    DGram().dualize(W, G, state)
+    assert state["certified"] and float(state["duality_gap"]) <= DGram().gap_tol + 1e-6
 
 
 def test_square_stiefel_needs_one_iteration_cold_and_warm():
@@ -200,9 +204,9 @@ def test_square_stiefel_needs_one_iteration_cold_and_warm():
         W = m.step(W, A, 0.05)
 
 
-def test_stiefel_iteration_counts_beat_the_reference_schedule():
-    """Reference (thinking-machines-lab/manifolds): K=100, α=0.01·(1 − k/K) leaves a residual
-    ~1e-2 on 128×64; ours reaches the 1e-5 tolerance. The counts are printed (pytest -s)."""
+def test_stiefel_beats_the_reference_schedule():
+    """Reference (thinking-machines-lab/manifolds): K=100, α=0.01·(1 − k/K) leaves a tangent
+    residual ~1e-2 on 128×64; ours is tangent to rounding and certified within gap_tol."""
     W = Stiefel().random((128, 64), generator=gen(8))
     G = randn(128, 64, seed=9)
     lam = -0.25 * (W.mT @ G + G.mT @ W)
@@ -214,11 +218,11 @@ def test_stiefel_iteration_counts_beat_the_reference_schedule():
     A = msign(G + 2 * W @ lam)
     ref = ((W.mT @ A + A.mT @ W).norm() / 64).item()
     state = {}
-    Stiefel(tol=1e-5, max_iters=300).dualize(W, G, state)
-    print(f"128x64: reference K=100 residual {ref:.2e}; ours {state['iterations']} iterations "
-          f"to dual residual {state['dual_residual']:.1e}")
+    Stiefel().dualize(W, G, state)
+    print(f"128x64: reference K=100 residual {ref:.2e}; ours {state['iterations']} iterations, "
+          f"tangent residual {float(state['tangent_residual']):.1e}, gap {float(state['duality_gap']):.1e}")
     assert ref > 1e-3
-    assert state["dual_residual"] < 1e-5 and state["iterations"] < 200
+    assert float(state["tangent_residual"]) < 1e-5 and state["certified"] and state["iterations"] < 300
 
 
 def test_zero_tangent_gradient_gives_zero():

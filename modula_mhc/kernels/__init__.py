@@ -11,6 +11,7 @@ import torch
 
 from . import reference
 from .dispatch import backend_for, triton_available
+from .gram_polar import gram_polar
 from .reference import (POLAR_EXPRESS_COEFFS, SinkhornConvergenceWarning, polar_express_coeffs, sinkhorn_project,
                         sinkhorn_tol_floor)
 
@@ -19,6 +20,8 @@ __all__ = [
     "backend_for",
     "triton_available",
     "msign",
+    "polar",
+    "gram_polar",
     "sinkhorn",
     "sinkhorn_project",
     "sinkhorn_tol_floor",
@@ -36,6 +39,14 @@ def msign(X: torch.Tensor, steps: int = 8) -> torch.Tensor:
         from .triton_msign import msign as msign_triton
         return msign_triton(X, steps)
     return reference.msign(X, steps)
+
+
+def polar(X: torch.Tensor) -> torch.Tensor:
+    """Polar factor U Vᵀ of X = U Σ Vᵀ by the faster route for the device: the exact Gram-matrix
+    route (``gram_polar``) on the CPU, Polar Express (``msign``) elsewhere."""
+    if X.device.type == "cpu":
+        return gram_polar(X)
+    return msign(X)
 
 
 def sinkhorn(logits: torch.Tensor, iters: int = 20, tol: float | None = None, max_iters: int = 1000,

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ..kernels import msign
+from ..kernels import gram_polar
 
 #: dtypes the manifold maths runs in (lower precisions are lifted to float32 and cast back)
 _COMPUTE_DTYPES = (torch.float32, torch.float64)
@@ -119,16 +119,10 @@ def sym(X: torch.Tensor) -> torch.Tensor:
     return 0.5 * (X + X.mT)
 
 
-def polar(Y: torch.Tensor, polish: int = 2) -> torch.Tensor:
-    """Polar factor of a tall (..., m, n) matrix: Polar Express, then ``polish`` Newton–Schulz steps
-    X ← X(3I − XᵀX)/2, which square the error of singular values already near 1 (Polar Express
-    alone leaves them ~1e-3 from 1 in fp32; a retraction needs ~1e-6)."""
-    Yu, _ = unit_max_scale(Y)
-    X = msign(Yu)
-    eye = torch.eye(X.size(-1), dtype=X.dtype, device=X.device)
-    for _ in range(polish):
-        X = X @ (1.5 * eye - 0.5 * (X.mT @ X))
-    return X
+def polar(Y: torch.Tensor) -> torch.Tensor:
+    """Polar factor of a tall (..., m, n) matrix, exact to float rounding (float64 Gram route,
+    ``kernels.gram_polar``); a rank-deficient Y raises ValueError (its polar factor is not unique)."""
+    return gram_polar(Y, strict=True)
 
 
 def top_singular_value(A: torch.Tensor, iters: int = 10, squarings: int = 8) -> torch.Tensor:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import msign
+from ..kernels import polar
 from .base import (Manifold, check_same_shape, check_shape, check_tensor, compute_dtype, semi_orthogonal,
                    spectral_norm, unit_max_scale)
 
@@ -25,7 +25,7 @@ class Euclidean(Manifold):
             norm = torch.linalg.vector_norm(Gu)
             A = Gu / norm if norm > 0 else torch.zeros_like(Gu)
         else:
-            A = msign(Gu)
+            A = polar(Gu)
         if state is not None:
             state["iterations"] = 0
             state["tangent_residual"] = 0.0

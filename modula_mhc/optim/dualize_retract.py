@@ -186,15 +186,16 @@ class DualizeRetract(Optimizer):
 
     def diagnostics(self) -> dict:
         """{atom name: {manifold, top singular value / column norms / …, iterations, tangent_residual,
-        dual_residual, duality_gap of the last step}} (names from the module tree, else indices)."""
+        duality_gap (certified relative gap), certified of the last step}} (names from the module
+        tree, else indices)."""
         out = {}
         for p in self._all_params():
             atom = self._atom(p)
             d = {"manifold": atom.manifold.name, "target": self._targets[id(p)]}
             d.update(atom.diagnostics())
             st = self.state.get(p, {})
-            for k in ("iterations", "tangent_residual", "dual_residual", "duality_gap"):
-                if k in st:
-                    d[k] = st[k]
+            for k in ("iterations", "tangent_residual", "duality_gap", "certified"):
+                if k in st:  # tensors are kept on device during steps; converted only here
+                    d[k] = float(st[k]) if isinstance(st[k], torch.Tensor) else st[k]
             out[self._names[id(p)]] = d
         return out

@@ -1,0 +1,61 @@
+"""Shared base of the manifolds whose constraint lives on the Gram matrix WᵀW (Stiefel, DGram)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import (Manifold, as_tall, check_same_shape, check_shape, check_tensor, compute_dtype, from_tall,
+                   is_wide, semi_orthogonal, spectral_norm)
+from .dual_ascent import steepest_tangent
+
+#: default certified relative duality gap: every dualize reaches ≥ 99.5% of the optimum
+GAP_TOL = 5e-3
+#: default cap on dual iterations (adversarial gradients need up to ~200 for gap 5e-3)
+MAX_ITERS = 300
+
+
+class GramManifold(Manifold):
+    """A matrix manifold {W : P(WᵀW) = P(I)} with the spectral norm; subclasses set ``offdiag``
+    (P = Off for DGram, identity for Stiefel) and ``retract``.
+
+    dualize(W, G): argmax ⟨G, A⟩ over tangent A with ‖A‖₂ ≤ 1, solved in the n×n Gram space until
+    the certified relative duality gap is ≤ ``gap_tol`` or ``max_iters`` iterations
+    (manifolds/dual_ascent.py). Wide matrices are handled through their transpose.
+    """
+
+    offdiag = False
+
+    def __init__(self, gap_tol: float = GAP_TOL, max_iters: int = MAX_ITERS):
+        if not (isinstance(gap_tol, (int, float)) and 0 < gap_tol < 1 and math.isfinite(gap_tol)):
+            raise ValueError(f"{type(self).__name__}: gap_tol must be a number in (0, 1), got {gap_tol!r}")
+        if not (isinstance(max_iters, int) and not isinstance(max_iters, bool) and max_iters >= 1):
+            raise ValueError(f"{type(self).__name__}: max_iters must be an int >= 1, got {max_iters!r}")
+        self.gap_tol, self.max_iters = float(gap_tol), int(max_iters)
+
+    def _settings(self) -> str:
+        return f"gap_tol={self.gap_tol}, max_iters={self.max_iters}"
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self._settings()})"
+
+    def _normalise(self, Wt: torch.Tensor) -> torch.Tensor:
+        """The point handed to the dual solver (DGram rescales it; the constraint set is a cone)."""
+        return Wt
+
+    def dualize(self, W, G, state=None):
+        check_same_shape(W, G, f"{type(self).__name__}.dualize")
+        dt, wide = compute_dtype(G), is_wide(W)
+        Wt, Gt = as_tall(W.to(dt), wide), as_tall(G.to(dt), wide)
+        A = steepest_tangent(self._normalise(Wt), Gt, self.offdiag, state, self.gap_tol, self.max_iters)
+        return from_tall(A, wide).to(G.dtype)
+
+    def norm(self, A):
+        check_tensor(A, f"{type(self).__name__}.norm")
+        return spectral_norm(A).max()
+
+    def random(self, shape, generator=None, dtype=torch.float32, device=None):
+        shape = check_shape(shape, f"{type(self).__name__}.random")
+        if len(shape) < 2:
+            raise ValueError(f"{type(self).__name__}.random: expected a matrix shape (..., out, in), got {shape}")
+        return semi_orthogonal(shape, generator, dtype, device)

@@ -1,12 +1,16 @@
-"""Training-step cost: DualizeRetract (Muon and Hetero manifolds) vs AdamW on the same GPT.
+"""Training-step cost with real gradients: DualizeRetract (Hetero and Muon manifolds) vs AdamW.
 
-One step = forward + backward + optimizer step on the DESIGN quality setting (width 128, 4 blocks,
-4 heads, context 64, batch 12, vocab 65). Methods are interleaved round-robin and the median of
-the repeats is reported, so the ratios come from one run on one machine state.
-DESIGN CPU target: a DualizeRetract step ≤ 1.2× an AdamW step.
+One step = forward + backward + optimizer step of a char-level GPT on text (tinyshakespeare when
+given with --data, else the package's embedded corpus). Each method first trains --warm-steps
+steps (so warm starts and gradients are those of a real run), then the methods take turns, one
+step each, for --repeats rounds: the ratios come from one process and one machine state. Step time
+is also reported per window of the run, to show whether it grows.
 
-Run: python benchmarks/bench_train_step.py [--width 128 --depth 4 --repeats 15 --threads 1]
-Writes benchmarks/results/train_step.json and .png and prints a table.
+    python benchmarks/bench_train_step.py                       # anchor GPT: width 128, 4 blocks
+    python benchmarks/bench_train_step.py --preset tiny
+    python benchmarks/bench_train_step.py --device cuda         # GPU: Hetero vs Muon target 1.5x
+
+Writes benchmarks/results/train_step[_<preset>].json and .png and prints a table.
 """
 import argparse
 import json
@@ -20,83 +24,135 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from modula_mhc import compounds, optim  # noqa: E402
+from modula_mhc.data import CharCorpus, default_corpus, load_text  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+PRESETS = {"anchor": dict(width=128, depth=4, heads=4, context=64, batch=12),
+           "tiny": dict(width=64, depth=2, heads=4, context=64, batch=12)}
+METHODS = {"adamw": ("euclidean", "euclidean"), "muon": ("euclidean", "euclidean"), "hetero": ("stiefel", "dgram")}
+TARGETS = {"cpu": {"muon": 1.25, "hetero": 2.0}, "cuda": {"hetero/muon": 1.5}}
 
 
-def make(method, args):
+def make(method, cfg, vocab, device):
     torch.manual_seed(0)
-    manifolds = {"adamw": ("euclidean", "euclidean"), "muon": ("euclidean", "euclidean"),
-                 "hetero": ("stiefel", "dgram")}[method]
-    gpt = compounds.GPT(vocab_size=65, context=args.context, width=args.width, depth=args.depth, heads=args.heads,
-                        attn_manifold=manifolds[0], mlp_manifold=manifolds[1], residual=args.residual)
+    attn, mlp = METHODS[method]
+    gpt = compounds.GPT(vocab_size=vocab, context=cfg["context"], width=cfg["width"], depth=cfg["depth"],
+                        heads=cfg["heads"], attn_manifold=attn, mlp_manifold=mlp).to(device)
     if method == "adamw":
-        opt = torch.optim.AdamW(gpt.parameters(), lr=3e-3)
-    else:
-        opt = optim.DualizeRetract(gpt, lr=0.1)
-    return gpt, opt
+        return gpt, torch.optim.AdamW(gpt.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    return gpt, optim.DualizeRetract(gpt, lr=0.2)
 
 
-def step(gpt, opt, idx, tgt):
-    logits = gpt(idx)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1))
+def train_step(gpt, opt, x, y):
+    logits = gpt(x)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+    return loss
 
 
-def main():
+def timed(fn, device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def dual_iterations(opt):
+    if not isinstance(opt, optim.DualizeRetract):
+        return {}
+    out = {}
+    for name, d in opt.diagnostics().items():
+        if "iterations" in d and d["manifold"] in ("stiefel", "dgram"):
+            out.setdefault(d["manifold"], []).append(d["iterations"])
+    return {k: statistics.mean(v) for k, v in out.items()}
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--width", type=int, default=128)
-    ap.add_argument("--depth", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--context", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=12)
-    ap.add_argument("--residual", default="plain")
-    ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
-    ap.add_argument("--methods", nargs="+", default=["adamw", "muon", "hetero"])
-    args = ap.parse_args()
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="anchor")
+    ap.add_argument("--data", default=None, help="text file (default: the embedded corpus)")
+    ap.add_argument("--warm-steps", type=int, default=100)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: leave as is)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    cfg = PRESETS[args.preset]
+    text = load_text(args.data) if args.data else default_corpus()
+    corpus = CharCorpus.from_text(text, cfg["context"])
     g = torch.Generator().manual_seed(1)
-    idx = torch.randint(0, 65, (args.batch, args.context), generator=g)
-    tgt = torch.randint(0, 65, (args.batch, args.context), generator=g)
-    runs = {m: make(m, args) for m in args.methods}
-    for m in args.methods:  # warm up (first steps allocate state)
-        for _ in range(3):
-            step(*runs[m], idx, tgt)
+
+    def batch():
+        x, y = corpus.batch("train", cfg["batch"], cfg["context"], generator=g)
+        return x.to(args.device), y.to(args.device)
+
+    runs = {m: make(m, cfg, corpus.vocab_size, args.device) for m in args.methods}
+    windows = {m: [] for m in args.methods}
+    try:
+        from tqdm import tqdm
+    except ImportError:  # progress bar is optional
+        def tqdm(it, **_):
+            return it
+    for m in args.methods:  # a real run first: warm starts and gradients as training sees them
+        w = []
+        for s in tqdm(range(args.warm_steps), desc=f"warm-up {m}", leave=False):
+            x, y = batch()
+            w.append(timed(lambda: train_step(*runs[m], x, y), args.device))
+        k = max(1, args.warm_steps // 4)
+        windows[m] = [1e3 * statistics.median(w[i:i + k]) for i in range(0, len(w), k)]
     times = {m: [] for m in args.methods}
-    for _ in range(args.repeats):
+    losses = {m: None for m in args.methods}
+    for _ in tqdm(range(args.repeats), desc="interleaved"):
+        x, y = batch()
         for m in args.methods:
-            t = time.perf_counter()
-            step(*runs[m], idx, tgt)
-            times[m].append(time.perf_counter() - t)
+            times[m].append(timed(lambda: losses.__setitem__(m, float(train_step(*runs[m], x, y))), args.device))
     med = {m: statistics.median(v) for m, v in times.items()}
     base = med.get("adamw", next(iter(med.values())))
-    rows = [{"method": m, "median_ms": 1e3 * med[m], "ratio_vs_adamw": med[m] / base} for m in args.methods]
-    print(f"GPT width {args.width}, depth {args.depth}, heads {args.heads}, context {args.context}, "
-          f"batch {args.batch}, residual {args.residual}, torch threads {torch.get_num_threads()}")
-    print(f"{'method':10s} {'median ms':>10s} {'x AdamW':>8s}")
+    rows = [{"method": m, "median_ms": 1e3 * med[m], "ratio_vs_adamw": med[m] / base,
+             "warmup_window_ms": windows[m], "dual_iterations": dual_iterations(runs[m][1]),
+             "loss_after": losses[m]} for m in args.methods]
+    if "muon" in med and "hetero" in med:
+        hetero_vs_muon = med["hetero"] / med["muon"]
+    else:
+        hetero_vs_muon = None
+    print(f"GPT {args.preset} {cfg}, device {args.device}, torch threads {torch.get_num_threads()}, "
+          f"after {args.warm_steps} training steps, {args.repeats} interleaved rounds")
+    print(f"{'method':8s} {'median ms':>10s} {'x AdamW':>8s}  per-window ms over warm-up   dual iterations")
     for r in rows:
-        print(f"{r['method']:10s} {r['median_ms']:10.1f} {r['ratio_vs_adamw']:8.2f}")
+        win = " ".join(f"{v:.0f}" for v in r["warmup_window_ms"])
+        print(f"{r['method']:8s} {r['median_ms']:10.1f} {r['ratio_vs_adamw']:8.2f}  {win:26s}  {r['dual_iterations']}")
+    if hetero_vs_muon is not None:
+        print(f"hetero / muon: {hetero_vs_muon:.2f}")
     os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "train_step.json"), "w") as f:
-        json.dump({"config": vars(args), "rows": rows}, f, indent=2)
+    stem = "train_step" + ("" if args.preset == "anchor" else f"_{args.preset}") + \
+        ("" if args.device == "cpu" else f"_{args.device}")
+    with open(os.path.join(RESULTS, stem + ".json"), "w") as f:
+        json.dump({"config": vars(args), "model": cfg, "rows": rows, "hetero_vs_muon": hetero_vs_muon,
+                   "targets": TARGETS.get(args.device, {})}, f, indent=2)
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(5, 3))
-        ax.bar([r["method"] for r in rows], [r["ratio_vs_adamw"] for r in rows], color="tab:blue")
-        ax.axhline(1.2, color="tab:red", ls="--", label="target 1.2x")
-        ax.set_ylabel("step time / AdamW step")
-        ax.set_title(f"GPT train step (width {args.width}, depth {args.depth})")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(RESULTS, "train_step.png"), dpi=100)
     except ImportError:
-        pass
+        print("matplotlib not installed: no plot (pip install matplotlib)")
+        return rows
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.bar([r["method"] for r in rows], [r["ratio_vs_adamw"] for r in rows], color="tab:blue")
+    for name, t in TARGETS.get(args.device, {}).items():
+        if name in med:
+            ax.plot([list(med).index(name) - 0.4, list(med).index(name) + 0.4], [t, t], "r--")
+    ax.set_ylabel("step time / AdamW step")
+    ax.set_title(f"GPT train step ({args.preset}, real gradients after {args.warm_steps} steps)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(RESULTS, stem + ".png"), dpi=100)
+    return rows
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--optimizer", metavar=_choices(OPTIMIZERS), help="dualize-then-retract, or AdamW as a "
                                                                       "baseline [dualize]")
     g.add_argument("--manifolds", metavar=_choices(MANIFOLD_PRESETS),
-                   help="weight manifolds: hetero = Stiefel attention + DGram MLP; muon = unconstrained [hetero]")
+                   help="weight manifolds: muon = unconstrained (fastest); hetero = Stiefel attention + DGram MLP [muon]")
     g.add_argument("--lr", type=float,
                    help="peak learning rate [" + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + "]")
     g.add_argument("--momentum", type=float, help=f"momentum (dualize) [{BASE_DEFAULTS['momentum']}]")

@@ -195,7 +195,9 @@ def resolve_config(config: TrainConfig, checkpoint_config: dict | None = None) -
     if merged["lr"] is None:
         merged["lr"] = DEFAULT_LR[merged["optimizer"]]
     if merged["manifolds"] is None:
-        merged["manifolds"] = "hetero" if merged["optimizer"] == "dualize" else "muon"
+        # Muon by default: at this scale it trains best and fastest (docs/results.md, section 6);
+        # Hetero's certified DGram solve costs ~100x an AdamW step on a CPU
+        merged["manifolds"] = "muon"
     if merged["nonfinite"] is None and merged["optimizer"] == "dualize":
         merged["nonfinite"] = "skip"
     known = {f.name for f in dataclasses.fields(TrainConfig)}

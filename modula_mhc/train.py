@@ -249,7 +249,9 @@ class _Run:
 
     def evaluate(self) -> None:
         losses = estimate_loss(self.model, self.corpus, self.config, self.device, self.autocast_dtype)
-        record = {"step": self.step, "train": losses["train"], "val": losses["val"]}
+        # train_seconds: optimizer-step wall time so far (evaluations excluded), for time-to-loss plots
+        record = {"step": self.step, "train": losses["train"], "val": losses["val"],
+                  "train_seconds": round(self.train_seconds, 3)}
         self.history["eval"].append(record)
         self.log.eval(record)
         self.progress.write(f"step {self.step:>6}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")

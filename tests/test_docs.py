@@ -3,6 +3,8 @@ import pathlib
 import re
 import runpy
 
+import torch
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -14,6 +16,10 @@ def test_readme_quickstart_code_runs():
     net, upd = namespace["net"], namespace["upd"]
     assert abs(net.norm(upd).item() - 1.0) < 1e-3
     assert namespace["y"].shape == (32, 10)
+    # the optimizer snippet continues the same session (issue 14: it used to raise NameError)
+    for block in blocks[1:2]:
+        exec(compile(block, "README.md", "exec"), namespace)
+    assert torch.isfinite(namespace["loss"])
 
 
 def test_api_reference_builds():

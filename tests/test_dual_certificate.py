@@ -130,3 +130,12 @@ def test_warm_start_reaches_the_same_certificate_faster():
 def test_gap_tol_is_validated(bad):
     with pytest.raises(ValueError):
         Stiefel(gap_tol=bad)
+
+
+@pytest.mark.parametrize("kwargs", [dict(lr=float("nan")), dict(lr=float("inf")), dict(weight_decay=float("nan")),
+                                    dict(weight_decay=float("inf")), dict(momentum=float("nan"))])
+def test_optimizer_refuses_non_finite_settings(kwargs):
+    """Issue 14: a NaN/Inf lr or weight decay used to be accepted and turn every weight into NaN."""
+    from modula_mhc import atoms, optim
+    with pytest.raises(ValueError, match="must"):
+        optim.DualizeRetract(atoms.Linear(4, 3), **kwargs)

@@ -38,7 +38,10 @@ class Block(Compose):
 
 class GPT(Compose):
     """GPT(vocab_size, context, width, depth, heads, residual="plain"|"hc"|"mhc", streams=4,
-    attn_manifold="stiefel", mlp_manifold="dgram", attn_temperature=1.0).
+    attn_manifold="euclidean", mlp_manifold="euclidean", attn_temperature=1.0).
+
+    Manifolds default to Euclidean (Muon): Hetero (attn "stiefel", mlp "dgram") is one argument
+    away but its certified dual solve costs far more per step (docs/decisions.md).
 
     Embed → depth blocks → RMSNorm → Linear head (logits). Masses: embed 1, head 1, and the
     blocks together ``blocks_mass`` (split equally between their atoms), so the share of learning
@@ -51,7 +54,7 @@ class GPT(Compose):
     that batch (docs/algebra.md, "Certified domain")."""
 
     def __init__(self, vocab_size, context, width, depth, heads, residual="plain", streams=4,
-                 attn_manifold="stiefel", mlp_manifold="dgram", mlp_ratio=4, blocks_mass=5.0,
+                 attn_manifold="euclidean", mlp_manifold="euclidean", mlp_ratio=4, blocks_mass=5.0,
                  embed_mass=1.0, head_mass=1.0, attn_temperature=1.0, **hyper_options):
         for n, v in (("vocab_size", vocab_size), ("context", context), ("width", width), ("depth", depth),
                      ("heads", heads), ("streams", streams)):

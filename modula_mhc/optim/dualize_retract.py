@@ -57,12 +57,13 @@ class DualizeRetract(Optimizer):
 
     def __init__(self, params_or_module, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  weight_decay: float = 0.0, nonfinite: str = "skip"):
-        if not (isinstance(lr, (int, float)) or (isinstance(lr, torch.Tensor) and lr.numel() == 1)) or lr < 0:
-            raise ValueError(f"DualizeRetract: lr must be a number >= 0, got {lr!r}")
-        if not 0.0 <= momentum < 1.0:
+        if not (isinstance(lr, (int, float)) or (isinstance(lr, torch.Tensor) and lr.numel() == 1)) \
+                or not math.isfinite(float(lr)) or lr < 0:
+            raise ValueError(f"DualizeRetract: lr must be a finite number >= 0, got {lr!r}")
+        if not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
             raise ValueError(f"DualizeRetract: momentum must lie in [0, 1), got {momentum!r}")
-        if weight_decay < 0:
-            raise ValueError(f"DualizeRetract: weight_decay must be >= 0, got {weight_decay!r}")
+        if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
+            raise ValueError(f"DualizeRetract: weight_decay must be a finite number >= 0, got {weight_decay!r}")
         if nonfinite not in self.NONFINITE_POLICIES:
             raise ValueError(f"{type(self).__name__}: nonfinite must be one of {self.NONFINITE_POLICIES}, "
                              f"got {nonfinite!r}")

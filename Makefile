@@ -14,6 +14,7 @@ demo: install
 
 test:
 	$(PIP) "$(TORCH)" -e ".[test]"
+	$(PYTHON) -m ruff check modula_mhc tests examples benchmarks docs
 	$(PYTHON) -m pytest -q
 
 test-slow:

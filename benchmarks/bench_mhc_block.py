@@ -17,9 +17,8 @@ import json
 import pathlib
 import platform
 import statistics
-import time
-
 import sys
+import time
 
 import torch
 

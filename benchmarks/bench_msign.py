@@ -18,8 +18,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _report import save_bar_chart  # noqa: E402
 from modula_mhc.kernels import reference  # noqa: E402
+
+from _report import save_bar_chart  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 QUINTIC = (3.4445, -4.7750, 2.0315)

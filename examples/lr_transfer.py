@@ -27,10 +27,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from modula_mhc import compounds  # noqa: E402
+
 import _common as C  # noqa: E402
 from _baselines import SPGPT, SPMLP, adamw  # noqa: E402
-
-from modula_mhc import compounds  # noqa: E402
 
 #: default sizes per (model, sweep): the swept values and the fixed other dimension
 DEFAULT_SIZES = {
@@ -44,6 +44,7 @@ DEFAULT_LOG2_LRS = {"dualize": list(range(-5, 1)), "adamw": list(range(-10, -4))
 DEFAULT_STEPS = {"mlp": 200, "gpt": 150}
 #: --manifolds preset → (attention manifold, MLP manifold, other), as in `modula-mhc train --manifolds`
 from modula_mhc.optim.presets import PRESETS as MANIFOLD_PRESETS  # noqa: E402
+
 HEAD_WIDTH = 16  # GPT heads = width / 16, so the head width stays fixed across the width sweep
 
 

@@ -28,9 +28,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
-
 from modula_mhc import compounds  # noqa: E402
+
+import _common as C  # noqa: E402
 
 PRESETS = {"muon": ("euclidean", "euclidean"), "all-stiefel": ("stiefel", "stiefel"),
            "hetero": ("stiefel", "dgram"), "hetero-inv": ("dgram", "stiefel"), "all-dgram": ("dgram", "dgram")}

@@ -23,11 +23,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
-
 from modula_mhc import compounds  # noqa: E402
-
 from modula_mhc.optim.presets import PRESETS as MANIFOLD_PRESETS  # noqa: E402  (attn, mlp, other)
+
+import _common as C  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -5,7 +5,8 @@
     net = atoms.Linear(64, 10) @ bonds.ReLU() @ atoms.Linear(784, 64)
     net.mass, net.sensitivity, net.sharpness, net.norm()
 """
-from . import kernels, manifolds  # noqa: F401  (atoms need manifolds)
+# ruff: noqa: I001  (import order matters here: atoms need manifolds)
+from . import kernels, manifolds  # noqa: F401
 from . import atoms, bonds, compounds, optim, symbolic  # noqa: F401
 from . import claims  # noqa: F401  (certify / check_claims: are the declared constants valid here?)
 from .algebra import Compose, Parallel, Scale, Sum, repeat, residual  # noqa: F401

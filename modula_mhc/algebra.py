@@ -19,11 +19,10 @@ from __future__ import annotations
 import copy
 
 import sympy
-import torch
 from torch import nn
 
 from . import scalars as S
-from .module import Atom, Bond, Module, Sharpness
+from .module import Bond, Module, Sharpness
 
 
 def _merge(target: dict, source: dict, factor):

@@ -26,7 +26,6 @@ from torch import nn
 
 from . import scalars as S
 
-
 _STATIC_DEPTH = [0]  # > 0 inside static_constants(): local (measured) stats are ignored
 
 

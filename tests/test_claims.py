@@ -9,8 +9,7 @@ import torch
 from modula_mhc import atoms, bonds, compounds
 from modula_mhc.algebra import Parallel
 
-from _claims import (input_jvp, input_second, mixed_second, power_direction, random_like_params,
-                     scale_to, seq_norm, unit_rms, weight_jvp, weight_second)
+from _claims import input_jvp, input_second, mixed_second, power_direction, random_like_params, scale_to, seq_norm, unit_rms, weight_jvp, weight_second
 
 SLACK = 1 + 1e-6
 

@@ -7,6 +7,7 @@ returned A is feasible and scores ≥ 0.99 of it (issue: Gaussian, rank-1 and co
 gradients; tall, wide and square; DGram with column norms spread over 1e4).
 """
 import math
+import zlib
 
 import pytest
 import torch
@@ -74,7 +75,7 @@ SHAPES = [(96, 48), (48, 96), (48, 48)]
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("kind", ["gauss", "rank1", "cond1e4"])
 def test_dualize_certified_within_one_percent(manifold, shape, kind):
-    g = torch.Generator().manual_seed(hash((manifold, shape, kind)) % 2**31)
+    g = torch.Generator().manual_seed(zlib.crc32(f"{manifold}{shape}{kind}".encode()))  # hash() is salted per process
     m, n = shape
     W, G = point(manifold, m, n, g), gradient(kind, m, n, g)
     check(manifold, W, G, torch.float64)

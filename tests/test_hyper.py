@@ -8,8 +8,13 @@ import torch
 from modula_mhc import atoms, bonds, compounds, kernels
 from modula_mhc.algebra import Compose
 from modula_mhc.atoms.mix import Gate, Mix, StaticCoefficients
-from modula_mhc.compounds.hyper import (CollapseStreams, ExpandStreams, HyperConnections, residual_init_logit,
-                                        stability_report)
+from modula_mhc.compounds.hyper import (
+    CollapseStreams,
+    ExpandStreams,
+    HyperConnections,
+    residual_init_logit,
+    stability_report,
+)
 
 from _claims import random_like_params, scale_to, seq_norm, unit_rms
 

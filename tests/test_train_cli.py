@@ -101,7 +101,7 @@ def test_presets_and_defaults_resolve():
     assert (c.width, c.depth, c.heads, c.context, c.batch, c.steps) == (128, 4, 4, 64, 12, 3200)
     c = resolve_config(TrainConfig(preset="small", width=64, optimizer="adamw"))
     assert c.width == 64 and c.manifolds == "muon" and c.lr == pytest.approx(1e-2)
-    assert resolve_config(TrainConfig()).manifolds == "hetero"
+    assert resolve_config(TrainConfig()).manifolds == "muon"   # the default since issue 11 (docs/decisions.md)
 
 
 @pytest.mark.parametrize("kwargs, option", [

@@ -13,9 +13,8 @@ from .. import scalars as S
 from ..module import Module, Sharpness
 from ..optim.presets import PRESETS, _preset_choice
 from . import describe as _describe
-from .roles import infer
+from .roles import hf_conv1d_type, infer
 from .structure import build_branch_shadow, build_shadow
-from .roles import hf_conv1d_type
 from .views import EmbedView, GainView, MatrixView, TiedEmbedView, VectorView
 
 __all__ = ["Adapted", "adapt"]

@@ -11,8 +11,6 @@ step sizes do not depend on the number of heads; ``weight_gain`` reports the dif
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 

@@ -12,8 +12,13 @@ import torch
 from . import reference
 from .dispatch import backend_for, triton_available
 from .gram_polar import gram_polar
-from .reference import (POLAR_EXPRESS_COEFFS, SinkhornConvergenceWarning, polar_express_coeffs, sinkhorn_project,
-                        sinkhorn_tol_floor)
+from .reference import (
+    POLAR_EXPRESS_COEFFS,
+    SinkhornConvergenceWarning,
+    polar_express_coeffs,
+    sinkhorn_project,
+    sinkhorn_tol_floor,
+)
 
 __all__ = [
     "POLAR_EXPRESS_COEFFS",
@@ -42,11 +47,11 @@ def msign(X: torch.Tensor, steps: int = 8) -> torch.Tensor:
 
 
 def polar(X: torch.Tensor) -> torch.Tensor:
-    """Polar factor U Vᵀ of X = U Σ Vᵀ by the faster route for the device: on the CPU the
-    Gram-matrix route (``gram_polar``, one float32 n×n eigendecomposition and two products, which
-    costs less than Polar Express's ~24 n×n products), elsewhere Polar Express (``msign``).
-    Singular values below ~3e-4·σ_max come out inexact on either route."""
-    if X.device.type == "cpu":
+    """Polar factor U Vᵀ of X = U Σ Vᵀ by the faster route: on the CPU, for matrices at least twice
+    as long as wide, the Gram-matrix route (``gram_polar``: one float64 n×n eigendecomposition and
+    two products, less than Polar Express's matmuls there); Polar Express (``msign``) otherwise.
+    Singular values below 1e-4·σ_max come out as 0 (Gram route) or inexact (Polar Express)."""
+    if X.device.type == "cpu" and X.ndim >= 2 and max(X.shape[-2:]) >= 2 * min(X.shape[-2:]):
         return gram_polar(X, refine=False)
     return msign(X)
 
@@ -62,7 +67,8 @@ def sinkhorn(logits: torch.Tensor, iters: int = 20, tol: float | None = None, ma
     float64 and larger n use the reference.
     """
     if tol is None and logits.dtype != torch.float64 and backend_for(logits) == "triton":
-        from .triton_sinkhorn import MAX_N, sinkhorn as sinkhorn_triton
+        from .triton_sinkhorn import MAX_N
+        from .triton_sinkhorn import sinkhorn as sinkhorn_triton
         if logits.ndim >= 2 and logits.size(-1) == logits.size(-2) <= MAX_N:
             return sinkhorn_triton(logits, iters=iters, return_error=return_error)
     return reference.sinkhorn(logits, iters=iters, tol=tol, max_iters=max_iters, return_error=return_error,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import sinkhorn
-from .base import (Manifold, check_same_shape, check_shape, check_tensor, unit_max_scale)
+from .base import Manifold, check_same_shape, check_shape, check_tensor, unit_max_scale
 
 #: marginal tolerance of the Sinkhorn projections used by retract/step (computed in float64)
 SINKHORN_TOL = 1e-12

@@ -4,8 +4,16 @@ from __future__ import annotations
 import torch
 
 from ..kernels import polar
-from .base import (Manifold, check_same_shape, check_shape, check_tensor, compute_dtype, semi_orthogonal,
-                   spectral_norm, unit_max_scale)
+from .base import (
+    Manifold,
+    check_same_shape,
+    check_shape,
+    check_tensor,
+    compute_dtype,
+    semi_orthogonal,
+    spectral_norm,
+    unit_max_scale,
+)
 
 
 class Euclidean(Manifold):

@@ -5,8 +5,18 @@ import math
 
 import torch
 
-from .base import (Manifold, as_tall, check_same_shape, check_shape, check_tensor, compute_dtype, from_tall,
-                   is_wide, semi_orthogonal, spectral_norm)
+from .base import (
+    Manifold,
+    as_tall,
+    check_same_shape,
+    check_shape,
+    check_tensor,
+    compute_dtype,
+    from_tall,
+    is_wide,
+    semi_orthogonal,
+    spectral_norm,
+)
 from .dual_ascent import steepest_tangent
 
 #: default certified relative duality gap: every dualize reaches ≥ 99.5% of the optimum

@@ -3,8 +3,17 @@ from __future__ import annotations
 
 import torch
 
-from .base import (Manifold, as_tall, check_same_shape, check_shape, check_tensor, compute_dtype, from_tall,
-                   is_wide, unit_max_scale)
+from .base import (
+    Manifold,
+    as_tall,
+    check_same_shape,
+    check_shape,
+    check_tensor,
+    compute_dtype,
+    from_tall,
+    is_wide,
+    unit_max_scale,
+)
 
 
 def _normalise_columns(X):

@@ -28,10 +28,14 @@ TOL = 1e-6
 
 
 def _model(residual="plain"):
+    # Stiefel attention (closed form on these square matrices) and Euclidean MLP: every dualize is a
+    # continuous function of the gradient, so summation order changes the weights only at rounding
+    # level. (DGram's certified solver stops on a data-dependent test; a 1e-16 difference in the
+    # gradient can change its iterate and the weights by ~1e-5, within its certified gap.)
     torch.manual_seed(0)
     kwargs = {} if residual == "plain" else {"streams": 2}
     return compounds.GPT(VOCAB, CONTEXT, width=16, depth=1, heads=2, residual=residual, attn_manifold="stiefel",
-                         mlp_manifold="dgram", **kwargs).double()
+                         mlp_manifold="euclidean", **kwargs).double()
 
 
 def _batches():

@@ -25,7 +25,6 @@ __all__ = [
     "backend_for",
     "triton_available",
     "msign",
-    "polar",
     "gram_polar",
     "sinkhorn",
     "sinkhorn_project",
@@ -44,16 +43,6 @@ def msign(X: torch.Tensor, steps: int = 8) -> torch.Tensor:
         from .triton_msign import msign as msign_triton
         return msign_triton(X, steps)
     return reference.msign(X, steps)
-
-
-def polar(X: torch.Tensor) -> torch.Tensor:
-    """Polar factor U Vᵀ of X = U Σ Vᵀ by the faster route: on the CPU, for matrices at least twice
-    as long as wide, the Gram-matrix route (``gram_polar``: one float64 n×n eigendecomposition and
-    two products, less than Polar Express's matmuls there); Polar Express (``msign``) otherwise.
-    Singular values below 1e-4·σ_max come out as 0 (Gram route) or inexact (Polar Express)."""
-    if X.device.type == "cpu" and X.ndim >= 2 and max(X.shape[-2:]) >= 2 * min(X.shape[-2:]):
-        return gram_polar(X, refine=False)
-    return msign(X)
 
 
 def sinkhorn(logits: torch.Tensor, iters: int = 20, tol: float | None = None, max_iters: int = 1000,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import polar
+from ..kernels import msign
 from .base import (
     Manifold,
     check_same_shape,
@@ -33,7 +33,7 @@ class Euclidean(Manifold):
             norm = torch.linalg.vector_norm(Gu)
             A = Gu / norm if norm > 0 else torch.zeros_like(Gu)
         else:
-            A = polar(Gu)
+            A = msign(Gu)
         if state is not None:
             state["iterations"] = 0
             state["tangent_residual"] = 0.0

@@ -244,6 +244,24 @@ class Bond(Module):
         return {}
 
 
+class AtomTag(weakref.ref):
+    """The ``_mm_atom`` tag on an atom's weight: a weak reference to the atom (what DualizeRetract
+    reads). It pickles and deep-copies as None, so ``torch.save(model)``, ``pickle`` and
+    ``copy.deepcopy`` work; the copied atom tags its own weight again (``Atom.__setstate__``)."""
+
+    __slots__ = ()
+
+    def __reduce_ex__(self, protocol):
+        return (_no_tag, ())
+
+    def __deepcopy__(self, memo):
+        return None
+
+
+def _no_tag():
+    return None
+
+
 class Atom(Module):
     """A module that owns exactly one ``nn.Parameter`` named ``weight`` living on a manifold.
 
@@ -283,7 +301,12 @@ class Atom(Module):
 
     def _tag(self):
         if self.weight is not None:
-            self.weight._mm_atom = weakref.ref(self)
+            self.weight._mm_atom = AtomTag(self)
+
+    def __setstate__(self, state):
+        # unpickled or deep-copied: the weight is a new tensor whose tag was dropped
+        super().__setstate__(state)
+        self._tag()
 
     @torch.no_grad()
     def reset_parameters(self, generator=None):

@@ -23,33 +23,14 @@ Natural norms (the model's forward pass is untouched, so the RMS→RMS gain that
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 from torch import nn
 
 from ..atoms._free import MaxAbsAtom, rms_dual
-from ..module import Atom, Sharpness
+from ..module import Atom, AtomTag, Sharpness
 
 __all__ = ["AtomView", "EmbedView", "GainView", "MatrixView", "VectorView"]
-
-
-class _Tag(weakref.ref):
-    """The ``_mm_atom`` tag a view puts on a model's parameter: a weak reference (what
-    DualizeRetract reads) that pickles and deep-copies as None, so ``torch.save(model)`` and
-    ``copy.deepcopy(model)`` keep working (a copy is adapted again to be optimised)."""
-
-    __slots__ = ()
-
-    def __reduce_ex__(self, protocol):
-        return (_no_tag, ())
-
-    def __deepcopy__(self, memo):
-        return None
-
-
-def _no_tag():
-    return None
 
 
 class AtomView(Atom):
@@ -81,7 +62,7 @@ class AtomView(Atom):
         return getattr(self._owner, self.param_name)
 
     def _tag(self):
-        self.weight._mm_atom = _Tag(self)
+        self.weight._mm_atom = AtomTag(self)
 
     @torch.no_grad()
     def reset_parameters(self, generator=None):

@@ -38,11 +38,10 @@ STEP_MIN, STEP_MAX = 1e-4, 10.0
 #: smoothing schedules: (plain iterations before smoothing starts, c in μ = c·gap/n). Measured on
 #: Gaussian, rank-1 and condition-1e4 gradients, tall/wide/square, and real MLP gradients: Stiefel's
 #: rank-1 problems stall when smoothed early, DGram's stall at a 4% gap unless smoothed from the start
-SCHEDULES = {False: (100, 3.0), True: (0, 3.0)}
+SCHEDULES = {False: (100, 3.0 * math.sqrt(2)), True: (0, 3.0 * math.sqrt(2))}
 #: every ALTERNATE iterations c drops to c/3 and back: a fixed c locked some rank-1 problems at 97-98%
+#: (a cap μ ≤ 0.03 was tried too: it stalled rank-1 DGram at 97%)
 ALTERNATE = 40
-#: cap on μ (normalised problem: singular values ~1); none: a cap of 0.03 stalled rank-1 DGram at 97%
-MU_MAX = float("inf")
 
 
 def _inner(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
@@ -58,14 +57,13 @@ def off_diagonal(H: torch.Tensor) -> torch.Tensor:
     return H - torch.diag_embed(torch.diagonal(H, dim1=-2, dim2=-1))
 
 
-def _inv_sqrt(e: torch.Tensor, V: torch.Tensor, mu2: torch.Tensor) -> torch.Tensor:
-    """V·diag((e + μ²)^(-1/2))·Vᵀ, with eigenvalues below a relative floor mapped to 0 (the
+def _inv_sqrt(e: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """V·diag(e^(-1/2))·Vᵀ, with eigenvalues below a relative floor mapped to 0 (the
     pseudo-inverse square root: directions M does not reach get no weight)."""
     emax = e[..., -1:].clamp_min(0)
     floor = emax * (1e-12 if e.dtype == torch.float64 else 1e-6)
-    es = e + mu2.unsqueeze(-1)
-    inv = torch.where(es > floor.clamp_min(torch.finfo(e.dtype).tiny), es.clamp_min(
-        torch.finfo(e.dtype).tiny).rsqrt(), torch.zeros_like(e))
+    tiny = torch.finfo(e.dtype).tiny
+    inv = torch.where(e > floor.clamp_min(tiny), e.clamp_min(tiny).rsqrt(), torch.zeros_like(e))
     return (V * inv.unsqueeze(-2)) @ V.mT
 
 
@@ -132,7 +130,7 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
             tangent_sq = torch.diagonal(Z0.mT @ gram_inv @ Z0 + EtE, dim1=-2, dim2=-1).sum(-1)
         e, V = torch.linalg.eigh(F + mu2[..., None, None] * torch.eye(n, dtype=sdt, device=W.device))
         hi = (e - mu2.unsqueeze(-1)).clamp_min(0).sqrt().sum(-1)     # ‖M‖_*: an upper bound
-        R = _inv_sqrt(e, V, mu2)                       # A_Λ = M·R
+        R = _inv_sqrt(e, V)                            # A_Λ = M·(MᵀM + μ²I)^(-1/2)
         Y = Z @ R                                      # WᵀA_Λ
         H = project(Y + Y.mT)                          # ∇f(Λ)
         X = normal_solve(H)                            # A_t = A_Λ − W·X is tangent
@@ -153,7 +151,7 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
             break
         if k >= plain_iters:
             c = smoothing if ALTERNATE <= 0 or (k // ALTERNATE) % 2 == 0 else smoothing / 3
-            mu2 = (c * (best_hi - best_lo).clamp_min(0) / n).clamp_max(MU_MAX).square()
+            mu2 = (c * (best_hi - best_lo).clamp_min(0) / n).square()
         D = normal_solve(H)
         if prev_lam is not None:
             s, y = lam - prev_lam, D - prev_D

@@ -90,9 +90,9 @@ def main(argv=None):
     for step_grads in grads:  # round-robin: background load hits every optimizer alike
         for kind in args.kinds:
             gpt, params, opt = setups[kind]
-            all_params = list(gpt.parameters())
-            for p, gr in zip(all_params, step_grads):
-                p.grad = gr.clone() if p in set(params) else None
+            stepped = set(params)
+            for p, gr in zip(gpt.parameters(), step_grads):
+                p.grad = gr.clone() if p in stepped else None
             if args.device == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()

@@ -9,13 +9,12 @@ both; each group keeps its own lr.
 from __future__ import annotations
 
 import fnmatch
-import warnings
 
 import torch
 from torch import nn
 
 from ..module import Module
-from ..optim.dualize_retract import DualizeRetract
+from ..optim.dualize_retract import DualizeRetract, skip_nonfinite_step
 
 __all__ = ["ADAMW_ROLES", "DualizeAdamW"]
 
@@ -122,13 +121,8 @@ class DualizeAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         # one check over both optimizers: the whole step is skipped (or raises)
-        if self.nonfinite != "ignore" and not all(bool(torch.isfinite(p.grad).all()) for g in self.param_groups
-                                                  for p in g["params"] if p.grad is not None):
-            self.skipped_steps += 1
-            msg = f"non-finite gradient (NaN or Inf): optimizer step skipped ({self.skipped_steps} so far)"
-            if self.nonfinite == "raise":
-                raise FloatingPointError(msg.replace("optimizer step skipped", "policy 'raise'"))
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        if skip_nonfinite_step(self, lambda: all(bool(torch.isfinite(p.grad).all()) for g in self.param_groups
+                                                 for p in g["params"] if p.grad is not None), stacklevel=3):
             return loss
         for o in self._opts:
             o.step()

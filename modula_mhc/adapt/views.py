@@ -27,7 +27,7 @@ import math
 import torch
 from torch import nn
 
-from ..atoms._free import MaxAbsAtom, rms_dual
+from ..atoms._free import FreeAtom, MaxAbsAtom, rms_dual
 from ..module import Atom, AtomTag, Sharpness
 
 __all__ = ["AtomView", "EmbedView", "GainView", "MatrixView", "VectorView"]
@@ -233,7 +233,14 @@ class MatrixView(AtomView):
         return out
 
 
-class EmbedView(AtomView):
+class _FreeView(AtomView):
+    """A view without a manifold constraint: the step and retraction of native free atoms."""
+
+    step_weight = FreeAtom.step_weight
+    retract_ = FreeAtom.retract_
+
+
+class EmbedView(_FreeView):
     """nn.Embedding weight (vocab, width): norm max_token RMS(row), dual rows at RMS t (native Embed)."""
 
     @staticmethod
@@ -246,13 +253,6 @@ class EmbedView(AtomView):
     def dualize_weight(self, G, target=1.0, state=None):
         rms = self._row_rms(G)
         return torch.where(rms > 0, G / rms.clamp_min(1e-30), torch.zeros_like(G)).to(G.dtype) * target
-
-    @torch.no_grad()
-    def step_weight(self, A, lr):
-        self.weight.sub_(lr * A)
-
-    def retract_(self):
-        pass
 
     def diagnostics(self):
         return {"max_row_rms": float(self.weight_norm(self.weight.detach()))}
@@ -287,7 +287,7 @@ class TiedEmbedView(EmbedView):
                 "head_norm": float(torch.linalg.matrix_norm(W.float(), 2) / self._head_gain(W))}
 
 
-class GainView(AtomView):
+class GainView(_FreeView):
     """A norm layer's gain: ‖g‖_∞, dual t·sign(G) with the noise floor of native ``Gain``."""
 
     noise_floor = MaxAbsAtom.noise_floor
@@ -298,18 +298,11 @@ class GainView(AtomView):
     def sharpness(self):
         return Sharpness(0.0, 1.0, 0.0)
 
-    @torch.no_grad()
-    def step_weight(self, A, lr):
-        self.weight.sub_(lr * A)
-
-    def retract_(self):
-        pass
-
     def diagnostics(self):
         return {"max_abs": float(self.weight.detach().abs().max())}
 
 
-class VectorView(AtomView):
+class VectorView(_FreeView):
     """Biases and any other parameter: ‖w‖_RMS, dual t·G/‖G‖_RMS (native ``Bias``), sensitivity 0
     for a bias (it ignores the input's values), 1 otherwise."""
 
@@ -327,13 +320,6 @@ class VectorView(AtomView):
     @property
     def sharpness(self):
         return Sharpness(0.0, 0.0, 0.0) if self.role == "bias" else Sharpness(0.0, 1.0, 0.0)
-
-    @torch.no_grad()
-    def step_weight(self, A, lr):
-        self.weight.sub_(lr * A)
-
-    def retract_(self):
-        pass
 
     def diagnostics(self):
         return {"rms": float(self.weight_norm(self.weight.detach()))}

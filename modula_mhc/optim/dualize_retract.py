@@ -31,6 +31,22 @@ def _target(coefficient) -> float:
     return 1.0 / c
 
 
+def skip_nonfinite_step(opt, gradients_finite, stacklevel: int) -> bool:
+    """The non-finite policy ``opt.nonfinite`` for one step: True if the step must be skipped.
+
+    ``gradients_finite()`` is only called when the policy checks; a skip counts in
+    ``opt.skipped_steps`` and warns (RuntimeWarning, ``stacklevel`` counted from this function);
+    "raise" raises instead."""
+    if opt.nonfinite == "ignore" or gradients_finite():
+        return False
+    opt.skipped_steps += 1
+    msg = f"non-finite gradient (NaN or Inf): optimizer step skipped ({opt.skipped_steps} so far)"
+    if opt.nonfinite == "raise":
+        raise FloatingPointError(msg.replace("optimizer step skipped", "policy 'raise'"))
+    warnings.warn(msg, RuntimeWarning, stacklevel=stacklevel)
+    return True
+
+
 class DualizeRetract(Optimizer):
     """DualizeRetract(params_or_module, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0,
     nonfinite="skip").
@@ -124,14 +140,7 @@ class DualizeRetract(Optimizer):
 
     def _skip_nonfinite(self) -> bool:
         """Apply the non-finite policy: True if this step must be skipped (raises under "raise")."""
-        if self.nonfinite == "ignore" or self._gradients_finite():
-            return False
-        self.skipped_steps += 1
-        msg = f"non-finite gradient (NaN or Inf): optimizer step skipped ({self.skipped_steps} so far)"
-        if self.nonfinite == "raise":
-            raise FloatingPointError(msg.replace("optimizer step skipped", "policy 'raise'"))
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
-        return True
+        return skip_nonfinite_step(self, self._gradients_finite, stacklevel=4)
 
     def _update(self, p, G, group):
         """One parameter's step: momentum, dualize with target 1/c_a, decay, then the manifold step

@@ -33,6 +33,8 @@ import math
 
 import torch
 
+from .base import fro, sym, unit_max_scale
+
 #: BB step sizes are clamped to this range (in units of the normalised problem)
 STEP_MIN, STEP_MAX = 1e-4, 10.0
 #: smoothing schedules: (plain iterations before smoothing starts, c in μ = c·gap/n). Measured on
@@ -46,10 +48,6 @@ ALTERNATE = 40
 
 def _inner(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     return (X * Y).sum(dim=(-2, -1))
-
-
-def _sym(X: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (X + X.mT)
 
 
 def off_diagonal(H: torch.Tensor) -> torch.Tensor:
@@ -82,18 +80,17 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
     plain_iters, smoothing = SCHEDULES[bool(offdiag)]
     sdt = torch.float64  # the n×n loop: cheap, and the certificate needs the precision
     # G scaled to ‖G‖_F = √n (positive scaling does not change the answer; one step size fits all)
-    amax = G.abs().amax(dim=(-2, -1), keepdim=True)
-    Gu = G / torch.where(amax > 0, amax, torch.ones_like(amax))
-    gnorm = torch.linalg.vector_norm(Gu, dim=(-2, -1), keepdim=True)
+    Gu, _ = unit_max_scale(G)
+    gnorm = fro(Gu)
     Gn = torch.where(gnorm > 0, Gu * (math.sqrt(n) / gnorm.clamp_min(1e-30)), torch.zeros_like(Gu))
 
-    gram = _sym((W.mT @ W).to(sdt))
+    gram = sym((W.mT @ W).to(sdt))
     gram_inv = torch.cholesky_inverse(torch.linalg.cholesky(gram))
     P = (W.mT @ Gn).to(sdt)
     # the part of G off the span of W, formed explicitly: MᵀM = ZᵀΓ⁻¹Z + EᵀE then has no
     # cancellation (GᵀG − PᵀΓ⁻¹P would lose a small tangent part under a large normal one)
     E = Gn - W @ (gram_inv @ P).to(dt)
-    EtE = _sym((E.mT @ E).to(sdt))
+    EtE = sym((E.mT @ E).to(sdt))
     d = torch.diagonal(gram, dim1=-2, dim2=-1)
     denom = d.unsqueeze(-1) + d.unsqueeze(-2)
     denom = torch.where(denom > 0, denom, torch.ones_like(denom))
@@ -124,7 +121,7 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
     for k in range(1, max_iters + 1):
         iters = k
         Z = P + 2.0 * (gram @ lam)                      # WᵀM
-        F = _sym(Z.mT @ gram_inv @ Z + EtE)            # MᵀM
+        F = sym(Z.mT @ gram_inv @ Z + EtE)            # MᵀM
         if k == 1:  # ‖M‖_F² at the start Λ₀ = ‖tangent projection of G‖_F² (warm or cold)
             Z0 = P + 2.0 * (gram @ lam0)
             tangent_sq = torch.diagonal(Z0.mT @ gram_inv @ Z0 + EtE, dim1=-2, dim2=-1).sum(-1)
@@ -137,7 +134,7 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
         # lower bound ⟨G, A_t⟩/‖A_t‖₂ with ‖A_t‖₂² = λ_max(AᵀA − YᵀX − XᵀY + XᵀΓX), AᵀA = RFR
         score = _inner(F, R) - _inner(Z, X)            # ⟨M, A_t⟩ = ⟨G, A_t⟩ for tangent A_t
         YtX = Y.mT @ X
-        At_gram = _sym(R @ F @ R - YtX - YtX.mT + X.mT @ gram @ X)
+        At_gram = sym(R @ F @ R - YtX - YtX.mT + X.mT @ gram @ X)
         lo = score / torch.linalg.eigvalsh(At_gram)[..., -1].clamp_min(1e-300).sqrt()
         better = lo > best_lo
         best_lo = torch.where(better, lo, best_lo)
@@ -163,7 +160,7 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
 
     # A = M·R − W·X = E·R + W·(Γ⁻¹ZR − X), then rescaled to ‖A‖₂ = 1 exactly
     A = E @ best_R.to(dt) + W @ best_C.to(dt)
-    AtA = _sym((A.mT @ A).to(sdt))
+    AtA = sym((A.mT @ A).to(sdt))
     top = torch.linalg.eigvalsh(AtA)[..., -1].clamp_min(0).sqrt()
     # a gradient without tangent part (to rounding: ‖proj G‖ ≤ 1e-6‖G‖) has the zero direction as
     # its answer, never rounding noise blown up to unit norm

@@ -35,6 +35,7 @@ import math
 import torch
 import torch.distributed as dist
 
+from .module import Module
 from .optim import NONFINITE_POLICIES, DualizeRetract
 
 __all__ = ["DistributedDualizeRetract", "assign_owners", "unwrap", "NONFINITE_POLICIES"]
@@ -141,7 +142,6 @@ class DistributedDualizeRetract(DualizeRetract):
 
     def __init__(self, module, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  weight_decay: float = 0.0, nonfinite: str = "skip", process_group=None):
-        from .module import Module
         module = unwrap(module)
         if not isinstance(module, Module):
             raise TypeError(f"DistributedDualizeRetract: expected a modula_mhc Module (or a DDP wrapper of one), "

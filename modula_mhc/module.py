@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from . import manifolds
 from . import scalars as S
 
 _STATIC_DEPTH = [0]  # > 0 inside static_constants(): local (measured) stats are ignored
@@ -39,6 +40,21 @@ def static_constants():
         yield
     finally:
         _STATIC_DEPTH[0] -= 1
+
+
+#: The constructions Module's operators build: "compose" (@), "sum" (+), "scale" (a * M, M / a),
+#: "scale_input" (M * a) and "repeat" (M ** L). modula_mhc.algebra defines them and fills this table
+#: when it is imported (``import modula_mhc`` does); this file cannot import it, since its classes
+#: subclass Module.
+CONSTRUCTIONS: dict = {}
+
+
+def _construction(name: str):
+    try:
+        return CONSTRUCTIONS[name]
+    except KeyError:
+        raise RuntimeError(f"the module algebra is not loaded (no {name!r} construction): "
+                           f"import modula_mhc (or modula_mhc.algebra) first") from None
 
 
 class Sharpness(NamedTuple):
@@ -170,41 +186,36 @@ class Module(nn.Module):
 
     # ----------------------------------------------------------------- algebra (see algebra.py)
     def __matmul__(self, other):
-        from .algebra import compose
-        return compose(self, other)
+        """``M2 @ M1``: the composition M2 ∘ M1 (M1 runs first)."""
+        return _construction("compose")(self, other)
 
     def __rmatmul__(self, other):
-        from .algebra import compose
-        return compose(other, self)
+        return _construction("compose")(other, self)
 
     def __add__(self, other):
-        from .algebra import Sum
-        return Sum(self, other)
+        """``M1 + M2``: x ↦ M1(x) + M2(x)."""
+        return _construction("sum")(self, other)
 
     def __radd__(self, other):
-        from .algebra import Sum
-        return Sum(other, self)
+        return _construction("sum")(other, self)
 
     def __mul__(self, a):
         """``M * a`` scales the *input*, as in Modula: x ↦ M(a·x) (= ``M @ (a * Identity())``)."""
-        from .algebra import Identity, Scale, compose
         if isinstance(a, Module):
             raise TypeError("M * N is not defined for two modules; compose with M @ N or add with M + N")
-        return compose(self, Scale(a, Identity()))
+        return _construction("scale_input")(self, a)
 
     def __rmul__(self, a):
         """``a * M`` scales the *output*: x ↦ a·M(x) (sensitivity |a|·ν, norm |a|·‖w‖), as in Modula."""
-        from .algebra import Scale
-        return Scale(a, self)
+        return _construction("scale")(a, self)
 
     def __truediv__(self, a):
         """``M / a`` = (1/a)·M: the output divided by a."""
-        from .algebra import Scale
-        return Scale(1 / a, self)
+        return _construction("scale")(1 / a, self)
 
     def __pow__(self, depth):
-        from .algebra import repeat
-        return repeat(self, depth)
+        """``M ** L``: L copies of M with their own weights, composed."""
+        return _construction("repeat")(self, depth)
 
     # ----------------------------------------------------------------- dims
     def bind_input_dims(self, dims: tuple):
@@ -292,7 +303,6 @@ class Atom(Module):
             self.reset_parameters()
 
     def _check_manifold(self, manifold):
-        from . import manifolds
         m = manifolds.get(manifold)
         if self.allowed_manifolds is not None and m.name not in self.allowed_manifolds:
             raise ValueError(f"{type(self).__name__} supports manifolds {sorted(self.allowed_manifolds)}, "

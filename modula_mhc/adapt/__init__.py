@@ -6,11 +6,12 @@
 
 One idea per module: ``roles`` (what each parameter is), ``views`` (atom views over borrowed
 parameters), ``structure`` (the module tree read as a native compound), ``describe`` (the table),
-``optim`` (DualizeRetract with an inner AdamW for plain parameters), ``hyper`` (HC/mHC around any
-nn.Module branch). Guide: docs/adapt.md.
+``optim`` (DualizeRetract with an inner AdamW for plain parameters), ``hyper`` (any nn.Module as
+the branch of a hyper-connection), ``connections`` (HC/mHC around such a branch). Guide: docs/adapt.md.
 """
 from .adapted import Adapted, adapt
-from .hyper import HyperBranch, expand_streams, hyper_connections, reduce_streams
+from .connections import expand_streams, hyper_connections, reduce_streams
+from .hyper import HyperBranch
 from .optim import DualizeAdamW
 from .roles import infer as infer_roles
 from .structure import DEFAULT_MASSES

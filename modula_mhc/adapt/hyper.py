@@ -1,16 +1,9 @@
-"""Hyper-connections (HC / mHC) around any ``nn.Module`` branch.
+"""The branch of a hyper-connection: any ``nn.Module`` F: (..., C) → (..., C) as a modula_mhc Module.
 
-``hyper_connections(branch, streams=4, ...)`` wraps an existing sub-network F: (..., C) → (..., C)
-— a module, a list of modules applied in turn, or any callable with the modules it uses — in
-:class:`~modula_mhc.compounds.hyper.HyperConnections`, the library's own HC/mHC layer (nothing of
-it is re-implemented here). The branch is adapted (:func:`modula_mhc.adapt`) so its parameters get
-atom views and the whole layer trains with ``DualizeRetract``.
-
-A pre-norm transformer block ``x + attn(ln_1(x))``, ``x + mlp(ln_2(x))`` becomes an mHC block with
-
-    attn = hyper_connections([blk.ln_1, blk.attn], streams=4)
-    mlp = hyper_connections([blk.ln_2, blk.mlp], streams=4)
-    x = mlp(attn(x))                      # x: (..., streams, C); expand_streams before, reduce_streams after
+:class:`HyperBranch` adapts the branch (:func:`modula_mhc.adapt`) so its parameters get atom views
+and :class:`~modula_mhc.compounds.hyper.HyperConnections` can wrap it; that layer builds one
+itself when given a plain ``nn.Module``. :mod:`modula_mhc.adapt.connections` wraps branches in
+HC/mHC layers (this file does not import the compounds, which import it).
 """
 from __future__ import annotations
 
@@ -18,11 +11,11 @@ from collections.abc import Callable
 
 from torch import nn
 
-from ..compounds.hyper import CollapseStreams, ExpandStreams, HyperConnections
 from ..module import Module, Sharpness
+from .adapted import adapt
 from .roles import hf_conv1d_type, is_norm_module
 
-__all__ = ["HyperBranch", "expand_streams", "hyper_connections", "infer_width", "reduce_streams"]
+__all__ = ["HyperBranch", "infer_width"]
 
 
 def infer_width(module: nn.Module) -> int | None:
@@ -70,7 +63,6 @@ class HyperBranch(Module):
     def __init__(self, branch, width=None, call: Callable | None = None, manifolds="muon", sensitivity=1.0,
                  **adapt_options):
         super().__init__()
-        from .adapted import adapt
         if isinstance(branch, (list, tuple)):
             branch = nn.ModuleList(branch)
         if not isinstance(branch, nn.Module):
@@ -119,27 +111,3 @@ class HyperBranch(Module):
 
     def _coefficient_map(self):
         return self.adapted._coefficient_map() if self.adapted is not None else {}
-
-
-def hyper_connections(branch, streams=4, width=None, call=None, constrained=True, manifolds="muon",
-                      branch_sensitivity=1.0, **options) -> HyperConnections:
-    """HC (``constrained=False``) or mHC (default) around an nn.Module branch; ``options`` go to
-    :class:`~modula_mhc.compounds.hyper.HyperConnections` (dynamic, sinkhorn_iters, depth, …).
-    Pass ``depth=`` the number of hyper-connected branches in the network (2 per transformer
-    block) for the library's depth scaling (residual mix × (1 − 1/depth), branch × 1/depth), which
-    keeps the modular norm's coefficients O(1) in depth; without it the layer computes the model's
-    own ``x + F(x)`` and the coefficients grow by (1 + ν_F) per layer.
-    Input and output are stream tensors (..., streams, C): use :func:`expand_streams` before the
-    first wrapped branch and :func:`reduce_streams` after the last."""
-    hb = HyperBranch(branch, width=width, call=call, manifolds=manifolds, sensitivity=branch_sensitivity)
-    return HyperConnections(hb, streams=streams, constrained=constrained, width=hb.in_dim, **options)
-
-
-def expand_streams(x, streams: int):
-    """(..., C) → (..., streams, C), every stream a copy of x (``compounds.hyper.ExpandStreams``)."""
-    return ExpandStreams(streams)(x)
-
-
-def reduce_streams(x):
-    """(..., n, C) → (..., C), the mean of the streams (``compounds.hyper.CollapseStreams``)."""
-    return CollapseStreams(x.size(-2))(x)

@@ -38,7 +38,8 @@ from torch import nn
 
 from ..algebra import Compose, Identity, Parallel, Scale, Sum, residual
 from ..module import Bond
-from .roles import _ATTN_CONTAINER, _MLP_CONTAINER, is_norm_module
+from .roles import _ATTN_CONTAINER, _MLP_CONTAINER, hf_conv1d_type, is_norm_module
+from .views import EmbedView, MatrixView
 
 __all__ = ["DEFAULT_MASSES", "build_branch_shadow", "build_shadow", "find_blocks"]
 
@@ -65,7 +66,6 @@ class _Op(Bond):
 
 def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, block) for every item of the block containers, in order (see the module docstring)."""
-    from .roles import hf_conv1d_type
     conv1d = hf_conv1d_type()
     mat_types = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention) + ((conv1d,) if conv1d else ())
 
@@ -207,7 +207,6 @@ class _Builder:
 
     def _count(self, unit):
         """Projections a unit stands for (a fused view counts its segments)."""
-        from .views import MatrixView
         for a in unit.atoms() if not isinstance(unit, MatrixView) else [unit]:
             if isinstance(a, MatrixView):
                 return len(a.segments)
@@ -217,7 +216,6 @@ class _Builder:
 def _set_masses(atoms, total, vector_ratio, keep=frozenset()):
     """Give matrix-like atoms mass ∝ their projection count and 1-D atoms ``vector_ratio`` of one,
     scaled so that they sum to ``total`` (atoms in ``keep``, of native modules, keep their ratios)."""
-    from .views import EmbedView, MatrixView
     raw = {}
     for a in atoms:
         if a in keep:
@@ -235,7 +233,6 @@ def _set_masses(atoms, total, vector_ratio, keep=frozenset()):
 
 def build_shadow(model, infos, views, masses=None):
     """(shadow compound or None, {param name: how it was placed}, summary string)."""
-    from .views import EmbedView
     masses = dict(DEFAULT_MASSES, **(masses or {}))
     blocks = find_blocks(model)
     b = _Builder(infos, views, masses)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import fnmatch
 
 from .. import manifolds
+from ..module import Atom
 
 #: preset → (attention manifold, MLP manifold, manifold for atoms without a role or None to keep)
 PRESETS = {
@@ -60,7 +61,6 @@ def assign_manifolds(net, preset) -> dict:
     else:
         raise TypeError(f"assign_manifolds: preset must be a name or a dict, got {type(preset).__name__}")
 
-    from ..module import Atom
     done = {}
     for name, atom in net.named_modules():
         if not isinstance(atom, Atom) or atom.weight is None or atom.weight.ndim < 2:

@@ -1,0 +1,122 @@
+"""M ** L for a symbolic depth L: one prototype and closed forms in L.
+
+For L copies of M (mass μ, sensitivity ν) the composition rules of :mod:`modula_mhc.algebra`
+fold to mass Lμ, sensitivity ν^L, norm coefficient L·ν^(L−l)·c for the copy at depth l, and a
+sharpness that solves the composition recurrence P_k = M ∘ P_{k−1} (docs/algebra.md).
+"""
+from __future__ import annotations
+
+import sympy
+
+from . import scalars as S
+from .module import Module, Sharpness
+
+
+class SymbolicRepeat(Module):
+    """M ** L for a symbolic depth L: one prototype, closed-form properties.
+
+    For L copies of M (mass μ, sensitivity ν): mass Lμ, sensitivity ν^L; the copy at depth
+    l (1 = nearest the input) has norm coefficient L·ν^(L−l)·c; sharpness solves the
+    composition recurrence (docs/algebra.md)."""
+
+    layer_index = sympy.Symbol("l", positive=True, integer=True)
+
+    def __init__(self, module, depth):
+        super().__init__()
+        self.module, self.depth = module, depth
+        self.in_dim, self.out_dim, self.preserves_dim = module.in_dim, module.out_dim, module.preserves_dim
+
+    def forward(self, x):
+        raise RuntimeError("a network with symbolic depth cannot run; build it with an integer depth")
+
+    @property
+    def mass(self):
+        return self.depth * self.module.mass
+
+    @property
+    def sensitivity(self):
+        return self.module.sensitivity ** self.depth
+
+    @property
+    def norm_sensitivity(self):
+        return self.module.norm_sensitivity ** self.depth
+
+    @property
+    def weight_gain(self):
+        """κ·Σ_l (1/L)·r^(L−l) with r = ν/ν' (= κ when the norm uses the certified ν)."""
+        r = self.module.sensitivity / self.module.norm_sensitivity
+        if r == 1:
+            return self.module.weight_gain
+        return self.module.weight_gain * (r ** self.depth - 1) / (self.depth * (r - 1))
+
+    @property
+    def sharpness(self):
+        m = self.module
+        return repeated_sharpness(m.mass, m.sensitivity, m.sharpness, self.depth, norm_sensitivity=m.norm_sensitivity,
+                                  weight_gain=m.weight_gain)
+
+    def _coefficient_map(self):
+        if S.is_zero(self.module.mass):
+            return {}
+        L, nu = self.depth, self.module.norm_sensitivity
+        return {atom: c * L * nu ** (L - self.layer_index) for atom, c in self.module._coefficient_map().items()}
+
+
+def _same(a, b) -> bool:
+    """Structural equality (no sympy.simplify: it is slow on GPT-sized expressions; a false
+    "different" only selects the general closed form, which is exact as well)."""
+    if S.is_symbolic(a) or S.is_symbolic(b):
+        return sympy.sympify(a) - sympy.sympify(b) == 0
+    return a == b
+
+
+def repeated_sharpness(mass, nu, sharp, depth, norm_sensitivity=None, weight_gain=1.0):
+    """Closed-form sharpness of M∘…∘M (depth copies) by solving the composition recurrence
+    P_k = M ∘ P_{k−1} (docs/algebra.md); tests compare it with the unrolled fold.
+
+    The sums are solved for placeholder symbols (a, b, g, v) and the module's own values are
+    substituted afterwards, which keeps sympy's summation on simple geometric-polynomial terms.
+    When the norm is built with ν' ≠ ν or the module's weight gain κ ≠ 1 (attention with several
+    heads), the general recurrence is returned as explicit finite sums (``sympy.Sum``), exact once
+    the depth is a number."""
+    nu_n = nu if norm_sensitivity is None else norm_sensitivity
+    if not (_same(nu, nu_n) and _same(weight_gain, 1)):
+        return _general_repeated_sharpness(mass, nu, nu_n, weight_gain, sharp, depth)
+    k, j = sympy.symbols("k j", positive=True, integer=True)
+    a, b, g, v = sympy.symbols("alpha beta gamma nu", positive=True)
+
+    def total(term):  # Σ_{j=1..k} term(j)
+        return sympy.summation(term.subs(k, j), (j, 1, k))
+
+    # gamma_k = g v^(2k-2) + v gamma_{k-1}  →  Σ_j v^(k-j) g v^(2j-2)
+    gamma_k = sympy.summation(v ** (k - j) * g * v ** (2 * j - 2), (j, 1, k))
+    # B_k = k beta_k satisfies B_k = B_{k-1} + b v^(k-1) + g (k-1) v^(k-2)
+    beta_k = total(b * v ** (k - 1) + g * (k - 1) * v ** (k - 2)) / k
+    # A_k = k^2 v^k alpha_k satisfies A_k = A_{k-1} + a v^k + 2 b (k-1) v^(k-1) + g (k-1)^2 v^(k-2)
+    alpha_k = total(a * v ** k + 2 * b * (k - 1) * v ** (k - 1) + g * (k - 1) ** 2 * v ** (k - 2)) / (k ** 2 * v ** k)
+    if S.is_zero(mass):
+        alpha_k = beta_k = sympy.Integer(0)
+    values = {a: sympy.sympify(sharp[0]), b: sympy.sympify(sharp[1]), g: sympy.sympify(sharp[2]),
+              v: sympy.sympify(nu), k: depth}
+    return Sharpness(*(e.subs(values) for e in (alpha_k, beta_k, gamma_k)))
+
+
+def _general_repeated_sharpness(mass, nu, nu_n, kappa, sharp, depth):
+    """P_k = M ∘ P_{k−1} with r = ν/ν', G_j = (j−1)κ_{j−1} = κ Σ_{i<j} r^(j−1−i) (the prefix's
+    weight gain times its share):
+    kβ_k = Σ_j r^(k−j) [β ν^(j−1) + (γ/ν') ν^(j−1) G_j],
+    k²α_k = Σ_j (ν/ν'²)^(k−j) [α + (2β/ν') G_j + (γ/ν'²) G_j²],   γ_k as in the plain case."""
+    a, b, g = (sympy.sympify(v) for v in sharp)
+    v, vn, kap = sympy.sympify(nu), sympy.sympify(nu_n), sympy.sympify(kappa)
+    k, j, i = sympy.symbols("k_rep j_rep i_rep", positive=True, integer=True)
+    r = v / vn
+    G = kap * sympy.Sum(r ** (j - 1 - i), (i, 1, j - 1))
+    gamma_k = sympy.Sum(v ** (k - j) * g * v ** (2 * j - 2), (j, 1, k))
+    beta_k = sympy.Sum(r ** (k - j) * (b * v ** (j - 1) + g / vn * v ** (j - 1) * G), (j, 1, k)) / k
+    alpha_k = sympy.Sum((v / vn ** 2) ** (k - j) * (a + 2 * b / vn * G + g / vn ** 2 * G ** 2), (j, 1, k)) / k ** 2
+    if S.is_zero(mass):
+        alpha_k = beta_k = sympy.Integer(0)
+    out = [e.subs(k, depth) for e in (alpha_k, beta_k, gamma_k)]
+    if not S.is_symbolic(depth):
+        out = [float(e.doit()) for e in out]
+    return Sharpness(*out)

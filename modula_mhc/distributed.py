@@ -30,6 +30,7 @@ plus the non-finite policy (world size 1). See docs/distributed.md.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -210,10 +211,11 @@ class DistributedDualizeRetract(DualizeRetract):
         self._step_replicated(replicated)
 
     def _step_replicated(self, work):
-        for p, group in work:
-            if self._owner[id(p)] == self.rank:
-                W = _local(p)
-                self._update_full(p, W, _local(p.grad), group)
+        mine = [(p, group) for p, group in work if self._owner[id(p)] == self.rank]
+        with contextlib.ExitStack() as full:  # one batched update of everything this rank owns
+            for p, _ in mine:
+                full.enter_context(_FullWeight(self._atom(p), _local(p)))
+            self._update_many([(p, _local(p.grad), group) for p, group in mine])
         if not self.distributed or self.world == 1:
             return
         # one flat broadcast per owner rank, in parameter order (identical on every rank)

@@ -29,6 +29,9 @@ class Manifold:
     #: True when c·W stays on the manifold for every c > 0 (a cone): decoupled weight decay is then
     #: meaningful; on the other manifolds the retraction would undo it.
     admits_scaling = False
+    #: True when ``dualize`` treats leading dims as a batch of independent matrices and writes only
+    #: per-call entries to ``state``: the optimizer then dualizes same-shape weights as one stack
+    batched_dualize = False
 
     # ------------------------------------------------------------------ interface
     def dualize(self, W: torch.Tensor, G: torch.Tensor, state: dict | None = None) -> torch.Tensor:

@@ -23,6 +23,7 @@ class Euclidean(Manifold):
 
     name = "euclidean"
     admits_scaling = True
+    batched_dualize = True
 
     def dualize(self, W, G, state=None):
         check_same_shape(W, G, "Euclidean.dualize")

@@ -9,6 +9,7 @@ import torch
 from torch.optim import Optimizer
 
 from .. import scalars as S
+from ..module import Atom, Module
 
 #: what a step does when a gradient holds NaN or Inf (docs/faults.md)
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
@@ -45,6 +46,41 @@ def skip_nonfinite_step(opt, gradients_finite, stacklevel: int) -> bool:
         raise FloatingPointError(msg.replace("optimizer step skipped", "policy 'raise'"))
     warnings.warn(msg, RuntimeWarning, stacklevel=stacklevel)
     return True
+
+
+def _batch_key(atom, u):
+    """Key of the stack ``u`` can join, or None: the manifold must dualize stacks
+    (``batched_dualize``) and the atom use the base dualize (target × manifold.dualize)."""
+    if not getattr(atom.manifold, "batched_dualize", False) or u.ndim != 2 \
+            or type(atom).dualize_weight is not Atom.dualize_weight:
+        return None
+    return (atom.manifold, tuple(sorted(u.shape, reverse=True)), u.dtype, u.device)
+
+
+def _dualize_all(work):
+    """target·dualize(W, u) for each (atom, u, target, state) in ``work``, stacking what can be stacked."""
+    out = [None] * len(work)
+    stacks: dict = {}
+    for i, (atom, u, target, state) in enumerate(work):
+        key = _batch_key(atom, u)
+        if key is None:
+            out[i] = atom.dualize_weight(u, target=target, state=state)
+        else:
+            stacks.setdefault(key, []).append(i)
+    for key, idx in stacks.items():
+        manifold = key[0]
+        wide = [work[i][1].size(-2) < work[i][1].size(-1) for i in idx]
+        tall = lambda X, w: X.mT if w else X  # noqa: E731
+        U = torch.stack([tall(work[i][1], w) for i, w in zip(idx, wide)])
+        W = torch.stack([tall(work[i][0].weight, w) for i, w in zip(idx, wide)])
+        info: dict = {}
+        A = manifold.dualize(W, U, info)
+        for j, (i, w) in enumerate(zip(idx, wide)):
+            _, _, target, state = work[i]
+            out[i] = target * tall(A[j], w)
+            if state is not None:
+                state.update(info)
+    return out
 
 
 class DualizeRetract(Optimizer):
@@ -89,7 +125,6 @@ class DualizeRetract(Optimizer):
         self._targets: dict[int, float] = {}
         self._names: dict[int, str] = {}
         self._atom_refs: dict[int, weakref.ref] = {}
-        from ..module import Module
         if isinstance(params_or_module, Module):
             module = params_or_module
             atoms = module.atoms()
@@ -136,31 +171,46 @@ class DualizeRetract(Optimizer):
 
     def _gradients_finite(self) -> bool:
         """True when every gradient is finite (subclasses may agree on this across processes)."""
-        return all(bool(torch.isfinite(p.grad).all()) for p in self._all_params() if p.grad is not None)
+        grads = [p.grad for p in self._all_params() if p.grad is not None]
+        if not grads:
+            return True
+        # one fused max-|g| per tensor (NaN propagates, Inf is Inf) and a single host sync
+        return bool(torch.stack(torch._foreach_norm(grads, math.inf)).isfinite().all())
 
     def _skip_nonfinite(self) -> bool:
         """Apply the non-finite policy: True if this step must be skipped (raises under "raise")."""
         return skip_nonfinite_step(self, self._gradients_finite, stacklevel=4)
 
     def _update(self, p, G, group):
-        """One parameter's step: momentum, dualize with target 1/c_a, decay, then the manifold step
-        (the atom's weight is updated in place)."""
-        lr, beta = float(group["lr"]), group["momentum"]
-        nesterov, wd = group["nesterov"] and beta > 0, group["weight_decay"]
+        """One parameter's step (see ``_update_many``)."""
+        self._update_many([(p, G, group)])
+
+    def _update_many(self, work):
+        """The step of every (parameter, gradient, group) in ``work``: momentum, dualize with target
+        1/c_a, decay, then the manifold step (each atom's weight is updated in place).
+
+        Atoms whose manifold dualizes a stack as a batch (``Manifold.batched_dualize``) and that keep
+        the base atom's dualize are dualized together, one call per (manifold, tall shape, dtype,
+        device): one msign over a stack instead of one per matrix."""
+        items = [(p, self._atom(p), self._direction(p, G, group), group) for p, G, group in work]
+        directions = _dualize_all([(atom, u, self._targets[id(p)], self.state[p]) for p, atom, u, _ in items])
+        for (p, atom, _, group), A in zip(items, directions):
+            lr, wd = float(group["lr"]), group["weight_decay"]
+            if wd != 0 and getattr(atom.manifold, "admits_scaling", False):
+                atom.weight.mul_(1 - lr * wd)
+            atom.step_weight(A, lr)
+
+    def _direction(self, p, G, group):
+        """The momentum direction u: b ← βb + (1 − β)g; u = (1 − β)g + βb (Nesterov) or b."""
+        beta = group["momentum"]
+        if beta <= 0:
+            return G
         state = self.state[p]
-        if beta > 0:
-            buf = state.get("momentum_buffer")
-            if buf is None:
-                buf = state["momentum_buffer"] = torch.zeros_like(G, memory_format=torch.preserve_format)
-            buf.lerp_(G, 1 - beta)
-            u = G.lerp(buf, beta) if nesterov else buf
-        else:
-            u = G
-        atom = self._atom(p)
-        A = atom.dualize_weight(u, target=self._targets[id(p)], state=state)
-        if wd != 0 and getattr(atom.manifold, "admits_scaling", False):
-            atom.weight.mul_(1 - lr * wd)
-        atom.step_weight(A, lr)
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf = state["momentum_buffer"] = torch.zeros_like(G, memory_format=torch.preserve_format)
+        buf.lerp_(G, 1 - beta)
+        return G.lerp(buf, beta) if group["nesterov"] else buf
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -169,19 +219,18 @@ class DualizeRetract(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for p in self._all_params():
+            if p.grad is not None and p.grad.is_sparse:
+                raise TypeError(f"{type(self).__name__} does not support sparse gradients (a parameter of "
+                                f"shape {tuple(p.shape)} has one): use a dense embedding or torch.optim.SparseAdam")
         if not self._skip_nonfinite():
             self._step_parameters()
         return loss
 
     def _step_parameters(self):
         """Update every parameter that has a gradient and influence (subclasses distribute this)."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None or self._targets[id(p)] == 0.0:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("DualizeRetract does not support sparse gradients")
-                self._update(p, p.grad, group)
+        self._update_many([(p, p.grad, group) for group in self.param_groups for p in group["params"]
+                           if p.grad is not None and self._targets[id(p)] != 0.0])
 
     def state_dict(self):
         """torch.optim's state dict plus ``skipped_steps``."""

@@ -1,0 +1,209 @@
+"""Adversarial measurement of the declared constants (float64, gradient ascent, restarts).
+
+The largest ratio an adversary finds for the input sensitivity ‖J_x f·Δx‖/‖Δx‖, the weight
+effect ‖J_w f·Δw‖/‖Δw‖_M and the sharpness ‖D²f[u, v]‖/(‖u‖‖v‖), in the declared norms.
+Directions come from a power iteration in those norms, inputs from normalised gradient ascent on
+the unit-RMS sphere; derivatives are central differences.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.func import functional_call
+
+from ..module import Module
+from .norms import _FD, _FD2, _check_float, _dual, _soft_norm, seq_norm, unit_rms
+
+__all__ = ["Measurement", "measure_sensitivity", "measure_weight_gain", "measure_sharpness"]
+
+
+@dataclass
+class Measurement:
+    """The largest ratio found, with the point and directions that produced it."""
+
+    value: float
+    x: torch.Tensor = None
+    directions: tuple = ()
+    per_restart: list = field(default_factory=list)
+
+    def __float__(self):
+        return float(self.value)
+
+
+def _restart_inputs(x, restarts, seed, move_input):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for r in range(restarts):
+        if r == 0 or not move_input:
+            out.append(x.detach().clone())
+        else:
+            out.append(unit_rms(x.detach() + torch.randn(x.shape, generator=g, dtype=x.dtype)))
+    return out, g
+
+
+def _randn(shape, g, dtype):
+    return torch.randn(shape, generator=g, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------- sensitivity
+def measure_sensitivity(f, x, restarts=3, steps=30, lr=0.1, move_input=True, seed=0) -> Measurement:
+    """max ‖J_x f(x)·v‖ / ‖v‖ found by ascent (norms: max over tokens of per-token RMS).
+
+    ``f``: a module or callable on float tensors; ``x``: a starting input (float64 recommended).
+    Restart 0 starts at x, the others at x plus noise, all projected to unit RMS per token when
+    ``move_input`` (else x stays fixed and only the direction is optimised). Each step: the
+    direction takes a power-iteration step v ← dual(∇_v ‖J v‖), the input a normalised gradient step
+    of size ``lr`` (decaying) back onto the unit-RMS sphere."""
+    _check_float(x, "measure_sensitivity")
+    best = Measurement(0.0)
+    xs, g = _restart_inputs(x, restarts, seed, move_input)
+    for x0 in xs:
+        xc = x0.clone()
+        v = _dual(_randn(x.shape, g, x.dtype))
+        run_best = 0.0
+        for k in range(steps):
+            xr = xc.clone().requires_grad_(move_input)
+            vr = v.clone().requires_grad_(True)
+            jv = (f(xr + _FD * vr) - f(xr - _FD * vr)) / (2 * _FD)
+            ratio = _soft_norm(jv) / seq_norm(vr)
+            val = float(seq_norm(jv.detach()) / seq_norm(v))
+            if val > run_best:
+                run_best = val
+            if val > best.value:
+                best = Measurement(val, xc.detach().clone(), (v.detach().clone(),), best.per_restart)
+            wrt = [xr, vr] if move_input else [vr]
+            grads = [torch.zeros_like(t) if gr is None else torch.nan_to_num(gr.detach(), nan=0.0, posinf=0.0, neginf=0.0)
+                     for t, gr in zip(wrt, torch.autograd.grad(ratio, wrt, allow_unused=True))]
+            v = _dual(grads[-1])
+            if not torch.isfinite(v).all() or float(seq_norm(v)) == 0:  # a flat spot: start the direction afresh
+                v = _dual(_randn(x.shape, g, x.dtype))
+            if move_input:
+                gx = grads[0].detach()
+                step = lr * (1 - k / steps) * _dual(gx)
+                xc = unit_rms(xc + step)
+        best.per_restart.append(run_best)
+    return best
+
+
+# ----------------------------------------------------------------------------------------- weights
+def _weights(model):
+    names = [n for n, _ in model.named_parameters()]
+    ws = [p.detach() for p in model.parameters()]
+    if len(ws) != len(model.atoms()):
+        raise ValueError("measure: every parameter must belong to an atom (aligned with module.atoms())")
+    return names, ws
+
+
+def _call(model, names, ws, x):
+    return functional_call(model, dict(zip(names, ws)), (x,))
+
+
+def _unit_dualized(model, grads):
+    clean = [torch.nan_to_num(gr.detach(), nan=0.0, posinf=0.0, neginf=0.0) for gr in grads]
+    return [d.detach() for d in model.dualize(clean, target_norm=1.0)]
+
+
+def measure_weight_gain(model: Module, x, restarts=3, steps=15, seed=0) -> Measurement:
+    """max ‖J_w f·Δw‖ / ‖Δw‖_M over directions Δw, at the current weights and input x (any input
+    the model takes, token ids included). A power iteration in the modular norm:
+    Δw ← dualize(∇_Δw ‖J_w f·Δw‖) (the steepest unit-norm direction, as the optimizer takes it)."""
+    names, ws = _weights(model)
+    g = torch.Generator().manual_seed(seed)
+    best = Measurement(0.0)
+    for _ in range(restarts):
+        dw = _unit_dualized(model, [_randn(w.shape, g, w.dtype) for w in ws])
+        run_best = 0.0
+        for _ in range(steps):
+            dr = [d.clone().requires_grad_(True) for d in dw]
+            y = (_call(model, names, [w + _FD * d for w, d in zip(ws, dr)], x)
+                 - _call(model, names, [w - _FD * d for w, d in zip(ws, dr)], x)) / (2 * _FD)
+            out = _soft_norm(y)
+            nrm = float(model.norm(dw))
+            val = float(seq_norm(y.detach())) / nrm if nrm > 0 else 0.0
+            run_best = max(run_best, val)
+            if val > best.value:
+                best = Measurement(val, None, (tuple(d.detach().clone() for d in dw),), best.per_restart)
+            grads = torch.autograd.grad(out, dr, allow_unused=True)
+            grads = [torch.zeros_like(d) if gr is None else gr for d, gr in zip(dr, grads)]
+            dw = _unit_dualized(model, grads)
+        best.per_restart.append(run_best)
+    return best
+
+
+# ----------------------------------------------------------------------------------------- sharpness
+def _second_input(f, x, u, v):
+    h = _FD2
+    return (f(x + h * u + h * v) - f(x + h * u - h * v) - f(x - h * u + h * v) + f(x - h * u - h * v)) / (4 * h * h)
+
+
+def measure_sharpness(f, x, which="gamma", restarts=2, steps=15, lr=0.1, move_input=True, seed=0) -> Measurement:
+    """Second derivatives, maximised like :func:`measure_sensitivity`:
+
+    * ``"gamma"``: ‖D²_xx f[u, v]‖/(‖u‖‖v‖) (``f`` any callable, x float);
+    * ``"alpha"``: ‖D²_ww f[Δw, Δw']‖/(‖Δw‖_M‖Δw'‖_M) and ``"beta"``: ‖D²_wx f[Δw, Δx]‖/(‖Δw‖_M‖Δx‖)
+      (``f`` a Module at its current weights; alternating power steps in the modular norm)."""
+    if which == "gamma":
+        _check_float(x, "measure_sharpness")
+        best = Measurement(0.0)
+        xs, g = _restart_inputs(x, restarts, seed, move_input)
+        for x0 in xs:
+            xc, run_best = x0.clone(), 0.0
+            u, v = _dual(_randn(x.shape, g, x.dtype)), _dual(_randn(x.shape, g, x.dtype))
+            for k in range(steps):
+                xr = xc.clone().requires_grad_(move_input)
+                ur, vr = u.clone().requires_grad_(True), v.clone().requires_grad_(True)
+                d2 = _second_input(f, xr, ur, vr)
+                ratio = _soft_norm(d2) / (seq_norm(ur) * seq_norm(vr))
+                val = float(seq_norm(d2.detach()) / (seq_norm(u) * seq_norm(v)))
+                run_best = max(run_best, val)
+                if val > best.value:
+                    best = Measurement(val, xc.detach().clone(), (u.clone(), v.clone()), best.per_restart)
+                wrt = ([xr] if move_input else []) + [ur, vr]
+                grads = [torch.zeros_like(t) if gr is None else torch.nan_to_num(gr.detach(), nan=0.0, posinf=0.0,
+                                                                                  neginf=0.0)
+                         for t, gr in zip(wrt, torch.autograd.grad(ratio, wrt, allow_unused=True))]
+                u, v = _dual(grads[-2]), _dual(grads[-1])
+                if move_input:
+                    xc = unit_rms(xc + lr * (1 - k / steps) * _dual(grads[0].detach()))
+            best.per_restart.append(run_best)
+        return best
+    if which not in ("alpha", "beta"):
+        raise ValueError(f"which must be 'alpha', 'beta' or 'gamma', got {which!r}")
+    model = f
+    names, ws = _weights(model)
+    g = torch.Generator().manual_seed(seed)
+    h = _FD2
+    best = Measurement(0.0)
+    for _ in range(restarts):
+        a = _unit_dualized(model, [_randn(w.shape, g, w.dtype) for w in ws])
+        if which == "alpha":
+            b = _unit_dualized(model, [_randn(w.shape, g, w.dtype) for w in ws])
+        else:
+            _check_float(x, "measure_sharpness(beta)")
+            b = _dual(_randn(x.shape, g, x.dtype))
+        run_best = 0.0
+        for _ in range(steps):
+            ar = [t.clone().requires_grad_(True) for t in a]
+            if which == "alpha":
+                br = [t.clone().requires_grad_(True) for t in b]
+                def at(sa, sb):
+                    return _call(model, names, [w + sa * h * p + sb * h * q for w, p, q in zip(ws, ar, br)], x)
+                den = float(model.norm(a)) * float(model.norm(b))
+            else:
+                br = b.clone().requires_grad_(True)
+                def at(sa, sb):
+                    return _call(model, names, [w + sa * h * p for w, p in zip(ws, ar)], x + sb * h * br)
+                den = float(model.norm(a)) * float(seq_norm(b))
+            d2 = (at(1, 1) - at(1, -1) - at(-1, 1) + at(-1, -1)) / (4 * h * h)
+            out = _soft_norm(d2)
+            val = float(seq_norm(d2.detach())) / den if den > 0 else 0.0
+            run_best = max(run_best, val)
+            if val > best.value:
+                best = Measurement(val, None, (a, b), best.per_restart)
+            grads = torch.autograd.grad(out, ar + (br if which == "alpha" else [br]), allow_unused=True)
+            grads = [torch.zeros_like(t) if gr is None else gr for t, gr in zip(ar + (br if which == "alpha" else [br]), grads)]
+            a = _unit_dualized(model, grads[:len(ar)])
+            b = _unit_dualized(model, grads[len(ar):]) if which == "alpha" else _dual(grads[-1].detach())
+        best.per_restart.append(run_best)
+    return best

@@ -1,6 +1,11 @@
 """Manifolds: tangent constraints, dual optimality (certified by weak duality), retractions,
 first-order correctness, scale robustness, errors, and the dual-descent iteration counts."""
 import math
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -58,6 +63,37 @@ def test_registry_names_instances_and_errors():
     assert isinstance(manifolds.get("PLUGIN"), Plugin)
     with pytest.raises(TypeError):
         manifolds.register("bad", int)
+
+
+NEW_MANIFOLD = """
+from .base import Manifold
+from .euclidean import Euclidean
+
+
+class Grassmann(Euclidean):
+    name = "grassmann"
+
+
+class _HalfDone(Manifold):
+    name = "half_done"
+"""
+
+
+def test_a_new_manifold_is_one_file(tmp_path):
+    """Discovery: a file dropped into a copy of the package's manifolds/ folder is exported and
+    registered with no edit to manifolds/__init__.py (private classes are not)."""
+    root = pathlib.Path(manifolds.__file__).resolve().parents[1]
+    copy = tmp_path / "modula_mhc"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "manifolds" / "grassmann.py").write_text(NEW_MANIFOLD)
+    probe = ("import modula_mhc as mm; from modula_mhc import manifolds as m; "
+             "assert type(m.get('Grassmann')) is m.Grassmann and 'Grassmann' in m.__all__; "
+             "assert 'half_done' not in m.names() and 'gram' not in m.names(); "
+             "assert mm.atoms.Linear(4, 4, manifold='grassmann').manifold.name == 'grassmann'; print(m.names())")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    assert "'grassmann'" in out.stdout and "'stiefel'" in out.stdout
 
 
 def test_bad_settings_and_shapes_raise():

@@ -1,17 +1,18 @@
 """Manifolds for weights: dualize (steepest unit tangent direction), then retract.
 
+Every module file in this folder is imported and its public ``Manifold`` subclasses are exported;
+a class that sets its own ``name`` is registered under it. A new manifold is one new file here
+(no other edits), as for atoms and bonds. Shared bases (``Manifold``, ``GramManifold``) set no
+name of their own and are not registered.
+
 ``get(name_or_manifold)`` turns "euclidean", "stiefel", "dgram", "oblique", "sphere", "birkhoff"
-(any case) or a Manifold instance into a Manifold; ``register(name, cls)`` adds a plug-in.
+(any case) or a Manifold instance into a Manifold; ``register(name, cls)`` adds a plug-in from
+outside the package.
 """
 from __future__ import annotations
 
+from .._plugins import export_subclasses
 from .base import Manifold
-from .birkhoff import Birkhoff
-from .dgram import DGram
-from .euclidean import Euclidean
-from .oblique import Oblique
-from .sphere import Sphere
-from .stiefel import Stiefel
 
 _REGISTRY: dict[str, type] = {}
 
@@ -45,7 +46,18 @@ def get(manifold) -> Manifold:
                      f"(or pass a Manifold instance)")
 
 
-for _cls in (Euclidean, Stiefel, DGram, Oblique, Sphere, Birkhoff):
-    register(_cls.name, _cls)
+def _register_named(classes) -> list[str]:
+    """Register every Manifold subclass among ``classes`` that sets its own ``name`` (bases that
+    only inherit one are skipped); returns the names registered."""
+    done = []
+    for cls in classes:
+        if isinstance(cls, type) and issubclass(cls, Manifold) and cls is not Manifold and "name" in vars(cls):
+            register(cls.name, cls)
+            done.append(cls.name)
+    return done
 
-__all__ = ["Manifold", "Euclidean", "Stiefel", "DGram", "Oblique", "Sphere", "Birkhoff", "get", "register", "names"]
+
+_exported = export_subclasses(__name__, __path__, Manifold, globals())
+_register_named(globals()[n] for n in _exported)
+
+__all__ = sorted(set(_exported)) + ["get", "names", "register"]

@@ -203,21 +203,21 @@ def test_weight_decay_only_on_scalable_manifolds():
 
 # ---------------------------------------------------------------------------- presets and diagnostics
 def test_presets_follow_roles():
-    net = compounds.GPT(11, 8, 16, 1, 2)
-    optim.assign_manifolds(net, "hetero-inv")
+    """The one preset table drives the GPT's manifolds (the training config's path) by role."""
+    attn, mlp_m = optim.PRESETS["hetero-inv"][:2]
+    net = compounds.GPT(11, 8, 16, 1, 2, attn_manifold=attn, mlp_manifold=mlp_m)
     roles = {a.role: a.manifold.name for a in net.atoms()}
     assert roles["attn_q"] == roles["attn_o"] == "dgram"
     assert roles["mlp_in"] == roles["mlp_out"] == "stiefel"
     assert roles["embed"] == roles["head"] == "euclidean"
     for a in net.atoms():
         assert a.manifold.contains(a.weight, tol=1e-4) or a.manifold.name == "euclidean"
-    optim.assign_manifolds(net, "muon")
-    assert {a.manifold.name for a in net.atoms()} == {"euclidean"}
-    optim.assign_manifolds(net, {"attn_*": "stiefel", "*mlp*": "oblique"})
-    roles = {a.role: a.manifold.name for a in net.atoms()}
-    assert roles["attn_v"] == "stiefel" and roles["head"] == "euclidean"
-    with pytest.raises(ValueError, match="unknown preset"):
-        optim.assign_manifolds(net, "sideways")
+        choice = optim.manifold_for_role("hetero-inv", a.role)
+        assert choice is None or choice == a.manifold.name
+    assert optim.manifold_for_role("all-dgram", None) == "dgram" and optim.manifold_for_role("hetero", None) is None
+    assert optim.manifold_for_role("all-stiefel", "hyper_pre") is None  # hyper-connection atoms are kept
+    with pytest.raises(ValueError, match="unknown manifold preset"):
+        optim.manifold_for_role("sideways", "attn_q")
 
 
 def test_diagnostics_report_dual_iterations_and_scales():
@@ -238,8 +238,7 @@ def test_diagnostics_report_dual_iterations_and_scales():
 @pytest.mark.parametrize("preset", ["muon", "all-stiefel", "all-dgram"])
 def test_training_lowers_the_loss(preset):
     # depth 2: no square hidden matrix, whose DGram dual runs to its cap (see docs/manifolds.md)
-    net = compounds.MLP(8, 4, 32, 2)
-    optim.assign_manifolds(net, preset)
+    net = compounds.MLP(8, 4, 32, 2, manifold=optim.PRESETS[preset][1])  # MLP atoms take the preset's MLP manifold
     X, Y = data(5)
     opt = optim.DualizeRetract(net, lr=0.1)
     first = loss_of(net, X, Y).item()

@@ -11,7 +11,7 @@ from torch import nn
 from .. import manifolds as _manifolds
 from .. import scalars as S
 from ..module import Module, Sharpness
-from ..optim.presets import PRESETS, _preset_choice
+from ..optim.presets import PRESETS, manifold_for_role
 from . import describe as _describe
 from .roles import hf_conv1d_type, infer
 from .structure import build_branch_shadow, build_shadow
@@ -104,9 +104,6 @@ class Adapted(Module):
             print(text, file=file)
         return text
 
-    def describe_rows(self) -> list[dict]:
-        return _describe.rows(self)
-
     def name_of(self, atom) -> str:
         """The model's name for an atom's parameter."""
         name = getattr(self, "_names", {}).get(id(atom))
@@ -117,8 +114,6 @@ class Adapted(Module):
                 return n
         return type(atom).__name__
 
-    def views_by_role(self, *roles) -> list:
-        return [v for v in self._views if any(fnmatch.fnmatch(v.role, r) for r in roles)]
 
 
 def _tied_to_head(model, info) -> bool:
@@ -168,7 +163,7 @@ def _resolve_manifolds(manifolds, views):
         for v in views:
             if isinstance(v, MatrixView):
                 role = None if v.role in _GENERIC_MATRIX_ROLES else v.role
-                choice = _preset_choice(key, role)
+                choice = manifold_for_role(key, role)
                 out[v] = _manifolds.get(choice or "euclidean")
         return out
     if isinstance(manifolds, dict):

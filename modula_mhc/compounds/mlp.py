@@ -35,8 +35,9 @@ class ResMLP(Compose):
     Sensitivity stays O(1) in depth: 1 − 1/L + ν_φ/L per block, at most e^(ν_φ − 1) overall —
     on its domain: every block's RMSNorm sees inputs of RMS ≥ 1, which the construction does not
     guarantee (the residual stream shrinks, and with in > width a unit input can lie near the
-    first Linear's null space: measured 4.9 against 1.14 at init). ``claims.certify(net, x)`` says
-    whether a batch is inside the domain and gives the constant that holds there."""
+    first Linear's null space; docs/algebra.md, "Tightness", has the measured values).
+    ``claims.certify(net, x)`` says whether a batch is inside the domain and gives the constant that
+    holds there."""
 
     def __init__(self, in_features, out_features, width, depth, activation_fn="gelu", manifold="euclidean"):
         for n, v in (("in_features", in_features), ("out_features", out_features), ("width", width),

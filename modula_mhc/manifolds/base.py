@@ -163,10 +163,6 @@ def check_shape(shape, what: str) -> tuple:
     return shape
 
 
-def as_float(x) -> float:
-    return float(x.max()) if isinstance(x, torch.Tensor) else float(x)
-
-
 def rms(X: torch.Tensor) -> torch.Tensor:
     """‖X‖_F/√numel per matrix, shape (..., 1, 1)."""
     return fro(X) / math.sqrt(X.size(-2) * X.size(-1))

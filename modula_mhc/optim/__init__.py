@@ -1,5 +1,5 @@
-"""The dualize-then-retract optimizer and manifold presets."""
+"""The dualize-then-retract optimizer and the manifold presets."""
 from .dualize_retract import NONFINITE_POLICIES, DualizeRetract
-from .presets import PRESETS, assign_manifolds
+from .presets import PRESETS, manifold_for_role
 
-__all__ = ["DualizeRetract", "NONFINITE_POLICIES", "assign_manifolds", "PRESETS"]
+__all__ = ["DualizeRetract", "NONFINITE_POLICIES", "PRESETS", "manifold_for_role"]

@@ -37,10 +37,6 @@ def input_second(f, x, dx, dx2):
     return jvp(g, (x,), (dx2,))[1]
 
 
-def params_of(net):
-    return {n: p.detach() for n, p in net.named_parameters()}
-
-
 def weight_fn(net, x):
     names = [n for n, _ in net.named_parameters()]
     return lambda *ws: functional_call(net, dict(zip(names, ws)), (x,))

@@ -215,6 +215,9 @@ def test_presets_follow_roles():
         choice = optim.manifold_for_role("hetero-inv", a.role)
         assert choice is None or choice == a.manifold.name
     assert optim.manifold_for_role("all-dgram", None) == "dgram" and optim.manifold_for_role("hetero", None) is None
+    atom = next(a for a in net.atoms() if a.role == "mlp_in")
+    atom.set_manifold("oblique")  # one atom moved by hand: its weight is retracted onto the new manifold
+    assert atom.manifold.name == "oblique" and atom.manifold.contains(atom.weight, tol=1e-4)
     assert optim.manifold_for_role("all-stiefel", "hyper_pre") is None  # hyper-connection atoms are kept
     with pytest.raises(ValueError, match="unknown manifold preset"):
         optim.manifold_for_role("sideways", "attn_q")

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from modula_mhc import atoms, bonds, compounds
-from modula_mhc.compounds.hyper import HyperConnections, hyper_block
+from modula_mhc.compounds import HyperConnections, hyper_block
 
 SIZES = {
     "cpu": dict(widths=[256], batch=16, seq=256, heads=4, reps=7, device="cpu"),

@@ -18,7 +18,7 @@ import torch
 
 from modula_mhc import atoms, bonds, compounds
 from modula_mhc.algebra import Compose
-from modula_mhc.compounds.hyper import HyperConnections, stability_report
+from modula_mhc.compounds import HyperConnections, stability_report
 
 
 def random_stack(constrained, layers=64, streams=4, std=1.5, drift=1.0, seed=0):

@@ -8,12 +8,12 @@ import torch
 from modula_mhc import atoms, bonds, compounds, kernels
 from modula_mhc.algebra import Compose
 from modula_mhc.atoms.mix import Gate, Mix, StaticCoefficients
+from modula_mhc.compounds import stability_report
 from modula_mhc.compounds.hyper import (
     CollapseStreams,
     ExpandStreams,
     HyperConnections,
     residual_init_logit,
-    stability_report,
 )
 
 from _claims import random_like_params, scale_to, seq_norm, unit_rms
@@ -207,6 +207,28 @@ def test_stability_report_on_gpt_batch_and_tolerance_mode():
     assert rep2["source"] == "batch" and abs(rep2["final_composite_backward_gain"] - 1) < 1e-3
 
 
+def test_recording_and_static_residual_are_the_public_accessors():
+    torch.manual_seed(0)
+    hc = _randomise_coefficients(HyperConnections(_branch(), streams=4, depth=4), logit_std=2.0)
+    x = torch.randn(2, 3, 4, 8)
+    with hc.recording() as rec:
+        out = hc(x)
+    assert hc._record is None  # closed again: no recording cost outside the context
+    torch.testing.assert_close(rec["h_res"], hc.coefficients(x)[2].detach())
+    assert 0 <= rec["marginal_error"] < 0.05  # 20 iterations at logit std 2: not converged, but reported
+    H, err = hc.static_residual(return_error=True)
+    assert H.dtype == torch.float64 and 0 <= err < 0.05
+    torch.testing.assert_close(H.sum(-1), torch.ones(4, dtype=torch.float64))  # rows normalised last
+    torch.testing.assert_close(H, hc.project_residual(hc.static.weight.double()[8:].reshape(4, 4)))
+    assert torch.equal(hc(x), out)
+
+
+def test_compounds_export_each_name_once_and_hyper_block_lives_with_the_gpt():
+    assert len(compounds.__all__) == len(set(compounds.__all__))
+    assert compounds.hyper_block.__module__ == "modula_mhc.compounds.gpt"
+    assert compounds.stability_report.__module__ == "modula_mhc.compounds.hyper_diagnostics"
+
+
 # ----------------------------------------------------------------------------- GPT
 @pytest.mark.parametrize("residual", ["mhc", "hc"])
 def test_gpt_forward_backward(residual):
@@ -281,7 +303,7 @@ def test_static_and_dynamic_agree_when_gates_are_zero():
     sta = HyperConnections(copy.deepcopy(dyn.branch), streams=4, dynamic=False, depth=4).double()
     with torch.no_grad():
         sta.static.weight.copy_(dyn.static.weight[:8])
-        sta.mix.weight.copy_(dyn._sinkhorn(dyn.static.weight[8:].reshape(4, 4)))
+        sta.mix.weight.copy_(dyn.project_residual(dyn.static.weight[8:].reshape(4, 4)))
     x = _x((2, 5, 4, 8))
     torch.testing.assert_close(sta(x), dyn(x))
 

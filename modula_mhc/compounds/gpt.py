@@ -6,6 +6,9 @@ from .. import scalars as S
 from ..algebra import Compose, repeat, residual
 from ._util import check_positive_int, set_total_mass
 from .attention import Attention
+from .hyper import CollapseStreams, ExpandStreams, HyperConnections
+
+__all__ = ["Block", "GPT", "hyper_block"]
 
 RESIDUALS = ("plain", "hc", "mhc")
 
@@ -34,6 +37,19 @@ class Block(Compose):
         super().__init__(residual(attention_branch(width, heads, attn_manifold, attn_temperature), two_l),
                          residual(mlp_branch(width, mlp_ratio, mlp_manifold), two_l))
         self.in_dim = self.out_dim = width
+
+
+def hyper_block(width, heads, depth, streams=4, constrained=True, mlp_ratio=4, attn_manifold="euclidean",
+                mlp_manifold="euclidean", attn_temperature=1.0, **options):
+    """A GPT block on streams (B, T, n, C): HC/mHC around the attention branch, then around the MLP
+    branch, each with ``depth = 2·depth`` (two hyper-connected branches per block)."""
+    if "depth" in options:
+        raise TypeError("hyper_block: depth is set from the GPT depth (2 branches per block)")
+    kw = dict(streams=streams, constrained=constrained, depth=2 * depth, width=width, **options)
+    block = Compose(HyperConnections(attention_branch(width, heads, attn_manifold, attn_temperature), **kw),
+                    HyperConnections(mlp_branch(width, mlp_ratio, mlp_manifold), **kw))
+    block.in_dim = block.out_dim = width
+    return block
 
 
 class GPT(Compose):
@@ -70,7 +86,6 @@ class GPT(Compose):
                 raise TypeError(f"unexpected options for residual='plain': {sorted(hyper_options)}")
             block = Block(width, heads, depth, mlp_ratio, attn_manifold, mlp_manifold, attn_temperature)
         else:
-            from .hyper import hyper_block
             block = hyper_block(width, heads, depth, streams=streams, constrained=(residual == "mhc"),
                                 mlp_ratio=mlp_ratio, attn_manifold=attn_manifold, mlp_manifold=mlp_manifold,
                                 attn_temperature=attn_temperature, **hyper_options)
@@ -78,7 +93,6 @@ class GPT(Compose):
         body = repeat(block, depth)
         layers = [atoms.Embed(vocab_size, width, mass=embed_mass)]
         if residual != "plain":
-            from .hyper import CollapseStreams, ExpandStreams
             layers += [ExpandStreams(streams), body, CollapseStreams(streams)]
         else:
             layers.append(body)

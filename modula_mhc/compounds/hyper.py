@@ -16,6 +16,7 @@ its derivation are in docs/mhc.md.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -27,8 +28,7 @@ from ..algebra import Compose
 from ..atoms.mix import Gate, Mix, StaticCoefficients
 from ..module import Bond, Module, Sharpness, static_constants
 
-__all__ = ["HyperConnections", "ExpandStreams", "CollapseStreams", "hyper_block", "stability_report",
-           "residual_init_logit"]
+__all__ = ["HyperConnections", "ExpandStreams", "CollapseStreams", "residual_init_logit"]
 
 _EPS = 1e-6  # inside the RMS of the flattened stream, as in bonds.RMSNorm
 
@@ -47,6 +47,56 @@ def _coeff_input(x_flat: torch.Tensor, phi: torch.Tensor):
     if x_flat.dtype == torch.float64:
         return x_flat @ phi.double(), x_flat.square().sum(-1)
     return kernels.mhc_coeff_input(x_flat, phi)
+
+
+def _as_module(branch, width):
+    """A modula_mhc Module as it is; any other torch.nn.Module adapted (atom views on its parameters)."""
+    if isinstance(branch, Module):
+        return branch
+    if not isinstance(branch, torch.nn.Module):
+        raise TypeError(f"HyperConnections wraps a Module (modula_mhc or torch.nn), got {type(branch).__name__}")
+    # imported here, not at the top: modula_mhc.adapt's package imports this module (adapt.connections)
+    from ..adapt.hyper import HyperBranch
+    return HyperBranch(branch, width=width)
+
+
+def _check_options(branch, streams, width, depth, sinkhorn_iters, sinkhorn_tol, coeff_mass, norm_at) -> int:
+    """Validate the constructor's options; returns the stream width C."""
+    if norm_at not in ("init", "bound"):
+        raise ValueError(f"norm_at must be 'init' or 'bound', got {norm_at!r}")
+    if not isinstance(streams, int) or streams < 1:
+        raise ValueError(f"streams must be a positive int, got {streams!r}")
+    width = width if width is not None else branch.in_dim
+    if width is None or S.is_symbolic(width) or not S.is_number(width) or int(width) != width or width < 1:
+        raise ValueError(f"HyperConnections needs the branch width: pass width=C (branch.in_dim is {branch.in_dim!r})")
+    width = int(width)
+    out = branch.out_dim if branch.out_dim is not None else (width if branch.preserves_dim else None)
+    if out is not None and S.is_number(out) and out != width:
+        raise ValueError(f"the branch must map width {width} to itself, it maps to {out}")
+    if depth is not None and (not S.is_number(depth) or int(depth) != depth or depth < 1):
+        raise ValueError(f"depth must be a positive integer or None, got {depth!r}")
+    if not isinstance(sinkhorn_iters, int) or sinkhorn_iters < 1:
+        raise ValueError(f"sinkhorn_iters must be a positive int, got {sinkhorn_iters!r}")
+    if sinkhorn_tol is not None and not (isinstance(sinkhorn_tol, (int, float)) and sinkhorn_tol > 0):
+        raise ValueError(f"sinkhorn_tol must be a positive number or None, got {sinkhorn_tol!r}")
+    if not (isinstance(coeff_mass, (int, float)) and coeff_mass > 0):
+        raise ValueError(f"coeff_mass must be a positive number, got {coeff_mass!r}")
+    return width
+
+
+def _static_init(n: int, constrained: bool, use_mix: bool, res_init_diagonal: float) -> list:
+    """The static coefficients b = (b_pre, b_post[, b_res]) at init (see HyperConnections)."""
+    if not constrained:
+        return [1.0 / n] * n + [1.0] * n + torch.eye(n, dtype=torch.float64).flatten().tolist()
+    tau = residual_init_logit(n, res_init_diagonal)
+    init = [-math.log(max(n - 1, 1))] * n + [0.0] * n
+    if use_mix and n > 1:  # static mHC: h_pre = (1.5 − i/(n−1))/n, Σ = 1 (same function while the
+        # streams are copies) — equal h_pre keep the streams copies forever and every Mix gradient's
+        # tangent part exactly 0 (docs/mhc.md, "Static (Birkhoff Mix) vs dynamic path")
+        init[:n] = [math.log(q / (1 - q)) for q in ((1.5 - i / (n - 1)) / n for i in range(n))]
+    if not use_mix:
+        init += (tau * torch.eye(n, dtype=torch.float64)).flatten().tolist()
+    return init
 
 
 class _StreamsBond(Bond):
@@ -105,31 +155,9 @@ class HyperConnections(Module):
                  depth=None, recompute=False, width=None, gate_scale=0.01, res_init_diagonal=0.95,
                  coeff_mass=0.5, branch_output_bound=None, sinkhorn_max_iters=1000, norm_at="init"):
         super().__init__()
-        if norm_at not in ("init", "bound"):
-            raise ValueError(f"norm_at must be 'init' or 'bound', got {norm_at!r}")
+        branch = _as_module(branch, width)
+        width = _check_options(branch, streams, width, depth, sinkhorn_iters, sinkhorn_tol, coeff_mass, norm_at)
         self.norm_at = norm_at
-        if not isinstance(branch, Module):
-            if not isinstance(branch, torch.nn.Module):
-                raise TypeError(f"HyperConnections wraps a Module (modula_mhc or torch.nn), got {type(branch).__name__}")
-            from ..adapt.hyper import HyperBranch  # any nn.Module: adapted (atom views on its parameters)
-            branch = HyperBranch(branch, width=width)
-        if not isinstance(streams, int) or streams < 1:
-            raise ValueError(f"streams must be a positive int, got {streams!r}")
-        width = width if width is not None else branch.in_dim
-        if width is None or S.is_symbolic(width) or not S.is_number(width) or int(width) != width or width < 1:
-            raise ValueError(f"HyperConnections needs the branch width: pass width=C (branch.in_dim is {branch.in_dim!r})")
-        width = int(width)
-        out = branch.out_dim if branch.out_dim is not None else (width if branch.preserves_dim else None)
-        if out is not None and S.is_number(out) and out != width:
-            raise ValueError(f"the branch must map width {width} to itself, it maps to {out}")
-        if depth is not None and (not S.is_number(depth) or int(depth) != depth or depth < 1):
-            raise ValueError(f"depth must be a positive integer or None, got {depth!r}")
-        if not isinstance(sinkhorn_iters, int) or sinkhorn_iters < 1:
-            raise ValueError(f"sinkhorn_iters must be a positive int, got {sinkhorn_iters!r}")
-        if sinkhorn_tol is not None and not (isinstance(sinkhorn_tol, (int, float)) and sinkhorn_tol > 0):
-            raise ValueError(f"sinkhorn_tol must be a positive number or None, got {sinkhorn_tol!r}")
-        if not (isinstance(coeff_mass, (int, float)) and coeff_mass > 0):
-            raise ValueError(f"coeff_mass must be a positive number, got {coeff_mass!r}")
         self.branch, self.streams, self.width = branch, streams, width
         self.dynamic, self.constrained, self.recompute = bool(dynamic), bool(constrained), bool(recompute)
         self.sinkhorn_iters, self.sinkhorn_tol, self.sinkhorn_max_iters = sinkhorn_iters, sinkhorn_tol, sinkhorn_max_iters
@@ -139,17 +167,7 @@ class HyperConnections(Module):
         n = streams
         self.n_coeffs = 2 * n + n * n
         use_mix = self.constrained and not self.dynamic
-        if self.constrained:
-            tau = residual_init_logit(n, res_init_diagonal)
-            init = [-math.log(max(n - 1, 1))] * n + [0.0] * n
-            if use_mix and n > 1:  # static mHC: h_pre = (1.5 − i/(n−1))/n, Σ = 1 (same function while the
-                # streams are copies) — equal h_pre keep the streams copies forever and every Mix gradient's
-                # tangent part exactly 0 (docs/mhc.md, "Static (Birkhoff Mix) vs dynamic path")
-                init[:n] = [math.log(q / (1 - q)) for q in ((1.5 - i / (n - 1)) / n for i in range(n))]
-            if not use_mix:
-                init += (tau * torch.eye(n, dtype=torch.float64)).flatten().tolist()
-        else:
-            init = [1.0 / n] * n + [1.0] * n + torch.eye(n, dtype=torch.float64).flatten().tolist()
+        init = _static_init(n, self.constrained, use_mix, res_init_diagonal)
         self.static = StaticCoefficients(n, init, with_res=not use_mix, norm="rms" if self.constrained else "mixing",
                                          mass=coeff_mass * (0.25 if self.dynamic else 0.5))
         if self.dynamic:
@@ -157,7 +175,7 @@ class HyperConnections(Module):
             self.gate = Gate((n, n, n * n), scale=gate_scale, mass=coeff_mass * 0.25)
         if use_mix:
             self.mix = Mix(n, init_diagonal=res_init_diagonal, mass=coeff_mass * 0.5)
-        self._record = None  # a dict while stability_report records coefficients
+        self._record = None  # the dict of recording() while one is open
 
     # ----------------------------------------------------------------- coefficients
     @property
@@ -185,16 +203,42 @@ class HyperConnections(Module):
             z = torch.tanh(z)
         return self.gate(z) + b
 
-    def _sinkhorn(self, logits):
-        """Sinkhorn(exp(L)) whose final half-step normalises rows: the reference normalises rows then
-        columns, so it runs on Lᵀ and the result is transposed back (same scaling family)."""
-        kw = dict(iters=self.sinkhorn_iters, tol=self.sinkhorn_tol, max_iters=self.sinkhorn_max_iters)
-        if self._record is not None:
-            P, err = kernels.sinkhorn(logits.mT, return_error=True, **kw)
-            self._record["marginal_error"] = float(err)
-        else:
-            P = kernels.sinkhorn(logits.mT, **kw)
-        return P.mT
+    def project_residual(self, logits, return_error=False):
+        """H_res = Sinkhorn(exp(L)) for logits L (..., n, n), with this layer's iteration settings.
+
+        The final half-step normalises rows, so H_res is exactly row-stochastic: the kernel normalises
+        rows then columns, so it runs on Lᵀ and the result is transposed back (same scaling family).
+        With ``return_error`` also returns the worst marginal error |row or column sum − 1| reached
+        (a 0-dim tensor)."""
+        P, err = kernels.sinkhorn(logits.mT, iters=self.sinkhorn_iters, tol=self.sinkhorn_tol,
+                                  max_iters=self.sinkhorn_max_iters, return_error=True)
+        return (P.mT, err) if return_error else P.mT
+
+    def static_residual(self, return_error=False):
+        """H_res from the static parameters alone (dynamic term switched off, z = 0), (n, n) in float64,
+        without gradient. With ``return_error`` also the Sinkhorn marginal error as a float (None
+        where no Sinkhorn runs: HC, and static mHC whose H_res is the Mix weight)."""
+        n = self.streams
+        with torch.no_grad():
+            if self.constrained and not self.dynamic:
+                H, err = self.mix.weight.double(), None
+            elif not self.constrained:
+                H, err = self.static.weight.double()[2 * n:].reshape(n, n), None
+            else:
+                H, err = self.project_residual(self.static.weight.double()[2 * n:].reshape(n, n), return_error=True)
+                err = float(err)
+        return (H, err) if return_error else H
+
+    @contextlib.contextmanager
+    def recording(self):
+        """Record what the forward pass computes: inside ``with layer.recording() as rec:`` every
+        forward stores ``rec["h_res"]`` (that batch's H_res, detached, without the depth factor ρ) and,
+        where a Sinkhorn runs, ``rec["marginal_error"]`` (float; one host sync per forward)."""
+        self._record = record = {}
+        try:
+            yield record
+        finally:
+            self._record = None
 
     def coefficients(self, x):
         """(h_pre (..., n), h_post (..., n), h_res (..., n, n)) for a stream tensor x (..., n, C),
@@ -207,7 +251,9 @@ class HyperConnections(Module):
         if self.constrained:
             pre, post = torch.sigmoid(pre), 2.0 * torch.sigmoid(post)
             if self.dynamic:
-                res = self._sinkhorn(h[..., 2 * n:].unflatten(-1, (n, n)))
+                res, err = self.project_residual(h[..., 2 * n:].unflatten(-1, (n, n)), return_error=True)
+                if self._record is not None:
+                    self._record["marginal_error"] = float(err)
             else:
                 res = self.mix.weight.to(h.dtype)
         else:
@@ -302,7 +348,6 @@ class HyperConnections(Module):
 
     def _scale_invariant_branch(self) -> bool:
         """True when the branch starts with an RMSNorm (F(cu) = F(u) for c > 0), as the GPT branches."""
-        from ..algebra import Compose
         return isinstance(self.branch, Compose) and isinstance(self.branch.layers[0], bonds.RMSNorm)
 
     @property
@@ -376,19 +421,3 @@ class HyperConnections(Module):
         return (f"{kind}, streams={self.streams}, width={self.width}, dynamic={self.dynamic}, depth={self.depth}, "
                 f"sinkhorn_iters={self.sinkhorn_iters}, sinkhorn_tol={self.sinkhorn_tol}, recompute={self.recompute}")
 
-
-def hyper_block(width, heads, depth, streams=4, constrained=True, mlp_ratio=4, attn_manifold="euclidean",
-                mlp_manifold="euclidean", attn_temperature=1.0, **options):
-    """A GPT block on streams (B, T, n, C): HC/mHC around the attention branch, then around the MLP
-    branch, each with ``depth = 2·depth`` (two hyper-connected branches per block)."""
-    from .gpt import attention_branch, mlp_branch
-    if "depth" in options:
-        raise TypeError("hyper_block: depth is set from the GPT depth (2 branches per block)")
-    kw = dict(streams=streams, constrained=constrained, depth=2 * depth, width=width, **options)
-    block = Compose(HyperConnections(attention_branch(width, heads, attn_manifold, attn_temperature), **kw),
-                    HyperConnections(mlp_branch(width, mlp_ratio, mlp_manifold), **kw))
-    block.in_dim = block.out_dim = width
-    return block
-
-
-from .hyper_diagnostics import stability_report  # noqa: E402  (needs HyperConnections)

@@ -11,6 +11,9 @@ import contextlib
 
 import torch
 
+from ..claims import certify as certify_claims
+from .hyper import HyperConnections
+
 __all__ = ["stability_report"]
 
 
@@ -18,30 +21,6 @@ def _gains(H: torch.Tensor):
     """(forward, backward) gains per matrix of a batch (N, n, n)."""
     a = H.abs()
     return a.sum(-1).amax(-1), a.sum(-2).amax(-1)
-
-
-@contextlib.contextmanager
-def _recording(layers):
-    for layer in layers:
-        layer._record = {}
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer._record = None
-
-
-def _static_h_res(layer):
-    """H_res from the static parameters alone (dynamic term switched off: z = 0)."""
-    n = layer.streams
-    with torch.no_grad():
-        b = layer.static.weight.double()
-        if layer.constrained and not layer.dynamic:
-            return layer.mix.weight.double()
-        logits = b[2 * n:].reshape(n, n)
-        if not layer.constrained:
-            return logits
-        return layer._sinkhorn(logits)
 
 
 def stability_report(model, batch=None, tokens=(2, 64), seed=0, certify=True) -> dict:
@@ -63,7 +42,6 @@ def stability_report(model, batch=None, tokens=(2, 64), seed=0, certify=True) ->
     are inside the domain of the declared constants, the conditions that fail, and the constants
     that hold there (one more forward pass). None for the static-parameters report.
     """
-    from .hyper import HyperConnections
     layers = [m for m in model.modules() if isinstance(m, HyperConnections)]
     if not layers:
         raise ValueError("stability_report: the model has no HyperConnections layer")
@@ -76,19 +54,19 @@ def stability_report(model, batch=None, tokens=(2, 64), seed=0, certify=True) ->
     matrices, errors = [], []
     if batch is None:
         source = "static parameters"
-        with _recording(layers):
-            for layer in layers:
-                matrices.append(_static_h_res(layer).reshape(1, layer.streams, layer.streams))
-                errors.append(layer._record.get("marginal_error"))
+        for layer in layers:
+            H, err = layer.static_residual(return_error=True)
+            matrices.append(H.reshape(1, layer.streams, layer.streams))
+            errors.append(err)
     else:
-        with _recording(layers), torch.no_grad():
+        with contextlib.ExitStack() as stack, torch.no_grad():
+            records = [stack.enter_context(layer.recording()) for layer in layers]
             model(batch)
-            for layer in layers:
-                if "h_res" not in layer._record:
-                    raise RuntimeError("stability_report: a HyperConnections layer did not run on this batch")
-                H = layer._record["h_res"].double()
-                matrices.append(H.reshape(-1, layer.streams, layer.streams))
-                errors.append(layer._record.get("marginal_error"))
+        for layer, rec in zip(layers, records):
+            if "h_res" not in rec:
+                raise RuntimeError("stability_report: a HyperConnections layer did not run on this batch")
+            matrices.append(rec["h_res"].double().reshape(-1, layer.streams, layer.streams))
+            errors.append(rec.get("marginal_error"))
     per_layer, comp_fwd, comp_bwd = [], [], []
     composite = None
     for layer, H, err in zip(layers, matrices, errors):
@@ -106,8 +84,7 @@ def stability_report(model, batch=None, tokens=(2, 64), seed=0, certify=True) ->
     errs = [e for e in errors if e is not None]
     certificate = None
     if certify and batch is not None:
-        from ..claims import certify as _certify
-        certificate = _certify(model, batch).as_dict()
+        certificate = certify_claims(model, batch).as_dict()
     return dict(source=source, certificate=certificate, layers=per_layer, composite_forward_gain=comp_fwd, composite_backward_gain=comp_bwd,
                 final_composite_forward_gain=comp_fwd[-1], final_composite_backward_gain=comp_bwd[-1],
                 max_marginal_error=max(errs) if errs else None)

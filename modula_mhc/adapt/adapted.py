@@ -202,66 +202,23 @@ def adapt(model: nn.Module, manifolds="muon", *, roles=None, split_heads=False, 
 
     Returns an :class:`Adapted` whose ``describe()`` prints what was inferred.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"adapt: expected a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(model, Module):
-        raise TypeError("adapt: this is already a modula_mhc Module; use it directly")
-    if tied_head not in ("embed", "max"):
-        raise ValueError(f"adapt: tied_head must be 'embed' or 'max', got {tied_head!r}")
-    if structure not in ("auto", "default", "branch"):
-        raise ValueError(f"adapt: structure must be 'auto', 'default' or 'branch', got {structure!r}")
-    islands = _islands(model)
-    island_of = {id(p): (name, isl) for name, isl in islands for p in isl.parameters()}
-    infos = []
-    for info in infer(model):
-        p = info.module.get_parameter(info.param_name)
-        if id(p) in island_of:  # a native modula_mhc module inside the model: its own atoms
-            name, isl = island_of[id(p)]
-            rel = next(n for n, q in isl.named_parameters() if q is p)
-            info.kind, info.module_name, info.module, info.param_name = "island", name, isl, rel
-            atom = _atom_of_param(isl, p)
-            info.role = getattr(atom, "role", None) or "native"
-        infos.append(info)
-    if not infos:
-        raise ValueError("adapt: the model has no parameters")
+    _check_options(model, structure, tied_head)
+    infos = _parameter_infos(model)
     role_rules = list((roles or {}).items())
     views, by_id, ordered = [], {}, []
     for info in infos:
         p = info.module.get_parameter(info.param_name)
-        if info.kind == "island":
+        if info.kind == "island":  # a native modula_mhc module inside the model: its own atoms
             atom = _atom_of_param(info.module, p)
             by_id[id(p)] = atom
             ordered.append(atom)
             continue
-        for pattern, role in role_rules:
-            if fnmatch.fnmatch(info.name, pattern):
-                info.role = role
-                if role == "embed" and info.kind != "embed" and p.ndim == 2:
-                    info.kind = "embed"
-                break
-        if info.kind == "embed":
-            cls = TiedEmbedView if (tied_head == "max" and _tied_to_head(model, info)) else EmbedView
-            v = cls(info.module, info.param_name, info.name, info.role)
-        elif info.kind == "matrix":
-            seg = info.segments if info.role == "attn_qkv" else None
-            hd = info.head_dim if (split_heads and info.role.startswith("attn") and info.role != "attn_o") else None
-            v = MatrixView(info.module, info.param_name, info.name, info.role, layout=info.layout, segments=seg,
-                           head_dim=hd)
-        elif info.kind == "gain":
-            v = GainView(info.module, info.param_name, info.name, info.role)
-        else:
-            v = VectorView(info.module, info.param_name, info.name, info.role)
-        if info.tied:
-            v.note = "tied with " + ", ".join(info.tied)
+        _override_role(info, p, role_rules)
+        v = _view_of(model, info, tied_head, split_heads)
         views.append(v)
         ordered.append(v)
         by_id[id(p)] = v
-    if structure == "auto":
-        shadow, placed, summary = build_shadow(model, infos, by_id, masses)
-    elif structure == "branch":
-        shadow, placed, summary = build_branch_shadow(model, infos, by_id, masses)
-    else:
-        shadow, placed, summary = None, {}, "defaulted (structure='default')"
+    shadow, placed, summary = _structure(structure, model, infos, by_id, masses)
     for v, m in _resolve_manifolds(manifolds, views).items():
         v.manifold = v._check_manifold(m)
         if retract and m.name != "euclidean":
@@ -272,3 +229,72 @@ def adapt(model: nn.Module, manifolds="muon", *, roles=None, split_heads=False, 
     for v in views:  # the last adapter of a parameter owns its tag
         v._tag()
     return adapted
+
+
+def _check_options(model, structure, tied_head):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"adapt: expected a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, Module):
+        raise TypeError("adapt: this is already a modula_mhc Module; use it directly")
+    if tied_head not in ("embed", "max"):
+        raise ValueError(f"adapt: tied_head must be 'embed' or 'max', got {tied_head!r}")
+    if structure not in ("auto", "default", "branch"):
+        raise ValueError(f"adapt: structure must be 'auto', 'default' or 'branch', got {structure!r}")
+
+
+def _parameter_infos(model) -> list:
+    """The inferred roles of the model's parameters; those of native modula_mhc modules inside it
+    ("islands") become kind "island" and keep their atoms' roles."""
+    islands = _islands(model)
+    island_of = {id(p): (name, isl) for name, isl in islands for p in isl.parameters()}
+    infos = []
+    for info in infer(model):
+        p = info.module.get_parameter(info.param_name)
+        if id(p) in island_of:
+            name, isl = island_of[id(p)]
+            rel = next(n for n, q in isl.named_parameters() if q is p)
+            info.kind, info.module_name, info.module, info.param_name = "island", name, isl, rel
+            info.role = getattr(_atom_of_param(isl, p), "role", None) or "native"
+        infos.append(info)
+    if not infos:
+        raise ValueError("adapt: the model has no parameters")
+    return infos
+
+
+def _override_role(info, p, role_rules):
+    """The first ``roles`` glob matching the parameter's name sets its role (a 2-D "embed" also
+    makes it an embedding)."""
+    for pattern, role in role_rules:
+        if fnmatch.fnmatch(info.name, pattern):
+            info.role = role
+            if role == "embed" and info.kind != "embed" and p.ndim == 2:
+                info.kind = "embed"
+            return
+
+
+def _view_of(model, info, tied_head, split_heads):
+    """The atom view of one parameter, by its kind."""
+    if info.kind == "embed":
+        cls = TiedEmbedView if (tied_head == "max" and _tied_to_head(model, info)) else EmbedView
+        v = cls(info.module, info.param_name, info.name, info.role)
+    elif info.kind == "matrix":
+        seg = info.segments if info.role == "attn_qkv" else None
+        hd = info.head_dim if (split_heads and info.role.startswith("attn") and info.role != "attn_o") else None
+        v = MatrixView(info.module, info.param_name, info.name, info.role, layout=info.layout, segments=seg,
+                       head_dim=hd)
+    elif info.kind == "gain":
+        v = GainView(info.module, info.param_name, info.name, info.role)
+    else:
+        v = VectorView(info.module, info.param_name, info.name, info.role)
+    if info.tied:
+        v.note = "tied with " + ", ".join(info.tied)
+    return v
+
+
+def _structure(structure, model, infos, by_id, masses):
+    """(shadow compound, placed views, summary) for the chosen ``structure``."""
+    if structure == "auto":
+        return build_shadow(model, infos, by_id, masses)
+    if structure == "branch":
+        return build_branch_shadow(model, infos, by_id, masses)
+    return None, {}, "defaulted (structure='default')"

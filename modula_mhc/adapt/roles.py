@@ -138,12 +138,35 @@ def infer(model: nn.Module) -> list[ParamInfo]:
     for mname, mod in model.named_modules():
         for pname, p in mod.named_parameters(recurse=False):
             owner_of.setdefault(id(p), (mname, mod, pname))
+    head_name = _head_name(model, conv1d)
     seen, out = {}, []
-    # the head: the last matrix-like leaf outside attention/MLP containers, or one named like a head
+    for full, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            seen[id(p)].tied.append(full)
+            continue
+        mname, mod, pname = owner_of[id(p)]
+        info = ParamInfo(full, mname, mod, pname, kind="vector", role="vector")
+        seen[id(p)] = info
+        out.append(info)
+        if isinstance(mod, nn.Embedding) and pname == "weight":
+            info.kind, info.role = "embed", "embed"
+        elif p.ndim <= 1:
+            if is_norm_module(mod) and pname == "weight":
+                info.kind, info.role = "gain", "norm_gain"
+            elif pname.endswith("bias"):
+                info.role = "bias"
+        else:
+            _classify_matrix(info, model, modules_by_name, p, head_name, conv1d)
+    return out
+
+
+def _head_name(model, conv1d) -> str | None:
+    """The head: the last matrix-like leaf named like a head, else the last one if it lies outside
+    attention/MLP containers and numbered blocks."""
     leaves = [(n, m) for n, m in model.named_modules()
               if isinstance(m, (nn.Linear,) + ((conv1d,) if conv1d else ())) and getattr(m, "weight", None) is not None]
     head_name = None
-    for n, m in leaves:
+    for n, _ in leaves:
         if _HEAD.match(n.split(".")[-1].lower()):
             head_name = n
     if head_name is None and leaves:
@@ -152,74 +175,67 @@ def infer(model: nn.Module) -> list[ParamInfo]:
         if not _in_container(parts, _ATTN_CONTAINER) and not _in_container(parts, _MLP_CONTAINER) and \
                 not any(p.isdigit() for p in parts[:-1]):
             head_name = n
-    for full, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen:
-            seen[id(p)].tied.append(full)
-            continue
-        mname, mod, pname = owner_of[id(p)]
-        parts = _path_parts(mname)
-        leaf = parts[-1] if parts else ""
-        info = ParamInfo(full, mname, mod, pname, kind="vector", role="vector")
-        seen[id(p)] = info
-        out.append(info)
-        if isinstance(mod, nn.Embedding) and pname == "weight":
-            info.kind, info.role = "embed", "embed"
-            continue
-        if p.ndim <= 1:
-            if is_norm_module(mod) and pname == "weight":
-                info.kind, info.role = "gain", "norm_gain"
-            elif pname.endswith("bias"):
-                info.role = "bias"
-            continue
-        # matrices
-        info.kind = "matrix"
-        is_conv1d_hf = conv1d is not None and isinstance(mod, conv1d) and pname == "weight"
-        info.layout = "io" if is_conv1d_hf else "oi"
-        rows, fan_in = _matrix_shape(mod, p, info.layout)
-        types = _ancestor_types(modules_by_name, mname)
-        attn_owner = isinstance(mod, nn.MultiheadAttention) or _ATTN_CONTAINER.search(leaf or "") is not None
-        in_attn = _in_container(parts, _ATTN_CONTAINER, [t for t in types if class_pattern_attn(t)]) or \
-            isinstance(mod, nn.MultiheadAttention)
-        in_mlp = _in_container(parts, _MLP_CONTAINER, [t for t in types if t.endswith(("mlp", "feedforward", "ffn"))])
-        if isinstance(mod, nn.MultiheadAttention) and pname == "in_proj_weight":
-            info.role = "attn_qkv"
-            info.segments = (rows // 3,) * 3
-            info.heads = mod.num_heads
-            info.head_dim = mod.head_dim
-        elif isinstance(mod, nn.MultiheadAttention) and pname in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
-            info.role = "attn_" + pname[0]
-        elif mname == head_name:
-            info.role = "head"
-        elif in_attn or attn_owner:
-            attn_mod = _parent(model, mname)
-            heads, _, head_dim = _attention_heads(model, attn_mod)
-            info.heads, info.head_dim = heads, head_dim or (fan_in // heads if heads and fan_in % heads == 0 else None)
-            if _QKV.match(leaf):
-                info.role = "attn_qkv"
-                info.segments, hd, info.heads = _fused_segments(rows, model, attn_mod, fan_in)
-                info.head_dim = hd or info.head_dim
-            elif _Q.match(leaf):
-                info.role = "attn_q"
-            elif _K.match(leaf):
-                info.role = "attn_k"
-            elif _V.match(leaf):
-                info.role = "attn_v"
-            elif _O.match(leaf) or parts[-2:-1] and _O.match(parts[-2]):
-                info.role = "attn_o"
-            else:
-                info.role = "attn"
-        elif in_mlp:
-            if _MLP_IN.match(leaf):
-                info.role = "mlp_in"
-            elif _MLP_OUT.match(leaf):
-                info.role = "mlp_out"
-            else:
-                info.role = "mlp_in" if rows >= fan_in else "mlp_out"
-        elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            info.role = "conv"
-        else:
-            info.role = "matrix"
-    return out
+    return head_name
+
+
+def _classify_matrix(info, model, modules_by_name, p, head_name, conv1d):
+    """Layout and role of a matrix parameter (≥ 2-D): by its module type, then where it sits."""
+    mname, mod, pname = info.module_name, info.module, info.param_name
+    parts = _path_parts(mname)
+    leaf = parts[-1] if parts else ""
+    info.kind = "matrix"
+    is_conv1d_hf = conv1d is not None and isinstance(mod, conv1d) and pname == "weight"
+    info.layout = "io" if is_conv1d_hf else "oi"
+    rows, fan_in = _matrix_shape(mod, p, info.layout)
+    types = _ancestor_types(modules_by_name, mname)
+    attn_owner = isinstance(mod, nn.MultiheadAttention) or _ATTN_CONTAINER.search(leaf or "") is not None
+    in_attn = _in_container(parts, _ATTN_CONTAINER, [t for t in types if class_pattern_attn(t)]) or \
+        isinstance(mod, nn.MultiheadAttention)
+    in_mlp = _in_container(parts, _MLP_CONTAINER, [t for t in types if t.endswith(("mlp", "feedforward", "ffn"))])
+    if isinstance(mod, nn.MultiheadAttention) and pname == "in_proj_weight":
+        info.role = "attn_qkv"
+        info.segments = (rows // 3,) * 3
+        info.heads = mod.num_heads
+        info.head_dim = mod.head_dim
+    elif isinstance(mod, nn.MultiheadAttention) and pname in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
+        info.role = "attn_" + pname[0]
+    elif mname == head_name:
+        info.role = "head"
+    elif in_attn or attn_owner:
+        _classify_attention(info, model, parts, rows, fan_in)
+    elif in_mlp:
+        if _MLP_IN.match(leaf):
+            info.role = "mlp_in"
+        elif _MLP_OUT.match(leaf):
+            info.role = "mlp_out"
+        else:  # an expansion reads in, a contraction writes out
+            info.role = "mlp_in" if rows >= fan_in else "mlp_out"
+    elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        info.role = "conv"
+    else:
+        info.role = "matrix"
+
+
+def _classify_attention(info, model, parts, rows, fan_in):
+    """Role (q, k, v, fused qkv, o) and head layout of a matrix inside an attention module."""
+    leaf = parts[-1] if parts else ""
+    attn_mod = _parent(model, info.module_name)
+    heads, _, head_dim = _attention_heads(model, attn_mod)
+    info.heads, info.head_dim = heads, head_dim or (fan_in // heads if heads and fan_in % heads == 0 else None)
+    if _QKV.match(leaf):
+        info.role = "attn_qkv"
+        info.segments, hd, info.heads = _fused_segments(rows, model, attn_mod, fan_in)
+        info.head_dim = hd or info.head_dim
+    elif _Q.match(leaf):
+        info.role = "attn_q"
+    elif _K.match(leaf):
+        info.role = "attn_k"
+    elif _V.match(leaf):
+        info.role = "attn_v"
+    elif _O.match(leaf) or parts[-2:-1] and _O.match(parts[-2]):
+        info.role = "attn_o"
+    else:
+        info.role = "attn"
 
 
 def _parent(model, mname):

@@ -237,26 +237,36 @@ def build_shadow(model, infos, views, masses=None):
     blocks = find_blocks(model)
     b = _Builder(infos, views, masses)
     if not blocks and isinstance(model, nn.Sequential) and not any(i.kind == "island" for i in infos):
-        # a plain nn.Sequential: its units in order (registration order is execution order here)
-        units = [u for _, _, u in b.units_under("", list(infos))]
-        shadow = Compose(*b._with_activations(units))
-        for v in dict.fromkeys(shadow.atoms()):
-            v.mass = masses["matrix"] if v.weight.ndim >= 2 else masses["vector"] * masses["matrix"]
-        return shadow, {i.name: "sequential" for i in infos}, "structure recovered: nn.Sequential"
+        return _sequential_shadow(b, infos, masses)
     if not blocks:
         return None, {}, "defaulted: no block container (ModuleList/Sequential of one block class) found"
     depth = len(blocks)
-    order = list(infos)
-    block_names = [n for n, _ in blocks]
+    seq, block_of_info = _occurrences(model, infos, [n for n, _ in blocks])
+    layers, placed, block_atoms = _place(seq, b, infos, views, block_of_info, depth)
+    _set_model_masses(infos, views, block_atoms, masses)
+    kinds = sorted({k.split(" block")[0] for k in placed.values() if " block" in k and not k.startswith(("before", "after"))})
+    n_pre = sum(1 for k in placed.values() if k.startswith("before"))
+    n_post = sum(1 for k in placed.values() if k.startswith("after"))
+    return Compose(*layers), placed, (f"structure recovered: {depth} {'/'.join(kinds)} blocks, {n_pre} parameters "
+                                      f"before them, {n_post} after")
 
+
+def _sequential_shadow(b, infos, masses):
+    """A plain nn.Sequential: its units in order (registration order is execution order here)."""
+    units = [u for _, _, u in b.units_under("", list(infos))]
+    shadow = Compose(*b._with_activations(units))
+    for v in dict.fromkeys(shadow.atoms()):
+        v.mass = masses["matrix"] if v.weight.ndim >= 2 else masses["vector"] * masses["matrix"]
+    return shadow, {i.name: "sequential" for i in infos}, "structure recovered: nn.Sequential"
+
+
+def _occurrences(model, infos, block_names):
+    """The model's top-level sequence: ("block", name) once per block and ("unit", module name,
+    info) per module outside the blocks, in parameter order (a tied parameter appears at each
+    place it is used); and {param name: its block}."""
     def in_block(module_name):
         return next((n for n in block_names if module_name == n or module_name.startswith(n + ".")), None)
 
-    # top-level sequence of occurrences (tied parameters appear at each place they are used)
-    owners = {}
-    for mname, mod in model.named_modules():
-        for pname, p in mod.named_parameters(recurse=False):
-            owners.setdefault(id(p), []).append(mname)
     seq, seen_blocks, seen_units = [], set(), set()
     block_of_info = {}
     by_id = {id(i.module.get_parameter(i.param_name)): i for i in infos}
@@ -271,26 +281,27 @@ def build_shadow(model, infos, views, masses=None):
                 seq.append(("block", blk))
             continue
         key = (mname, id(info.module))
-        if key in seen_units:
-            continue
-        seen_units.add(key)
-        seq.append(("unit", mname, info))
+        if key not in seen_units:
+            seen_units.add(key)
+            seq.append(("unit", mname, info))
+    return seq, block_of_info
 
-    placed = {}
-    layers, embeds = [], []
+
+def _place(seq, b, infos, views, block_of_info, depth):
+    """The shadow's layers in order (embeddings summed first, then blocks and the units around
+    them), how each parameter was placed, and the atoms of the blocks."""
+    placed, layers, embeds, block_atoms = {}, [], [], []
     pre = True
-    block_atoms = []
     for item in seq:
         if item[0] == "block":
             pre = False
             blk = item[1]
-            shadow, kind = b.block(blk, [i for i in order if block_of_info.get(i.name) == blk], depth)
+            mine = [i for i in infos if block_of_info.get(i.name) == blk]
+            shadow, kind = b.block(blk, mine, depth)
             if shadow is not None:
                 block_atoms += shadow.atoms()
                 layers.append(shadow)
-                for i in order:
-                    if block_of_info.get(i.name) == blk:
-                        placed[i.name] = f"{kind} {blk} (L={depth})"
+                placed.update((i.name, f"{kind} {blk} (L={depth})") for i in mine)
             continue
         _, mname, info = item
         owner_infos = [i for i in infos if i.module_name == info.module_name] if mname == info.module_name else [info]
@@ -307,12 +318,16 @@ def build_shadow(model, infos, views, masses=None):
                 layers.append(embeds[0] if len(embeds) == 1 else Sum(*embeds))
                 embeds = []
             layers.append(unit)
-        for i in owner_infos:
-            placed[i.name] = "before the blocks" if pre else "after the blocks"
+        placed.update((i.name, "before the blocks" if pre else "after the blocks") for i in owner_infos)
     if embeds:
         layers.insert(0, embeds[0] if len(embeds) == 1 else Sum(*embeds))
+    return layers, placed, block_atoms
 
-    # masses: blocks together masses["blocks"]; embeddings masses["embed"]; head masses["head"]
+
+def _set_model_masses(infos, views, block_atoms, masses):
+    """Blocks together masses["blocks"]; embeddings masses["embed"]; heads masses["head"]; other
+    matrices masses["matrix"] each; 1-D parameters masses["vector"] of a matrix (native modules
+    inside the model keep their atoms' ratios)."""
     island_atoms = {a for i in infos if i.kind == "island" for a in i.module.atoms()}
     _set_masses(list(dict.fromkeys(block_atoms)), masses["blocks"], masses["vector"], keep=island_atoms)
     views = {k: v for k, v in views.items() if v not in island_atoms}
@@ -328,12 +343,6 @@ def build_shadow(model, infos, views, masses=None):
             v.mass = masses["matrix"]
         else:
             v.mass = masses["vector"] * masses["matrix"]
-    shadow = Compose(*layers)
-    kinds = sorted({k.split(" block")[0] for k in placed.values() if " block" in k and not k.startswith(("before", "after"))})
-    n_pre = sum(1 for k in placed.values() if k.startswith("before"))
-    n_post = sum(1 for k in placed.values() if k.startswith("after"))
-    return shadow, placed, (f"structure recovered: {depth} {'/'.join(kinds)} blocks, {n_pre} parameters before "
-                            f"them, {n_post} after")
 
 
 def build_branch_shadow(model, infos, views, masses=None):

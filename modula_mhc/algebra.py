@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 
-import sympy
 from torch import nn
 
 from . import scalars as S
@@ -270,7 +269,7 @@ class Scale(Module):
         if not isinstance(module, Module):
             raise TypeError(f"can only scale a modula_mhc Module, got {type(module).__name__}")
         if not (S.is_number(a) or S.is_symbolic(a)):
-            raise TypeError(f"scale factor must be a number, got {type(a).__name__}")
+            raise TypeError(f"scale factor must be a finite number or a sympy expression, got {a!r}")
         self.a = a
         self.module = module
         self.in_dim, self.out_dim, self.preserves_dim = module.in_dim, module.out_dim, module.preserves_dim
@@ -361,9 +360,9 @@ def compose(m2, m1) -> Module:
 def residual(block: Module, depth) -> Module:
     """(1 − 1/L)·x + (1/L)·block(x): sensitivity 1 − 1/L + ν/L (= 1 when ν = 1) and a 1/L share of
     the output per block, which is what makes the learning rate transfer in depth."""
-    if S.is_number(depth) and depth < 1:
-        raise ValueError(f"residual depth must be >= 1, got {depth}")
-    one = sympy.Integer(1) if S.is_symbolic(depth) else 1.0
+    if not S.is_symbolic(depth) and not (S.is_number(depth) and depth >= 1):
+        raise ValueError(f"residual depth must be a finite number >= 1 or a sympy symbol, got {depth!r}")
+    one = S.one(like=depth)
     return Sum(Scale(one - one / depth, Identity()), Scale(one / depth, block))
 
 

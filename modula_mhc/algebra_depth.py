@@ -6,8 +6,6 @@ sharpness that solves the composition recurrence P_k = M ∘ P_{k−1} (docs/alg
 """
 from __future__ import annotations
 
-import sympy
-
 from . import scalars as S
 from .module import Module, Sharpness
 
@@ -19,7 +17,11 @@ class SymbolicRepeat(Module):
     l (1 = nearest the input) has norm coefficient L·ν^(L−l)·c; sharpness solves the
     composition recurrence (docs/algebra.md)."""
 
-    layer_index = sympy.Symbol("l", positive=True, integer=True)
+    @property
+    def layer_index(self):
+        """The symbol l (1 = nearest the input) of a copy's position; sympy is imported only here,
+        where a symbolic depth already brought it in."""
+        return layer_index_symbol()
 
     def __init__(self, module, depth):
         super().__init__()
@@ -62,10 +64,17 @@ class SymbolicRepeat(Module):
         return {atom: c * L * nu ** (L - self.layer_index) for atom, c in self.module._coefficient_map().items()}
 
 
+def layer_index_symbol():
+    """The sympy symbol l used for a block's position inside ``M ** L`` (equal on every call)."""
+    import sympy  # lazily: ``import modula_mhc`` does not pay for sympy
+    return sympy.Symbol("l", positive=True, integer=True)
+
+
 def _same(a, b) -> bool:
     """Structural equality (no sympy.simplify: it is slow on GPT-sized expressions; a false
     "different" only selects the general closed form, which is exact as well)."""
     if S.is_symbolic(a) or S.is_symbolic(b):
+        import sympy
         return sympy.sympify(a) - sympy.sympify(b) == 0
     return a == b
 
@@ -79,6 +88,7 @@ def repeated_sharpness(mass, nu, sharp, depth, norm_sensitivity=None, weight_gai
     When the norm is built with ν' ≠ ν or the module's weight gain κ ≠ 1 (attention with several
     heads), the general recurrence is returned as explicit finite sums (``sympy.Sum``), exact once
     the depth is a number."""
+    import sympy
     nu_n = nu if norm_sensitivity is None else norm_sensitivity
     if not (_same(nu, nu_n) and _same(weight_gain, 1)):
         return _general_repeated_sharpness(mass, nu, nu_n, weight_gain, sharp, depth)
@@ -106,6 +116,7 @@ def _general_repeated_sharpness(mass, nu, nu_n, kappa, sharp, depth):
     weight gain times its share):
     kβ_k = Σ_j r^(k−j) [β ν^(j−1) + (γ/ν') ν^(j−1) G_j],
     k²α_k = Σ_j (ν/ν'²)^(k−j) [α + (2β/ν') G_j + (γ/ν'²) G_j²],   γ_k as in the plain case."""
+    import sympy
     a, b, g = (sympy.sympify(v) for v in sharp)
     v, vn, kap = sympy.sympify(nu), sympy.sympify(nu_n), sympy.sympify(kappa)
     k, j, i = sympy.symbols("k_rep j_rep i_rep", positive=True, integer=True)

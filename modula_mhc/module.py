@@ -26,6 +26,7 @@ from torch import nn
 
 from . import manifolds
 from . import scalars as S
+from ._repr import compact_repr, short_number
 
 _STATIC_DEPTH = [0]  # > 0 inside static_constants(): local (measured) stats are ignored
 
@@ -76,6 +77,10 @@ class Module(nn.Module):
     out_dim = None
     #: True for modules whose output has the input's last-dim size (activations, norms, …)
     preserves_dim = False
+
+    def __repr__(self):
+        """One line per module, containers spliced into their parents (see modula_mhc._repr)."""
+        return compact_repr(self)
 
     # ----------------------------------------------------------------- properties to override
     @property
@@ -143,6 +148,9 @@ class Module(nn.Module):
             raise ValueError(f"{what}: got {len(tensors)} tensors for {len(atoms)} parameters "
                              f"(they must be aligned with module.parameters())")
         for a, t in zip(atoms, tensors):
+            if t is not None and not isinstance(t, torch.Tensor):
+                raise TypeError(f"{what}: expected tensors (or None) aligned with module.parameters(), "
+                                f"got {type(t).__name__}")
             if a.weight is not None and t is not None and t.shape != a.weight.shape:
                 raise ValueError(f"{what}: tensor of shape {tuple(t.shape)} given for "
                                  f"{type(a).__name__} weight of shape {tuple(a.weight.shape)}")
@@ -151,6 +159,9 @@ class Module(nn.Module):
     @torch.no_grad()
     def norm(self, tensors=None) -> torch.Tensor:
         """Modular norm max_a c_a ‖t_a‖_a of the weights (or of weight-shaped ``tensors``)."""
+        if tensors is None and any(a.weight is None for a in self.atoms()):
+            raise ValueError("norm(): this module has symbolic dimensions and so no weights; build it with numbers, "
+                             "or pass weight-shaped tensors (its constants: modula_mhc.symbolic.describe)")
         atoms, tensors = self._aligned(tensors, "norm")
         values = []
         for a, c, t in zip(atoms, self.norm_coefficients(), tensors):
@@ -165,6 +176,8 @@ class Module(nn.Module):
     def dualize(self, grads, target_norm: float = 1.0) -> list:
         """Steepest direction in the modular norm: atom a gets its own dual with norm
         target/c_a, so ``norm(dualize(g, t)) == t`` (0 for a zero gradient, never NaN)."""
+        if not (S.is_number(target_norm) and target_norm >= 0):
+            raise ValueError(f"dualize: target_norm must be a finite number >= 0, got {target_norm!r}")
         atoms, grads = self._aligned(grads, "dualize")
         out = []
         for a, c, g in zip(atoms, self.norm_coefficients(), grads):
@@ -211,6 +224,8 @@ class Module(nn.Module):
 
     def __truediv__(self, a):
         """``M / a`` = (1/a)·M: the output divided by a."""
+        if S.is_zero(a):
+            raise ValueError(f"{type(self).__name__} / 0: cannot divide a module's output by zero")
         return _construction("scale")(1 / a, self)
 
     def __pow__(self, depth):
@@ -286,9 +301,7 @@ class Atom(Module):
 
     def __init__(self, shape, manifold="euclidean", mass=1.0, role=None):
         super().__init__()
-        if not S.is_symbolic(mass) and (not S.is_number(mass) or S.to_number(mass) < 0):
-            raise ValueError(f"{type(self).__name__}: mass must be a number >= 0, got {mass!r}")
-        self._mass = mass
+        self._mass = S.checked_mass(type(self).__name__, mass)
         self.role = role
         self.shape = tuple(shape)
         for s in self.shape:
@@ -334,7 +347,7 @@ class Atom(Module):
 
     @mass.setter
     def mass(self, value):
-        self._mass = value
+        self._mass = S.checked_mass(type(self).__name__, value)
 
     @property
     def sensitivity(self):
@@ -386,5 +399,11 @@ class Atom(Module):
     def diagnostics(self) -> dict:
         return self.manifold.diagnostics(self.weight) if self.weight is not None else {}
 
+    def _repr_dims(self) -> str:
+        """The dimensions as ``extra_repr`` shows them (atoms print their constructor's arguments)."""
+        return f"shape={self.shape}"
+
     def extra_repr(self):
-        return f"shape={self.shape}, manifold={self.manifold.name}, mass={self._mass}, role={self.role}"
+        """Shape, then the manifold when it is not Euclidean, the mass and the role (compact)."""
+        parts = [self._repr_dims()] + ([f"manifold={self.manifold.name}"] if self.manifold.name != "euclidean" else [])
+        return ", ".join(parts + [f"mass={short_number(self._mass)}"] + ([f"role={self.role}"] if self.role else []))

@@ -15,10 +15,26 @@ import torch
 from ..module import Atom
 
 
+def _rms_normalised(G, dim=None):
+    """G/‖G‖_RMS over ``dim`` (all entries if None), 0 where G is 0. G is first divided by its
+    max |entry| so that squaring neither underflows (|G| < ~1e-19) nor overflows (|G| > ~1e19) in
+    float32: the direction does not depend on the gradient's scale, from 1e-30 to 1e30."""
+    Gf = G.to(torch.promote_types(G.dtype, torch.float32))
+    dims = () if dim is None else (dim,)
+    peak = Gf.abs().amax(dim=dims, keepdim=True).clamp_min(torch.finfo(Gf.dtype).tiny)
+    Gs = Gf / peak
+    rms = Gs.pow(2).mean(dim=dims, keepdim=True).sqrt()
+    return torch.where(rms > 0, Gs / rms.clamp_min(1e-30), torch.zeros_like(Gs)).to(G.dtype)
+
+
 def rms_dual(G, target):
-    """t·G/‖G‖_RMS, and 0 (not NaN) for a zero G."""
-    rms = G.float().pow(2).mean().sqrt()
-    return torch.where(rms > 0, G / rms.clamp_min(1e-30), torch.zeros_like(G)) * target
+    """t·G/‖G‖_RMS, and 0 (not NaN) for a zero G, at any gradient scale."""
+    return _rms_normalised(G) * target
+
+
+def row_rms_dual(G, target):
+    """Every row (last dim) of G scaled to RMS t; zero rows stay zero (the dual of max-row-RMS)."""
+    return _rms_normalised(G, dim=-1) * target
 
 
 class FreeAtom(Atom):

@@ -1,6 +1,7 @@
 """Bias atom: f(b, x) = x-shaped broadcast of b (used as ``Linear + Bias``)."""
 from __future__ import annotations
 
+from .._inputs import check_input
 from ..module import Sharpness
 from ._free import RMSAtom
 
@@ -14,6 +15,7 @@ class Bias(RMSAtom):
         self.out_dim = features  # any input width: only the leading dims of x are used
 
     def forward(self, x):
+        check_input(x, f"Bias({self.out_dim})")
         return self.weight.expand(*x.shape[:-1], -1)
 
     @property

@@ -6,6 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .._inputs import check_input
 from ..module import Atom
 
 
@@ -19,6 +20,9 @@ class Conv2d(Atom):
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, manifold="euclidean",
                  mass=1.0, role=None):
+        for name, v, least in (("stride", stride, 1), ("padding", padding, 0)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise ValueError(f"Conv2d: {name} must be an integer >= {least}, got {v!r}")
         k = kernel_size
         self.kernel_size, self.stride, self.padding = k, stride, padding
         super().__init__((out_channels, in_channels, k, k), manifold=manifold, mass=mass, role=role)
@@ -39,6 +43,7 @@ class Conv2d(Atom):
         self._tag()
 
     def forward(self, x):
+        check_input(x, f"Conv2d({self.in_channels}, {self.out_channels}, {self.kernel_size})", min_dim=3)
         return F.conv2d(x, self.weight, stride=self.stride, padding=self.padding) * self.gain
 
     def weight_norm(self, W=None):

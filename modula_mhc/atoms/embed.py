@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._free import FreeAtom
+from .._inputs import check_input
+from ._free import FreeAtom, row_rms_dual
 
 
 class Embed(FreeAtom):
@@ -28,10 +29,18 @@ class Embed(FreeAtom):
         self.weight.copy_(w.to(self.weight))
         self._tag()
 
+    def _repr_dims(self):
+        return f"{self.vocab_size}, {self.width}"
+
     def forward(self, idx):
+        check_input(idx, f"Embed({self.vocab_size}, {self.width})", min_dim=0)
         if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise TypeError(f"Embed expects integer token ids, got {idx.dtype}")
-        return F.embedding(idx, self.weight)
+        try:
+            return F.embedding(idx, self.weight)
+        except IndexError:  # CPU only (CUDA asserts on the device); checking first would cost a sync
+            raise ValueError(f"Embed(vocab_size={self.vocab_size}) got token ids outside [0, {self.vocab_size}): "
+                             f"min {int(idx.min())}, max {int(idx.max())}") from None
 
     @staticmethod
     def _row_rms(W):
@@ -42,5 +51,4 @@ class Embed(FreeAtom):
         return self._row_rms(W).max()
 
     def dualize_weight(self, G, target=1.0, state=None):
-        rms = self._row_rms(G)
-        return torch.where(rms > 0, G / rms.clamp_min(1e-30), torch.zeros_like(G)).to(G.dtype) * target
+        return row_rms_dual(G, target)

@@ -1,6 +1,7 @@
 """Gain atom: learnable per-channel scale y = g ⊙ x."""
 from __future__ import annotations
 
+from .._inputs import check_input
 from ._free import MaxAbsAtom
 
 
@@ -15,4 +16,5 @@ class Gain(MaxAbsAtom):
         self.in_dim = self.out_dim = features
 
     def forward(self, x):
+        check_input(x, f"Gain({self.in_dim})", width=self.in_dim)
         return x * self.weight

@@ -6,6 +6,7 @@ import math
 import torch.nn.functional as F
 
 from .. import scalars as S
+from .._inputs import check_input
 from ..module import Atom
 
 
@@ -35,7 +36,9 @@ class Linear(Atom):
         self.gain = S.sqrt(S.fraction(out_features, in_features, like=in_features)) if self.symbolic \
             else math.sqrt(out_features / in_features)
 
+    def _repr_dims(self):
+        return f"{self.in_features}, {self.out_features}"
+
     def forward(self, x):
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"Linear({self.in_features}, {self.out_features}) got input with last dim {x.shape[-1]}")
+        check_input(x, f"Linear({self.in_features}, {self.out_features})", width=self.in_features)
         return F.linear(x, self.weight) * self.gain

@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from .._inputs import check_input
 from ..module import Bond, Sharpness
 
 
@@ -40,6 +41,7 @@ class RMSNorm(Bond):
         return Sharpness(0.0, 0.0, math.sqrt(2) * self._inverse_rms() ** 2)
 
     def forward(self, x):
+        check_input(x, "RMSNorm", min_dim=0)
         return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
 
 

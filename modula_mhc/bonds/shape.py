@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import scalars as S
+from .._inputs import check_input
 from ..module import Bond
 
 
@@ -11,6 +12,7 @@ class Flatten(Bond):
     """(B, …) ↦ (B, prod …). RMS of the whole ≤ max of the parts: sensitivity 1, linear."""
 
     def forward(self, x):
+        check_input(x, "Flatten", min_dim=2)
         return x.flatten(start_dim=1)
 
 
@@ -19,9 +21,12 @@ class Mean(Bond):
 
     def __init__(self, dim: int = -2):
         super().__init__()
+        if not isinstance(dim, int) or isinstance(dim, bool):
+            raise TypeError(f"Mean: dim must be an int, got {dim!r}")
         self.dim = dim
 
     def forward(self, x):
+        check_input(x, f"Mean(dim={self.dim})", min_dim=self.dim + 1 if self.dim >= 0 else -self.dim)
         return x.mean(dim=self.dim)
 
 
@@ -30,11 +35,12 @@ class SplitHeads(Bond):
 
     def __init__(self, heads: int):
         super().__init__()
-        if not S.is_symbolic(heads) and (int(heads) != heads or heads < 1):
-            raise ValueError(f"heads must be a positive integer, got {heads}")
+        if not S.is_symbolic(heads) and not (S.is_number(heads) and int(heads) == heads and heads >= 1):
+            raise ValueError(f"heads must be a positive integer, got {heads!r}")
         self.heads = heads
 
     def forward(self, x):
+        check_input(x, f"SplitHeads({self.heads})", min_dim=2)
         *lead, T, W = x.shape
         if W % self.heads:
             raise ValueError(f"width {W} is not divisible by heads {self.heads}")
@@ -45,8 +51,17 @@ class MergeHeads(Bond):
     """(…, H, T, d) ↦ (…, T, H·d). RMS of the concatenation ≤ max over heads: sensitivity 1."""
 
     def forward(self, x):
+        check_input(x, "MergeHeads", min_dim=3)
         *lead, H, T, d = x.shape
         return x.transpose(-3, -2).reshape(*lead, T, H * d)
+
+
+def _tensors(xs, who, min_dim=0):
+    """The tuple of tensors a merging bond is called with (TypeError/ValueError otherwise)."""
+    if isinstance(xs, torch.Tensor) or not isinstance(xs, (tuple, list)) or not xs:
+        raise TypeError(f"{who} expects a non-empty tuple of tensors (the outputs of parallel branches), "
+                        f"got {type(xs).__name__}")
+    return tuple(check_input(x, who, min_dim=min_dim) for x in xs)
 
 
 def _known(dims):
@@ -61,11 +76,14 @@ class Concat(Bond):
             self.out_dim = sum(dims)
 
     def forward(self, xs):
-        return torch.cat(tuple(xs), dim=-1)
+        return torch.cat(_tensors(xs, "Concat", min_dim=1), dim=-1)
 
 
 class Add(Bond):
-    """(a, b, …) ↦ a + b + …; ‖Σ‖ ≤ Σ‖·‖: sensitivity 1 in the tuple (sum) norm."""
+    """(a, b, …) ↦ a + b + …; ‖Σ‖ ≤ Σ‖·‖: sensitivity 1 in the tuple (sum) norm.
+
+    The parts must have one shape: widths known when the network is composed are checked then,
+    the others when it runs (no silent broadcasting of a width-1 branch)."""
 
     def bind_input_dims(self, dims):
         known = _known(dims)
@@ -75,6 +93,11 @@ class Add(Bond):
             self.out_dim = known[0]
 
     def forward(self, xs):
+        xs = _tensors(xs, "Add")
+        shapes = {tuple(x.shape) for x in xs}
+        if len(shapes) > 1:
+            raise ValueError(f"Add: cannot add outputs of different shapes {[tuple(x.shape) for x in xs]} "
+                             f"(it does not broadcast: give every branch the same width)")
         out = None
         for x in xs:
             out = x if out is None else out + x

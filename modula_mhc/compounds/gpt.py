@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from .. import atoms, bonds
 from .. import scalars as S
+from .._inputs import check_input
 from ..algebra import Compose, repeat, residual
 from ._util import check_positive_int, set_total_mass
 from .attention import Attention
@@ -100,6 +101,7 @@ class GPT(Compose):
         super().__init__(*layers)
 
     def forward(self, idx):
-        if idx.dim() < 1 or idx.shape[-1] > self.context:
+        check_input(idx, f"GPT(context={self.context})", min_dim=1)  # token ids (..., T)
+        if idx.shape[-1] > self.context:
             raise ValueError(f"GPT(context={self.context}) got a sequence of length {idx.shape[-1]}")
         return super().forward(idx)

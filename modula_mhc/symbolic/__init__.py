@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import sympy
 
-from ..algebra import SymbolicRepeat
+from ..algebra_depth import SymbolicRepeat, layer_index_symbol
 from ..module import Module
 
 __all__ = ["properties", "describe", "layer_index", "evaluate", "SMALL_DEPTHS"]
 
 #: symbol used for the position (1 = nearest the input) of a block inside ``M ** L``
-layer_index = SymbolicRepeat.layer_index
+layer_index = layer_index_symbol()
 
 #: depths at which ``properties`` builds the network to check (and patch) the closed forms
 SMALL_DEPTHS = (1, 2, 3, 4)

@@ -15,6 +15,7 @@ demo: install
 test:
 	$(PIP) "$(TORCH)" -e ".[test]"
 	$(PYTHON) -m ruff check modula_mhc tests examples benchmarks docs
+	$(PYTHON) -m mypy
 	$(PYTHON) -m pytest -q
 
 test-slow:

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import NamedTuple
+from collections.abc import Collection
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -71,10 +72,11 @@ class Module(nn.Module):
     """Base class. Subclasses define ``mass``, ``sensitivity``, ``sharpness`` and
     ``_coefficient_map`` (atoms → norm coefficient)."""
 
-    #: feature size of the input's last dimension (None: any / inferred)
-    in_dim = None
+    #: feature size of the input's last dimension (None: any / inferred; an int, a sympy expression,
+    #: or a tuple of them after a tuple-valued module)
+    in_dim: Any = None
     #: feature size of the output's last dimension (None: same as input for dim-preserving modules)
-    out_dim = None
+    out_dim: Any = None
     #: True for modules whose output has the input's last-dim size (activations, norms, …)
     preserves_dim = False
 
@@ -179,7 +181,7 @@ class Module(nn.Module):
         if not (S.is_number(target_norm) and target_norm >= 0):
             raise ValueError(f"dualize: target_norm must be a finite number >= 0, got {target_norm!r}")
         atoms, grads = self._aligned(grads, "dualize")
-        out = []
+        out: list[torch.Tensor | None] = []
         for a, c, g in zip(atoms, self.norm_coefficients(), grads):
             c = S.to_number(c)
             if g is None:
@@ -297,7 +299,7 @@ class Atom(Module):
     """
 
     #: manifold names an atom accepts (None: any registered manifold)
-    allowed_manifolds = None
+    allowed_manifolds: Collection[str] | None = None
 
     def __init__(self, shape, manifold="euclidean", mass=1.0, role=None):
         super().__init__()

@@ -98,3 +98,24 @@ def test_stacked_directions_have_each_atoms_target():
         target = opt._targets[id(p)]
         step = torch.linalg.matrix_norm((p.detach() - w0).double(), ord=2)
         assert abs(float(step) - target) < 1e-3 * max(target, 1.0), (float(step), target)
+
+
+@pytest.mark.parametrize("kind", ["gauss", "rank1", "cond1e4"])
+@pytest.mark.parametrize("shape", [(96, 96), (160, 48), (48, 160), (512, 128)])
+def test_euclidean_dualize_near_optimal_and_unit_bounded(kind, shape):
+    """Muon's dualize (6 Polar Express steps, divided by their largest gain): ⟨G, A⟩ ≥ 0.99‖G‖_*
+    against a float64 SVD, and ‖A‖₂ ≤ 1, on Gaussian, rank-1 and condition-1e4 gradients."""
+    from modula_mhc.manifolds import Euclidean
+    m, n = shape
+    k = min(m, n)
+    i = torch.arange(k, dtype=torch.float64)
+    sv = {"gauss": None, "rank1": (i < 1).double(), "cond1e4": 10 ** (-4 * i / (k - 1))}[kind]
+    if sv is None:
+        G = torch.randn(m, n, generator=torch.Generator().manual_seed(7))
+    else:
+        G = _spectrum_matrix(k, max(m, n), sv, 7)
+        G = G.mT if m > n else G
+    A = Euclidean().dualize(torch.zeros_like(G), G).double()
+    nuc = torch.linalg.svdvals(G.double()).sum()
+    assert float((A * G.double()).sum() / nuc) >= 0.99
+    assert float(torch.linalg.matrix_norm(A, ord=2)) <= 1 + 1e-5

@@ -12,11 +12,16 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import atoms as _atoms
 from .. import kernels
 from ..algebra import Compose
+from ..atoms.bias import Bias
+from ..atoms.conv2d import Conv2d
+from ..atoms.embed import Embed
+from ..atoms.gain import Gain
+from ..atoms.linear import Linear
 from ..atoms.mix import Mix, StaticCoefficients
-from ..bonds import AttentionCore, RMSNorm
+from ..bonds.attention import AttentionCore
+from ..bonds.norms import RMSNorm
 from ..compounds.hyper import HyperConnections
 from ..module import Atom, Module, static_constants
 
@@ -35,7 +40,7 @@ def _merge_stat(module, key, value, how):
 
 
 def _linear_like(m):
-    return isinstance(m, (_atoms.Linear, _atoms.Gain, _atoms.Conv2d, _atoms.Embed))
+    return isinstance(m, (Linear, Gain, Conv2d, Embed))
 
 
 def _record_hooks(model):
@@ -51,7 +56,7 @@ def _record_hooks(model):
 
     def atom_hook(m, inp, out):
         x = inp[0]
-        if torch.is_tensor(x) and x.is_floating_point() and not isinstance(m, _atoms.Conv2d):
+        if torch.is_tensor(x) and x.is_floating_point() and not isinstance(m, Conv2d):
             _merge_stat(m, "input_rms", float(_rms_tokens(x).max()), max)
 
     def hyper_hook(m, inp, out):
@@ -99,7 +104,7 @@ def _weight_violations(model) -> list:
     out = []
     names = {id(m): n for n, m in model.named_modules()}
     for a in model.atoms():
-        if a.weight is None or isinstance(a, _atoms.Bias):
+        if a.weight is None or isinstance(a, Bias):
             continue
         name = names.get(id(a), type(a).__name__)
         W = a.weight.detach().double()
@@ -195,7 +200,7 @@ def certify(model: Module, x) -> Certificate:
 def input_part(model: Module, x):
     """(f, x_float): for a model that starts with an Embed atom (a GPT, token ids), the layers after
     it and the embedded input; otherwise (model, x)."""
-    if isinstance(model, Compose) and isinstance(model.layers[0], _atoms.Embed):
+    if isinstance(model, Compose) and isinstance(model.layers[0], Embed):
         with torch.no_grad():
             xe = model.layers[0](x)
         rest = list(model.layers[1:])

@@ -23,7 +23,7 @@ class Measurement:
     """The largest ratio found, with the point and directions that produced it."""
 
     value: float
-    x: torch.Tensor = None
+    x: torch.Tensor | None = None
     directions: tuple = ()
     per_restart: list = field(default_factory=list)
 
@@ -124,8 +124,8 @@ def measure_weight_gain(model: Module, x, restarts=3, steps=15, seed=0) -> Measu
             run_best = max(run_best, val)
             if val > best.value:
                 best = Measurement(val, None, (tuple(d.detach().clone() for d in dw),), best.per_restart)
-            grads = torch.autograd.grad(out, dr, allow_unused=True)
-            grads = [torch.zeros_like(d) if gr is None else gr for d, gr in zip(dr, grads)]
+            raw = torch.autograd.grad(out, dr, allow_unused=True)
+            grads = [torch.zeros_like(d) if gr is None else gr for d, gr in zip(dr, raw)]
             dw = _unit_dualized(model, grads)
         best.per_restart.append(run_best)
     return best
@@ -201,8 +201,9 @@ def measure_sharpness(f, x, which="gamma", restarts=2, steps=15, lr=0.1, move_in
             run_best = max(run_best, val)
             if val > best.value:
                 best = Measurement(val, None, (a, b), best.per_restart)
-            grads = torch.autograd.grad(out, ar + (br if which == "alpha" else [br]), allow_unused=True)
-            grads = [torch.zeros_like(t) if gr is None else gr for t, gr in zip(ar + (br if which == "alpha" else [br]), grads)]
+            wrt = ar + (br if which == "alpha" else [br])
+            raw = torch.autograd.grad(out, wrt, allow_unused=True)
+            grads = [torch.zeros_like(t) if gr is None else gr for t, gr in zip(wrt, raw)]
             a = _unit_dualized(model, grads[:len(ar)])
             b = _unit_dualized(model, grads[len(ar):]) if which == "alpha" else _dual(grads[-1].detach())
         best.per_restart.append(run_best)

@@ -11,6 +11,7 @@ Nothing here imports triton.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -19,6 +20,7 @@ import torch
 __all__ = [
     "POLAR_EXPRESS_COEFFS",
     "msign",
+    "polar_express_gain",
     "sinkhorn",
     "sinkhorn_project",
     "sinkhorn_tol_floor",
@@ -62,6 +64,16 @@ def polar_express_coeffs(steps: int) -> list[tuple[float, float, float]]:
         raise ValueError(f"msign: steps must be a positive int, got {steps!r}")
     last = POLAR_EXPRESS_COEFFS[-1]
     return [POLAR_EXPRESS_COEFFS[k] if k < len(POLAR_EXPRESS_COEFFS) else last for k in range(steps)]
+
+
+@functools.lru_cache(maxsize=None)
+def polar_express_gain(steps: int) -> float:
+    """max over σ ∈ (0, 1/1.01] of p_steps∘…∘p_1(σ): the largest singular value ``msign`` can
+    return in exact arithmetic (the iterates equioscillate around 1; > 1 when ``steps`` < 8)."""
+    x = torch.logspace(-9, 0, 200001, dtype=torch.float64) / _SAFETY
+    for a, b, c in polar_express_coeffs(steps):
+        x = x * (a + x * x * (b + c * x * x))
+    return float(x.max())
 
 
 def _check_msign_input(X: torch.Tensor) -> None:

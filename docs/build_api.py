@@ -1,4 +1,5 @@
-"""Generate docs/api.md from the package's docstrings (the one command: `make docs`).
+"""Generate docs/api.md from the package's docstrings (the one command: `make docs`;
+``python docs/build_api.py --check`` tells whether the committed file is current, as a test does).
 
 Walks the public subpackages, lists every public class and function with its signature and
 docstring, and writes Markdown. No dependency beyond the package itself.
@@ -65,7 +66,20 @@ def render() -> str:
     return "\n".join(out)
 
 
-if __name__ == "__main__":
+def main(argv=None) -> int:
+    """Write docs/api.md; with ``--check`` only compare it with a fresh render (exit 1 if stale)."""
+    argv = sys.argv[1:] if argv is None else argv
     path = pathlib.Path(__file__).with_name("api.md")
-    path.write_text(render())
+    text = render()
+    if "--check" in argv:
+        if path.read_text() != text:
+            print(f"{path} is stale: run `make docs` (python docs/build_api.py) and commit it", file=sys.stderr)
+            return 1
+        return 0
+    path.write_text(text)
     print(f"wrote {path} ({path.stat().st_size} bytes) for modula_mhc {modula_mhc.__version__}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -25,7 +25,10 @@ from modula_mhc.data import CharCorpus, default_corpus, load_text  # noqa: E402
 
 #: development data set (never copied into the repository)
 TINYSHAKESPEARE = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt"))
+#: the committed figures and tables of docs/; examples write here only when asked (--out docs/figures)
 FIGURES = os.path.join(REPO, "docs", "figures")
+#: where examples write by default: git-ignored, so running an example never changes tracked files
+OUT = os.path.join(REPO, "runs", "examples")
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -245,7 +248,8 @@ def add_gpt_study_arguments(p, depth: int, steps: int, eval_every: int):
     p.add_argument("--data", default=default_data_path(),
                    help="UTF-8 text file (default ../shared/data/tinyshakespeare.txt if present, else the "
                         "embedded corpus)")
-    p.add_argument("--out", default=FIGURES)
+    p.add_argument("--out", default=OUT, help="output folder (default runs/examples, git-ignored; "
+                                             "--out docs/figures regenerates the committed figures)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--progress", action="store_true")
 

@@ -94,7 +94,8 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--manifolds", default="muon")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="adapt_lr_transfer_out")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runs", "examples"),
+                    help="output folder (default runs/examples, git-ignored; --out docs/figures regenerates the committed ones)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)

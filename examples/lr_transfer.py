@@ -10,7 +10,7 @@ optimum should stay put (at most one grid step across 8× width and 8× depth).
     python examples/lr_transfer.py --model mlp --sweep width --optimizer dualize
     python examples/lr_transfer.py --model gpt --sweep depth --steps 100 --seeds 1
 
-Outputs (in --out, default docs/figures): lr_transfer_<model>_<sweep>.png (loss vs lr, one panel
+Outputs (in --out, default runs/examples; --out docs/figures regenerates the committed ones): lr_transfer_<model>_<sweep>.png (loss vs lr, one panel
 per optimizer, one curve per size), .json (every run) and .md (optimum table).
 
 Baseline: AdamW on the same architecture written in plain PyTorch in standard parametrisation
@@ -71,7 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--data", default=C.default_data_path(),
                    help="UTF-8 text file (default: ../shared/data/tinyshakespeare.txt if present, "
                         "else the embedded corpus)")
-    p.add_argument("--out", default=C.FIGURES, help="output folder (default docs/figures)")
+    p.add_argument("--out", default=C.OUT, help="output folder (default runs/examples, git-ignored; "
+                                               "--out docs/figures regenerates the committed figures)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--progress", action="store_true", help="tqdm bar per run")
     args = p.parse_args(argv)

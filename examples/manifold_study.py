@@ -16,7 +16,7 @@ training: DGram frees the column norms, so Q/K can grow, the attention logits qÂ
     python examples/manifold_study.py                          # default size
     python examples/manifold_study.py --steps 300 --presets muon hetero
 
-Outputs (in --out, default docs/figures): manifold_study.png, manifold_study.json, manifold_study.md.
+Outputs (in --out, default runs/examples; --out docs/figures regenerates the committed ones): manifold_study.png, manifold_study.json, manifold_study.md.
 """
 from __future__ import annotations
 

@@ -5,7 +5,8 @@ Two settings:
      mHC uses Sinkhorn(exp(L)), HC uses I + s·L/1.5 for a few drift sizes s;
   2. GPT(residual="hc") and GPT(residual="mhc") (width 64, depth 8), static logits perturbed by the
      same noise, measured on random tokens with ``stability_report``.
-Prints the numbers and writes docs/figures/mhc_gains.png.
+Prints the numbers and writes runs/examples/mhc_gains.png (git-ignored); the committed figure is
+regenerated only when asked:
 
     python examples/mhc_gains.py [--out docs/figures/mhc_gains.png]
 """
@@ -49,7 +50,8 @@ def perturbed_gpt(residual, noise=0.3, depth=8, seed=0):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="docs/figures/mhc_gains.png")
+    ap.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parents[1] / "runs" / "examples" / "mhc_gains.png"),
+                    help="figure path (default runs/examples/mhc_gains.png, git-ignored)")
     args = ap.parse_args()
 
     curves = {}

@@ -11,7 +11,7 @@ with the same optimizer and learning rate, and records over training:
     python examples/mhc_study.py
     python examples/mhc_study.py --steps 200 --residuals plain mhc
 
-Outputs (in --out, default docs/figures): mhc_study.png, mhc_study.json, mhc_study.md.
+Outputs (in --out, default runs/examples; --out docs/figures regenerates the committed ones): mhc_study.png, mhc_study.json, mhc_study.md.
 """
 from __future__ import annotations
 

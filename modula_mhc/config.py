@@ -35,7 +35,7 @@ PRESETS = {
 }
 
 #: default learning rate per optimizer (measured: docs/training.md, "Choosing the learning rates")
-DEFAULT_LR = {"dualize": 0.2, "adamw": 1e-2}
+DEFAULT_LR = {"dualize": 0.25, "adamw": 1e-2}
 
 OPTIMIZERS = ("dualize", "adamw")
 MODELS = ("gpt", "mlp")  # mlp: CharMLP, next char from the previous --ngram chars

@@ -126,7 +126,7 @@ class _FullWeight:
 
 
 class DistributedDualizeRetract(DualizeRetract):
-    """DistributedDualizeRetract(module, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0,
+    """DistributedDualizeRetract(module, lr=0.25, momentum=0.95, nesterov=True, weight_decay=0.0,
     nonfinite="skip", process_group=None).
 
     The step of :class:`~modula_mhc.optim.DualizeRetract` — per parameter W of atom a,
@@ -141,7 +141,7 @@ class DistributedDualizeRetract(DualizeRetract):
     either and keeps the entries this rank owns.
     """
 
-    def __init__(self, module, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
+    def __init__(self, module, lr: float = 0.25, momentum: float = 0.95, nesterov: bool = True,
                  weight_decay: float = 0.0, nonfinite: str = "skip", process_group=None):
         module = unwrap(module)
         if not isinstance(module, Module):

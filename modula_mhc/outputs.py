@@ -2,10 +2,37 @@
 plot, and the progress display."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import sys
 
 from .checkpoint import atomic_write
+
+#: the optional packages of the ``examples`` extra and what a run lacks without them
+EXTRA_FEATURES = {"tqdm": "no progress bar", "matplotlib": "no loss.png"}
+EXTRA_INSTALL = "pip install 'modula_mhc[examples]'"
+_noted_missing = [False]  # the note is printed once per process
+
+
+def _installed(name: str) -> bool:
+    if name in sys.modules:
+        return sys.modules[name] is not None  # None: import blocked (tests do this)
+    return importlib.util.find_spec(name) is not None
+
+
+def note_missing_extras(stream=None) -> str | None:
+    """Print, once per process, which packages of the ``examples`` extra are missing, what the run
+    does without them, and the install line; returns the note (None when nothing is missing or it
+    was printed already)."""
+    missing = [name for name in EXTRA_FEATURES if not _installed(name)]
+    if not missing or _noted_missing[0]:
+        return None
+    _noted_missing[0] = True
+    what = "; ".join(f"{name} is not installed: {EXTRA_FEATURES[name]}" for name in missing)
+    note = f"note: {what} (both come with the examples extra: {EXTRA_INSTALL})"
+    print(note, file=stream if stream is not None else sys.stderr, flush=True)
+    return note
 
 
 def json_safe(obj):
@@ -99,6 +126,7 @@ class Progress:
     def start(self, total, initial):
         if self.quiet:
             return
+        note_missing_extras()
         try:
             from tqdm.auto import tqdm
         except ImportError:

@@ -140,3 +140,106 @@ def test_import_does_not_load_sympy():
             "mm.compounds.GPT(11, 8, 8, 2, 2); assert 'sympy' not in sys.modules, 'sympy by GPT';"
             "mm.symbolic; assert 'sympy' in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
+
+
+# ---------------------------------------------------------------------------------- docs and setup
+def _read(relative):
+    with open(os.path.join(ROOT, relative), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_one_learning_rate_in_defaults_and_docs():
+    """The optimizer's, the distributed optimizer's and the CLI's default lr, every DualizeRetract
+    snippet in the README and the docs, and the measured best of docs/results.md are one number."""
+    import inspect
+    import re
+
+    from modula_mhc.config import DEFAULT_LR
+    from modula_mhc.distributed import DistributedDualizeRetract
+
+    default = inspect.signature(mm.optim.DualizeRetract).parameters["lr"].default
+    assert DEFAULT_LR["dualize"] == default
+    assert inspect.signature(DistributedDualizeRetract).parameters["lr"].default == default
+    snippet = re.compile(r"DualizeRetract\((?:gpt|net|model)\b[^)\n]*\blr=([0-9.]+)")
+    for doc in ("README.md", "docs/index.md", "docs/optimizer.md"):
+        found = [float(v) for v in snippet.findall(_read(doc))]
+        assert found and set(found) == {default}, (doc, found)
+    assert f"The default learning rate is **{default:g}**" in _read("README.md")
+    assert re.search(rf"\| `--lr` \| dualize {default:g}, ", _read("docs/training.md"))
+    results = _read("docs/results.md")
+    for sweep in (r"GPT width 16/32/64/128 → ([0-9.]+) at every width", r"GPT depth 2/4/8/16 → ([0-9.]+) at every depth"):
+        assert float(re.search(sweep, results).group(1)) == default, sweep
+
+
+def test_api_reference_is_current():
+    """docs/api.md is what docs/build_api.py renders now (run `make docs` after changing a docstring)."""
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "docs", "build_api.py"), "--check"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+
+def test_user_docs_have_no_internal_wording():
+    """Issue numbers, the internal design card and the development data path stay in
+    docs/decisions.md (the project's history), out of the pages a user reads."""
+    import glob
+    import re
+
+    internal = re.compile(r"\b[Ii]ssues? \d+|\bDESIGN\b|shared/data|\bsessions?\b")
+    pages = ["README.md"] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
+    hits = [(page, m.group(0)) for page in pages if not page.endswith("decisions.md")
+            for m in internal.finditer(_read(page))]
+    assert not hits, hits
+
+
+def test_readme_has_plain_pip_install_and_a_cpu_only_line():
+    readme = _read("README.md")
+    assert "pip install .  " in readme and 'pip install ".[examples]"' in readme
+    assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in readme
+    assert "make test" in readme and "make demo" in readme
+    setup = _read("setup.cfg")
+    assert "numpy" not in setup and "mkdocs" not in setup  # never imported / no docs site
+
+
+def test_examples_write_to_an_ignored_folder_by_default():
+    """Running an example never rewrites tracked files: --out defaults under runs/ (git-ignored);
+    docs/figures is written only when named explicitly."""
+    import ast
+    import glob
+    import importlib.util
+
+    for path in glob.glob(os.path.join(ROOT, "examples", "*.py")):
+        tree = ast.parse(_read(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument" and node.args \
+                    and isinstance(node.args[0], ast.Constant) and node.args[0].value == "--out":
+                default = next((ast.get_source_segment(_read(path), k.value) for k in node.keywords if k.arg == "default"), "")
+                assert "FIGURES" not in default and "docs" not in default, (path, default)
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    try:
+        for name in ("lr_transfer", "manifold_study", "mhc_study"):
+            spec = importlib.util.spec_from_file_location(f"first_hour_{name}", os.path.join(ROOT, "examples", f"{name}.py"))
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            out = os.path.abspath(module.parse_args([]).out)
+            assert out.startswith(os.path.join(ROOT, "runs") + os.sep), (name, out)
+    finally:
+        sys.path.remove(os.path.join(ROOT, "examples"))
+    ignored = subprocess.run(["git", "check-ignore", "-q", "runs/examples/lr_transfer_gpt_width.png"], cwd=ROOT)
+    assert ignored.returncode == 0, "runs/ must be git-ignored"
+
+
+def test_missing_examples_extra_is_named_once(monkeypatch, capsys, tmp_path):
+    """Without tqdm and matplotlib a run says once what it lacks and which extra brings them."""
+    from modula_mhc import outputs
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # None in sys.modules: the import fails
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(outputs, "_noted_missing", [False])
+    outputs.Progress(quiet=True).start(10, 0)
+    assert capsys.readouterr().err == ""  # --quiet prints nothing
+    for _ in range(2):
+        outputs.Progress(quiet=False).start(10, 0)
+    err = capsys.readouterr().err
+    assert err.count("pip install 'modula_mhc[examples]'") == 1, err
+    assert "tqdm is not installed: no progress bar" in err and "matplotlib is not installed: no loss.png" in err
+    assert outputs.plot_losses(tmp_path / "loss.png", {"step": [], "train_loss": [], "eval": []}, "t") is False

@@ -18,8 +18,11 @@ class Linear(Atom):
     norm ‖W‖₂ equals the RMS→RMS operator norm of the map. Dualize: t·msign(G) (Muon) or the
     manifold's constrained steepest direction. Sensitivity 1, sharpness (0, 1, 0).
 
+    Not a drop-in ``nn.Linear``: the output is scaled by √(out/in) (an ``nn.Linear`` weight W gives
+    the same map here as ``W / √(out/in)``) and there is no bias by default.
     ``bias=True`` returns ``Linear(...) + Bias(out_features)``: the bias is its own atom with its
-    own norm (a compound, so ``isinstance(..., Linear)`` is False then).
+    own norm, so the result is a compound (a ``Sum``; ``isinstance(..., Linear)`` is False then and
+    its two atoms are ``.atoms()``).
     """
 
     def __new__(cls, in_features=None, out_features=None, manifold="euclidean", mass=1.0, bias=False, role=None):

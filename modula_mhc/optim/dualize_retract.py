@@ -84,7 +84,7 @@ def _dualize_all(work):
 
 
 class DualizeRetract(Optimizer):
-    """DualizeRetract(params_or_module, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0,
+    """DualizeRetract(params_or_module, lr=0.25, momentum=0.95, nesterov=True, weight_decay=0.0,
     nonfinite="skip").
 
     Per parameter W of atom a with norm coefficient c_a (modular norm ‖w‖_M = max_a c_a‖w_a‖_a):
@@ -107,7 +107,7 @@ class DualizeRetract(Optimizer):
 
     NONFINITE_POLICIES = NONFINITE_POLICIES
 
-    def __init__(self, params_or_module, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
+    def __init__(self, params_or_module, lr: float = 0.25, momentum: float = 0.95, nesterov: bool = True,
                  weight_decay: float = 0.0, nonfinite: str = "skip"):
         if not (isinstance(lr, (int, float)) or (isinstance(lr, torch.Tensor) and lr.numel() == 1)) \
                 or not math.isfinite(float(lr)) or lr < 0:

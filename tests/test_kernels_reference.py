@@ -273,6 +273,23 @@ def test_mhc_coeff_input_fp32_product_and_sum_of_squares():
     assert torch.allclose(ss.double(), (x.double() ** 2).sum(-1), atol=1e-4)
 
 
+def test_mixing_backwards_are_exact_float64():
+    """The hand-written adjoints against finite differences, every input at once."""
+    torch.manual_seed(13)
+    d = dict(dtype=torch.float64, requires_grad=True)
+    x, f = torch.randn(2, 3, 4, 5, **d), torch.randn(2, 3, 5, **d)
+    H, hp, hq = torch.randn(2, 3, 4, 4, **d), torch.randn(2, 3, 4, **d), torch.randn(2, 3, 4, **d)
+    phi = torch.randn(20, 6, **d)
+    assert torch.autograd.gradcheck(K.mhc_pre, (x, hp))
+    assert torch.autograd.gradcheck(K.mhc_post_res, (x, f, H, hq))
+    assert torch.autograd.gradcheck(K.mhc_coeff_input, (x.flatten(-2), phi))
+    # a stream tensor expanded from one copy (the first layer after ExpandStreams) and fp64 results
+    x1 = torch.randn(2, 1, 5, **d)
+    assert torch.autograd.gradcheck(lambda x1, h: K.mhc_pre(x1.expand(2, 4, 5), h), (x1, hp[0, :2]))
+    assert torch.autograd.gradcheck(lambda x1, p: K.mhc_coeff_input(x1.expand(2, 4, 5).flatten(-2), p), (x1, phi))
+    assert K.mhc_coeff_input(x.flatten(-2), phi)[0].dtype == torch.float64
+
+
 def test_mixing_shape_errors():
     with pytest.raises(ValueError):
         K.mhc_pre(torch.randn(2, 4, 3), torch.randn(2, 3))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import mhc_reference, reference
 from .dispatch import backend_for, triton_available
 from .gram_polar import gram_polar
 from .reference import (
@@ -64,25 +64,51 @@ def sinkhorn(logits: torch.Tensor, iters: int = 20, tol: float | None = None, ma
                               nonconvergence=nonconvergence)
 
 
+def _check_coeff_input(x_flat: torch.Tensor, phi: torch.Tensor) -> None:
+    if x_flat.ndim < 1 or phi.ndim != 2 or x_flat.size(-1) != phi.size(0):
+        raise ValueError(f"mhc_coeff_input: expected x (..., K) and phi (K, m), got "
+                         f"{tuple(x_flat.shape)} and {tuple(phi.shape)}")
+
+
+def _check_pre(x: torch.Tensor, h_pre: torch.Tensor) -> None:
+    if x.ndim < 2 or h_pre.shape != x.shape[:-1]:
+        raise ValueError(f"mhc_pre: expected x (..., n, C) and h_pre (..., n), got "
+                         f"{tuple(x.shape)} and {tuple(h_pre.shape)}")
+
+
+def _check_post_res(x: torch.Tensor, f_out: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor) -> None:
+    if x.ndim < 2:
+        raise ValueError(f"mhc_post_res: expected x (..., n, C), got {tuple(x.shape)}")
+    lead, n, C = x.shape[:-2], x.size(-2), x.size(-1)
+    if f_out.shape != (*lead, C) or h_res.shape != (*lead, n, n) or h_post.shape != (*lead, n):
+        raise ValueError(f"mhc_post_res: shapes do not match x {tuple(x.shape)}: f_out {tuple(f_out.shape)}, "
+                         f"h_res {tuple(h_res.shape)}, h_post {tuple(h_post.shape)}")
+
+
 def mhc_coeff_input(x_flat: torch.Tensor, phi: torch.Tensor):
-    """(x_flat φ, Σ x_flat²) in fp32 in one pass over x; see ``reference.mhc_coeff_input``."""
+    """(x_flat φ, Σ x_flat²): x_flat (..., n·C), φ (n·C, m) → (..., m), (...), in fp32 (fp64 for fp64
+    x) in one pass over x; see ``mhc_reference.mhc_coeff_input``."""
+    _check_coeff_input(x_flat, phi)
     if backend_for(x_flat) == "triton":
         from .triton_mhc import mhc_coeff_input as f
         return f(x_flat, phi)
-    return reference.mhc_coeff_input(x_flat, phi)
+    return mhc_reference.mhc_coeff_input(x_flat, phi)
 
 
 def mhc_pre(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
-    """Σ_i h_pre_i x_i over the n streams; see ``reference.mhc_pre``."""
+    """Σ_i h_pre_i x_i over the n streams: x (..., n, C), h_pre (..., n) → (..., C)."""
+    _check_pre(x, h_pre)
     if backend_for(x) == "triton":
         from .triton_mhc import mhc_pre as f
         return f(x, h_pre)
-    return reference.mhc_pre(x, h_pre)
+    return mhc_reference.mhc_pre(x, h_pre)
 
 
 def mhc_post_res(x: torch.Tensor, f_out: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor) -> torch.Tensor:
-    """out_i = Σ_j h_res[i, j] x_j + h_post_i f_out; see ``reference.mhc_post_res``."""
+    """out_i = Σ_j h_res[i, j] x_j + h_post_i f_out: x (..., n, C), f_out (..., C), h_res (..., n, n),
+    h_post (..., n) → (..., n, C)."""
+    _check_post_res(x, f_out, h_res, h_post)
     if backend_for(x) == "triton":
         from .triton_mhc import mhc_post_res as f
         return f(x, f_out, h_res, h_post)
-    return reference.mhc_post_res(x, f_out, h_res, h_post)
+    return mhc_reference.mhc_post_res(x, f_out, h_res, h_post)

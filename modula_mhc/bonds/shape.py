@@ -94,8 +94,7 @@ class Add(Bond):
 
     def forward(self, xs):
         xs = _tensors(xs, "Add")
-        shapes = {tuple(x.shape) for x in xs}
-        if len(shapes) > 1:
+        if any(x.shape != xs[0].shape for x in xs[1:]):
             raise ValueError(f"Add: cannot add outputs of different shapes {[tuple(x.shape) for x in xs]} "
                              f"(it does not broadcast: give every branch the same width)")
         out = None

@@ -25,9 +25,11 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from modula_mhc import compounds, optim  # noqa: E402
 from modula_mhc.data import CharCorpus, default_corpus, load_text  # noqa: E402
+from modula_mhc.optim.presets import PRESETS  # noqa: E402
 
-KINDS = {"euclidean": ("euclidean", "euclidean"), "stiefel": ("stiefel", "stiefel"),
-         "dgram": ("dgram", "dgram"), "hetero": ("stiefel", "dgram")}
+#: kind → (attention, MLP) manifolds, from the library's preset table
+KINDS = {"euclidean": PRESETS["muon"][:2], "stiefel": PRESETS["all-stiefel"][:2], "dgram": PRESETS["all-dgram"][:2],
+         "hetero": PRESETS["hetero"][:2]}
 
 
 def record_gradients(args):
@@ -52,7 +54,7 @@ def record_gradients(args):
 
 def build(kind, args, vocab, weights):
     torch.manual_seed(0)
-    attn, mlp = KINDS.get(kind, ("euclidean", "euclidean"))
+    attn, mlp = KINDS.get(kind, PRESETS["muon"][:2])
     gpt = compounds.GPT(vocab, 64, args.width, args.depth, max(1, args.width // 32),
                         attn_manifold=attn, mlp_manifold=mlp).to(args.device)
     with torch.no_grad():  # start from the trained weights, put back on this kind's manifolds

@@ -25,11 +25,14 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from modula_mhc import compounds, optim  # noqa: E402
 from modula_mhc.data import CharCorpus, default_corpus, load_text  # noqa: E402
+from modula_mhc.optim.presets import PRESETS as MANIFOLD_PRESETS  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 PRESETS = {"anchor": dict(width=128, depth=4, heads=4, context=64, batch=12),
            "tiny": dict(width=64, depth=2, heads=4, context=64, batch=12)}
-METHODS = {"adamw": ("euclidean", "euclidean"), "muon": ("euclidean", "euclidean"), "hetero": ("stiefel", "dgram")}
+#: method → (attention, MLP) manifolds, from the library's preset table (AdamW ignores them)
+METHODS = {"adamw": MANIFOLD_PRESETS["muon"][:2], "muon": MANIFOLD_PRESETS["muon"][:2],
+           "hetero": MANIFOLD_PRESETS["hetero"][:2]}
 TARGETS = {"cpu": {"muon": 1.25, "hetero": 2.0}, "cuda": {"hetero/muon": 1.5}}
 
 

@@ -1,11 +1,13 @@
-"""Shared helpers for the example scripts: data, seeds, a minimal training loop, plots, tables.
+"""Shared helpers for the example scripts: data, seeds, the training run of a study, plots, tables.
 
 Read it like nanoGPT: ``load_corpus`` gives a character corpus, ``gpt_batches`` / ``mlp_batches``
-sample training batches, ``run`` trains a model for a number of steps with a linearly decaying
-learning rate and returns its loss history and final validation loss.
+sample training batches, ``run`` trains a model for a number of steps of the library's own loop
+(``modula_mhc.loop.train_steps``) with a linearly decaying learning rate and returns its loss
+history and final validation loss.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -22,6 +24,7 @@ if REPO not in sys.path:  # run as `python examples/x.py` from a checkout withou
     sys.path.insert(0, REPO)
 
 from modula_mhc.data import CharCorpus, default_corpus, load_text  # noqa: E402
+from modula_mhc.loop import loss_of, train_steps  # noqa: E402
 
 #: development data set (never copied into the repository)
 TINYSHAKESPEARE = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "tinyshakespeare.txt"))
@@ -87,25 +90,21 @@ def set_seed(seed):
 
 
 # ------------------------------------------------------------------------------------------ training
-def cross_entropy(model, x, y):
-    """Mean next-token cross-entropy (nats) of model(x) against y, for any leading shape."""
-    logits = model(x)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
-
-
 @torch.no_grad()
 def evaluate(model, batches):
     """Mean cross-entropy over a list of (x, y) batches (model in eval mode meanwhile)."""
     was_training = model.training
     model.eval()
-    total = sum(cross_entropy(model, x, y).item() for x, y in batches)
+    device = next(model.parameters()).device
+    total = sum(loss_of(model, x, y, None, device).item() for x, y in batches)
     model.train(was_training)
     return total / len(batches)
 
 
 def run(model, optimizer, steps, train_batches, lr, val_batches=None, eval_every=None, warmup=0,
         callback=None, progress=False, desc=""):
-    """Train ``steps`` optimizer steps with lr(t) = lr·min(1, (t+1)/warmup)·(1 − t/steps).
+    """Train ``steps`` optimizer steps of the library's loop (``modula_mhc.loop.train_steps``: the
+    steps ``modula-mhc train`` takes) with lr(t) = lr·min(1, (t+1)/warmup)·(1 − t/steps).
 
     Stops early (``diverged=True``) at the first non-finite loss. ``callback(step, model,
     optimizer, record)`` runs after every step (for diagnostics). Returns a dict with
@@ -115,6 +114,10 @@ def run(model, optimizer, steps, train_batches, lr, val_batches=None, eval_every
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
+
+    def lr_of(t):
+        return lr * (min(1.0, (t + 1) / warmup) if warmup else 1.0) * (1.0 - t / steps)
+
     record = dict(losses=[], grad_norms=[], evals=[], diverged=False)
     bar = None
     if progress:
@@ -125,28 +128,18 @@ def run(model, optimizer, steps, train_batches, lr, val_batches=None, eval_every
             bar = None
     t0 = time.perf_counter()
     model.train()
-    for step in range(steps):
-        scale = min(1.0, (step + 1) / warmup) if warmup else 1.0
-        for group in optimizer.param_groups:
-            group["lr"] = lr * scale * (1.0 - step / steps)
-        x, y = next(train_batches)
-        loss = cross_entropy(model, x, y)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
+    for step, result in enumerate(itertools.islice(train_steps(model, optimizer, train_batches, lr_of), steps), 1):
+        if not math.isfinite(result.loss):
             record["diverged"] = True
             break
-        loss.backward()
-        grads = [p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]
-        record["grad_norms"].append(torch.linalg.vector_norm(torch.cat(grads)).item() if grads else 0.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        record["losses"].append(loss_value)
+        record["losses"].append(result.loss)
+        record["grad_norms"].append(result.grad_norm)
         if callback is not None:
-            callback(step + 1, model, optimizer, record)
-        if val_batches is not None and eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
-            record["evals"].append((step + 1, evaluate(model, val_batches)))
+            callback(step, model, optimizer, record)
+        if val_batches is not None and eval_every and step % eval_every == 0 and step < steps:
+            record["evals"].append((step, evaluate(model, val_batches)))
         if bar is not None:
-            bar.set_postfix(loss=f"{loss_value:.3f}")
+            bar.set_postfix(loss=f"{result.loss:.3f}")
             bar.update(1)
     if bar is not None:
         bar.close()

@@ -44,10 +44,10 @@ def parse_args(argv=None):
     return args
 
 
-def gains(model, probe):
+def gains(model, residual, probe):
     """(composite forward gain, composite backward gain, max Sinkhorn marginal error) on ``probe``
     tokens; (1, 1, None) for a plain residual, whose mixing is the identity."""
-    if model.residual_kind == "plain":
+    if residual == "plain":
         return 1.0, 1.0, None
     rep = compounds.stability_report(model, batch=probe)
     return rep["final_composite_forward_gain"], rep["final_composite_backward_gain"], rep["max_marginal_error"]
@@ -61,12 +61,12 @@ def train_residual(residual, corpus, val, probe, args):
     model = compounds.GPT(corpus.vocab_size, args.context, args.width, args.depth, args.heads, residual=residual,
                           attn_manifold=attn_m, mlp_manifold=mlp_m, **kw)
     opt = optim.DualizeRetract(model, lr=args.lr, momentum=0.95, nesterov=True)
-    f0, b0, e0 = gains(model, probe)
+    f0, b0, e0 = gains(model, residual, probe)
     track = {"step": [0], "forward": [f0], "backward": [b0], "marginal_error": [e0]}
 
     def watch(step, model, optimizer, record):
         if step % args.gain_every == 0 or step == args.steps:
-            f, b, e = gains(model, probe)
+            f, b, e = gains(model, residual, probe)
             track["step"].append(step)
             track["forward"].append(f)
             track["backward"].append(b)

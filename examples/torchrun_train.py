@@ -4,8 +4,10 @@ DistributedDualizeRetract, launched by torchrun:
     torchrun --nproc_per_node=2 examples/torchrun_train.py --preset tiny --steps 100
     torchrun --nproc_per_node=2 examples/torchrun_train.py --preset tiny --steps 100 --fsdp
 
-It reuses the pieces of ``modula-mhc train`` (TrainConfig, model, schedule, loss, atomic checkpoints);
-each rank draws its own batch (seed + rank), so the global batch is ``--batch`` × world size.
+It reuses the pieces of ``modula-mhc train``: TrainConfig, the model, and the loop's steps
+(``modula_mhc.loop.train_steps``: schedule, loss, backward, optimizer step), with the evaluation and
+atomic checkpoints around them; each rank draws its own batch (seed + rank), so the global batch is
+``--batch`` × world size.
 Rank 0 prints the losses and writes ``<out>/ckpt.pt`` (weights and the full optimizer state).
 On CPU it uses the gloo backend, on GPUs nccl; ``--dist-timeout`` bounds how long a rank waits
 for a stuck one. ``modula-mhc sample <out>`` samples from the checkpoint. See docs/distributed.md.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import math
 import os
 import sys
@@ -23,7 +26,8 @@ import torch.distributed as dist
 
 from modula_mhc.data import DEFAULT_CORPUS_NAME, CharCorpus, default_corpus, load_text
 from modula_mhc.distributed import DistributedDualizeRetract
-from modula_mhc.train import TrainConfig, build_model, estimate_loss, loss_of, lr_at, resolve_config, save_checkpoint
+from modula_mhc.loop import estimate_loss, lr_at, train_steps
+from modula_mhc.train import TrainConfig, build_model, resolve_config, save_checkpoint
 
 
 def parse(argv):
@@ -73,14 +77,9 @@ def main(argv=None):
         opt = DistributedDualizeRetract(model, lr=config.lr, momentum=config.momentum,
                                         weight_decay=config.weight_decay, nonfinite=config.nonfinite)
         data = torch.Generator().manual_seed(config.seed + rank)  # each rank its own batches
-        for step in range(config.steps):
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, config)
-            x, y = corpus.batch("train", config.batch, config.context, data, device)
-            loss = loss_of(forward, x, y, None, device)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        batches = (corpus.batch("train", config.batch, config.context, data, device) for _ in itertools.count())
+        steps = train_steps(forward, opt, batches, lambda t: lr_at(t, config), device=device, grad_norm=False)
+        for step, result in enumerate(itertools.islice(steps, config.steps)):
             last = step + 1 == config.steps
             if (step + 1) % config.eval_every == 0 or last:
                 losses = estimate_loss(forward, corpus, config, device, None)  # every rank (FSDP needs all)
@@ -88,7 +87,7 @@ def main(argv=None):
                            for k, v in model.state_dict().items()}
                 optimizer_state = opt.full_state_dict()  # a collective: every rank takes part
                 if rank == 0:
-                    print(f"step {step + 1}: batch loss {loss.item():.4f}, val loss {losses['val']:.4f} "
+                    print(f"step {step + 1}: batch loss {result.loss:.4f}, val loss {losses['val']:.4f} "
                           f"({world} ranks, {'FSDP2' if args.fsdp else 'DDP'})", flush=True)
                     save_checkpoint(os.path.join(config.out, "ckpt.pt"), {
                         "config": config.to_dict(), "vocab": corpus.vocab, "step": step + 1, "model": weights,

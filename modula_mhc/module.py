@@ -18,7 +18,6 @@ Three kinds of module exist: :class:`Atom` (owns exactly one ``nn.Parameter`` ca
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Collection
 from typing import Any, NamedTuple
 
@@ -28,6 +27,7 @@ from torch import nn
 from . import manifolds
 from . import scalars as S
 from ._repr import compact_repr, short_number
+from .atom_tag import AtomTag, _no_tag  # noqa: F401  (_no_tag: models pickled before it moved name it here)
 
 _STATIC_DEPTH = [0]  # > 0 inside static_constants(): local (measured) stats are ignored
 
@@ -270,24 +270,6 @@ class Bond(Module):
 
     def _coefficient_map(self):
         return {}
-
-
-class AtomTag(weakref.ref):
-    """The ``_mm_atom`` tag on an atom's weight: a weak reference to the atom (what DualizeRetract
-    reads). It pickles and deep-copies as None, so ``torch.save(model)``, ``pickle`` and
-    ``copy.deepcopy`` work; the copied atom tags its own weight again (``Atom.__setstate__``)."""
-
-    __slots__ = ()
-
-    def __reduce_ex__(self, protocol):
-        return (_no_tag, ())
-
-    def __deepcopy__(self, memo):
-        return None
-
-
-def _no_tag():
-    return None
 
 
 class Atom(Module):

@@ -16,7 +16,7 @@ checkpoints and run directories: :mod:`modula_mhc.checkpoint`; sampling: :mod:`m
 from __future__ import annotations
 
 import dataclasses
-import math
+import itertools
 import os
 import random
 import signal
@@ -24,7 +24,6 @@ import threading
 import time
 
 import torch
-import torch.nn.functional as F
 
 from .checkpoint import (
     CheckpointError,
@@ -38,19 +37,21 @@ from .checkpoint import (
 )
 from .config import ConfigError, TrainConfig, build_model, resolve_config, resolve_device
 from .data import DEFAULT_CORPUS_NAME, CharCorpus, default_corpus, load_text
+from .loop import StepResult, estimate_loss, loss_of, lr_at, train_steps
+from .optim import DualizeRetract
 from .outputs import MetricsLog, Progress, plot_losses, write_json
 from .sampling import generate, sample
 
-__all__ = ["TrainConfig", "ConfigError", "CheckpointError", "Interrupted", "train", "sample", "build_model",
-           "build_optimizer", "lr_at", "loss_of", "estimate_loss", "generate", "resolve_config",
-           "load_checkpoint", "save_checkpoint", "atomic_write"]
+__all__ = ["TrainConfig", "ConfigError", "CheckpointError", "Interrupted", "train", "train_steps", "StepResult",
+           "sample", "build_model", "build_optimizer", "lr_at", "loss_of", "estimate_loss", "generate",
+           "resolve_config", "load_checkpoint", "save_checkpoint", "atomic_write"]
 
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during :func:`train`: metrics, plot and a checkpoint of the steps done were written."""
 
 
-# ---------------------------------------------------------------------------------- optimizer and schedule
+# ---------------------------------------------------------------------------------- optimizer
 
 def build_optimizer(config: TrainConfig, model):
     """DualizeRetract over the module tree (per-atom step sizes from the modular norm; its
@@ -58,48 +59,8 @@ def build_optimizer(config: TrainConfig, model):
     if config.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95),
                                  weight_decay=config.weight_decay)
-    from .optim import DualizeRetract
     return DualizeRetract(model, lr=config.lr, momentum=config.momentum, nesterov=True,
                           weight_decay=config.weight_decay, nonfinite=config.nonfinite)
-
-
-def lr_at(step: int, config: TrainConfig) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warmup over ``warmup`` steps, then
-    the schedule's multiplier m(p) of progress p ∈ [0, 1): linear 1 − p, cosine ½(1 + cos πp), constant 1."""
-    if step < config.warmup:
-        return config.lr * (step + 1) / config.warmup
-    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
-    if config.schedule == "linear":
-        return config.lr * (1.0 - progress)
-    if config.schedule == "cosine":
-        return config.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return config.lr
-
-
-# ---------------------------------------------------------------------------------- loss
-
-def loss_of(model, x, y, autocast_dtype, device) -> torch.Tensor:
-    """Mean next-character cross-entropy (nats/char); logits cast to fp32 before the softmax."""
-    with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        logits = model(x)
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-
-
-@torch.no_grad()
-def estimate_loss(model, corpus: CharCorpus, config: TrainConfig, device, autocast_dtype) -> dict:
-    """Mean loss on ``eval_batches`` batches per split, drawn from a fixed seed so every evaluation
-    sees the same windows (curves are comparable across steps and across runs)."""
-    was_training = model.training
-    model.eval()
-    out = {}
-    for split in ("train", "val"):
-        gen = torch.Generator().manual_seed(config.seed + 1_000_003)
-        losses = [loss_of(model, *corpus.batch(split, config.batch, config.context, gen, device),
-                          autocast_dtype, device).item()
-                  for _ in range(config.eval_batches)]
-        out[split] = sum(losses) / len(losses)
-    model.train(was_training)
-    return out
 
 
 # ---------------------------------------------------------------------------------- the run
@@ -114,12 +75,6 @@ def _all_finite(model, optimizer) -> bool:
     tensors = list(model.parameters()) + [v for s in optimizer.state.values() for v in s.values()
                                           if isinstance(v, torch.Tensor) and v.is_floating_point()]
     return all(bool(torch.isfinite(t).all()) for t in tensors)
-
-
-def _grad_norm(model) -> torch.Tensor:
-    """Global 2-norm of the gradients (fp32)."""
-    return torch.linalg.vector_norm(torch.stack(
-        [torch.linalg.vector_norm(p.grad.float()) for p in model.parameters() if p.grad is not None]))
 
 
 class _StopOnSigint:
@@ -326,6 +281,8 @@ def _run(config: TrainConfig, ckpt, ckpt_path, run_dir: RunDirectory, callback) 
     run.announce(ckpt, ckpt_path)
     consecutive_skips, consistent = 0, True  # consistent: no step is half done (safe to checkpoint)
     session_tokens, session_seconds = 0, 0.0  # this process only, for the progress bar's tokens/s
+    batches = (corpus.batch("train", config.batch, config.context, run.data_gen, device) for _ in itertools.count())
+    steps = train_steps(model, optimizer, batches, lambda t: lr_at(t, config), run.step, run.autocast_dtype, device)
     try:
         with _StopOnSigint() as sigint:
             if not run.history["eval"]:
@@ -333,25 +290,13 @@ def _run(config: TrainConfig, ckpt, ckpt_path, run_dir: RunDirectory, callback) 
             model.train()
             run.progress.start(config.steps, run.step)
             while run.step < config.steps and not sigint.requested:
-                t0 = time.perf_counter()
                 consistent = False
-                lr = lr_at(run.step, config)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                x, y = corpus.batch("train", config.batch, config.context, run.data_gen, device)
-                loss = loss_of(model, x, y, run.autocast_dtype, device)
-                loss.backward()
-                grad_norm = _grad_norm(model)  # logged; what a NaN does is the optimizer's policy
-                skipped_before = run.skipped_steps()
-                optimizer.step()  # the optimizer's non-finite policy: skip (and warn) or raise
-                consecutive_skips = consecutive_skips + 1 if run.skipped_steps() > skipped_before else 0
-                optimizer.zero_grad(set_to_none=True)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                dt = time.perf_counter() - t0
-                run.record_step(loss.item(), grad_norm.item(), lr, dt)
+                result = next(steps)
+                consecutive_skips = consecutive_skips + 1 if result.skipped else 0
+                run.record_step(result.loss, result.grad_norm, result.lr, result.seconds)
                 consistent = True
-                session_seconds, session_tokens = session_seconds + dt, session_tokens + config.batch * config.context
+                session_seconds += result.seconds
+                session_tokens += config.batch * config.context
                 run.progress.update(run.history["train_loss"][-1], session_tokens / max(session_seconds, 1e-9))
                 if consecutive_skips >= config.max_nonfinite:
                     raise FloatingPointError(f"step {run.step}: {consecutive_skips} optimizer steps in a row skipped "

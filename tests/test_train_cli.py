@@ -239,8 +239,8 @@ def test_cli_rejects_nonsense_flags(tmp_path, capsys, flags, mentioned):
 def test_nonfinite_loss_is_the_optimizers_policy(tmp_path, text_file, monkeypatch):
     """A NaN loss (hence NaN gradients) at two steps: DualizeRetract's policy skips and counts them —
     the loop has no check of its own; with nonfinite="raise" the optimizer stops the run."""
-    import modula_mhc.train as T
-    real_loss_of, calls = T.loss_of, {"n": 0}
+    import modula_mhc.loop as L  # the training loop's steps call loop.loss_of
+    real_loss_of, calls = L.loss_of, {"n": 0}
 
     def poisoned(model, x, y, autocast_dtype, device):
         loss = real_loss_of(model, x, y, autocast_dtype, device)
@@ -250,7 +250,7 @@ def test_nonfinite_loss_is_the_optimizers_policy(tmp_path, text_file, monkeypatc
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(T, "loss_of", poisoned)
+    monkeypatch.setattr(L, "loss_of", poisoned)
     kw = dict(TINY, data=text_file, manifolds="muon", steps=6, eval_every=6, sample_chars=0, quiet=True)
     with pytest.warns(RuntimeWarning, match="non-finite gradient .*optimizer step skipped"):
         m = train(TrainConfig(**kw, out=str(tmp_path / "nan")))
@@ -269,14 +269,14 @@ def test_nonfinite_loss_is_the_optimizers_policy(tmp_path, text_file, monkeypatc
 
 
 def test_cli_warnings_are_one_line(tmp_path, capsys, text_file, monkeypatch):
-    import modula_mhc.train as T
-    real_loss_of, calls = T.loss_of, {"n": 0}
+    import modula_mhc.loop as L  # the training loop's steps call loop.loss_of
+    real_loss_of, calls = L.loss_of, {"n": 0}
 
     def poisoned(model, *args):
         calls["n"] += model.training
         return real_loss_of(model, *args) * (float("nan") if model.training and calls["n"] == 2 else 1.0)
 
-    monkeypatch.setattr(T, "loss_of", poisoned)
+    monkeypatch.setattr(L, "loss_of", poisoned)
     assert cli.main(["train", *MINI_FLAGS, "--data", text_file, "--out", str(tmp_path / "run")]) == 0
     err = capsys.readouterr().err
     assert err == "modula-mhc train: warning: non-finite gradient (NaN or Inf): optimizer step skipped (1 so far)\n"
@@ -426,8 +426,8 @@ def test_live_jsonl_log_and_resume_rewrites_it(tmp_path, text_file):
 def test_ctrl_c_writes_metrics_plot_and_checkpoint_then_exits_nonzero(tmp_path, capsys, text_file, monkeypatch):
     import signal
 
-    import modula_mhc.train as T
-    real, calls = T.loss_of, {"n": 0}
+    import modula_mhc.loop as L  # the training loop's steps call loop.loss_of
+    real, calls = L.loss_of, {"n": 0}
 
     def press_ctrl_c(model, *args):  # a real SIGINT inside training step 3: the loop stops after it
         if model.training:
@@ -436,7 +436,7 @@ def test_ctrl_c_writes_metrics_plot_and_checkpoint_then_exits_nonzero(tmp_path, 
                 os.kill(os.getpid(), signal.SIGINT)
         return real(model, *args)
 
-    monkeypatch.setattr(T, "loss_of", press_ctrl_c)
+    monkeypatch.setattr(L, "loss_of", press_ctrl_c)
     out = tmp_path / "run"
     code = cli.main(["train", *MINI_FLAGS, "--steps", "20", "--data", text_file, "--out", str(out)])
     err = capsys.readouterr().err
@@ -444,7 +444,7 @@ def test_ctrl_c_writes_metrics_plot_and_checkpoint_then_exits_nonzero(tmp_path, 
     m = json.loads((out / "metrics.json").read_text())
     assert m["status"] == "interrupted" and m["steps"] == 3 and (out / "loss.png").is_file()
     assert load_checkpoint(out / "ckpt.pt")["step"] == 3
-    monkeypatch.setattr(T, "loss_of", real)
+    monkeypatch.setattr(L, "loss_of", real)
     assert train(TrainConfig(resume=str(out), steps=5, quiet=True))["steps"] == 5  # and it resumes
 
 

@@ -27,8 +27,9 @@ import math
 import torch
 from torch import nn
 
+from ..atom_tag import AtomTag
 from ..atoms._free import FreeAtom, MaxAbsAtom, rms_dual
-from ..module import Atom, AtomTag, Sharpness
+from ..module import Atom, Sharpness
 
 __all__ = ["AtomView", "EmbedView", "GainView", "MatrixView", "VectorView"]
 

@@ -54,7 +54,7 @@ RESUMABLE_OVERRIDES = ("steps", "eval_every", "eval_batches", "sample_chars", "o
 BASE_DEFAULTS = dict(
     preset="tiny", model="gpt", ngram=8, data=None, residual="plain", streams=4, manifolds=None, optimizer="dualize",
     lr=None, momentum=0.95, weight_decay=0.0, schedule="linear", warmup=0, seed=0, device="auto", dtype="float32",
-    threads=1,  # small models run fastest single-threaded; 2 threads on a busy 2-core machine were 10x slower
+    threads=1,  # small models run fastest single-threaded (more threads contend on a shared machine)
     sample_chars=500, nonfinite=None, max_nonfinite=10,
 )
 
@@ -196,7 +196,7 @@ def resolve_config(config: TrainConfig, checkpoint_config: dict | None = None) -
         merged["lr"] = DEFAULT_LR[merged["optimizer"]]
     if merged["manifolds"] is None:
         # Muon by default: at this scale it trains best and fastest (docs/results.md, section 6);
-        # Hetero's certified DGram solve costs ~100x an AdamW step on a CPU
+        # Hetero's certified DGram solve costs far more per step on a CPU (same section's table)
         merged["manifolds"] = "muon"
     if merged["nonfinite"] is None and merged["optimizer"] == "dualize":
         merged["nonfinite"] = "skip"

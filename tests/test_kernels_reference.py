@@ -303,14 +303,17 @@ def test_mixing_shape_errors():
 
 
 def test_dispatch_rules(monkeypatch):
-    t = torch.zeros(2)
+    t = torch.zeros(2, 4, 4)
     monkeypatch.delenv("MODULA_MHC_KERNELS", raising=False)
-    assert K.backend_for(t) == "reference"  # CPU tensor
+    assert K.backend_for("sinkhorn", t) == "reference"  # CPU tensor
     monkeypatch.setenv("MODULA_MHC_KERNELS", "reference")
-    assert K.backend_for(t) == "reference"
+    assert K.backend_for("sinkhorn", t) == "reference"
     monkeypatch.setenv("MODULA_MHC_KERNELS", "bogus")
     with pytest.raises(ValueError):
-        K.backend_for(t)
+        K.backend_for("sinkhorn", t)
+    monkeypatch.delenv("MODULA_MHC_KERNELS")
+    with pytest.raises(ValueError, match="unknown kernel"):
+        K.backend_for("softmax", t)
     if K.triton_available():
-        monkeypatch.setenv("MODULA_MHC_KERNELS", "triton")
-        assert K.backend_for(t) == "triton"
+        monkeypatch.setenv("MODULA_MHC_KERNELS", "triton")  # asked for; float64 still takes the reference
+        assert K.backend_for("sinkhorn", t.double()) == "reference"

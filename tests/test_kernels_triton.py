@@ -50,7 +50,35 @@ def _force_triton(monkeypatch):
 
 
 def test_dispatch_picks_triton_when_forced():
-    assert K.backend_for(torch.zeros(1)) == "triton"
+    assert K.backend_for("sinkhorn", torch.zeros(3, 4, 4)) == "triton"
+    assert K.backend_for("msign", torch.zeros(3, 4).bfloat16()) == "triton"
+    assert K.backend_for("mhc_pre", torch.zeros(3, 4, 8), torch.zeros(3, 4)) == "triton"
+
+
+def test_dispatch_falls_back_where_triton_does_not_support_the_input():
+    """Forced Triton still runs the reference for float64, Sinkhorn's tol mode and n > 16: the
+    dispatcher asks each module's supports(), and nothing else decides."""
+    f64 = torch.zeros(3, 4, 4, dtype=torch.float64)
+    assert K.backend_for("sinkhorn", f64) == "reference"
+    assert K.backend_for("sinkhorn", torch.zeros(2, 17, 17)) == "reference"
+    assert K.backend_for("sinkhorn", torch.zeros(2, 4, 4), tol=1e-5) == "reference"
+    assert K.backend_for("msign", f64) == "reference"
+    assert K.backend_for("mhc_coeff_input", f64.flatten(-2), torch.zeros(16, 24)) == "reference"
+    assert K.backend_for("mhc_post_res", f64, f64[..., 0], f64, f64[..., 0]) == "reference"
+    # the public functions take the same route: fp64 through the reference, exactly
+    L = torch.randn(5, 4, 4, dtype=torch.float64)
+    assert torch.equal(K.sinkhorn(L), R.sinkhorn(L))
+
+
+def test_supports_predicates():
+    assert triton_sinkhorn.supports(torch.zeros(2, 16, 16)) and not triton_sinkhorn.supports(torch.zeros(2, 17, 17))
+    assert triton_sinkhorn.supports(torch.zeros(4, 4).half())
+    assert not triton_sinkhorn.supports(torch.zeros(2, 4, 4, dtype=torch.float64))
+    assert not triton_sinkhorn.supports(torch.zeros(2, 4, 4), tol=1e-6)
+    assert not triton_sinkhorn.supports(torch.zeros(2, 4, 3))
+    assert triton_msign.supports(torch.zeros(3, 5)) and not triton_msign.supports(torch.zeros(3, 5, dtype=torch.float64))
+    assert triton_mhc.supports(torch.zeros(2, 4, 8).bfloat16(), torch.zeros(2, 4))
+    assert not triton_mhc.supports(torch.zeros(2, 4, 8), torch.zeros(2, 4, dtype=torch.float64))
 
 
 # ---------------------------------------------------------------------------- Sinkhorn

@@ -42,13 +42,6 @@ def residual_init_logit(streams: int, diagonal: float) -> float:
     return math.log(diagonal * (streams - 1) / (1.0 - diagonal))
 
 
-def _coeff_input(x_flat: torch.Tensor, phi: torch.Tensor):
-    """(x_flat φ, Σ x_flat²): the fused kernel in fp32; fp64 inputs keep fp64 (gradcheck, claims)."""
-    if x_flat.dtype == torch.float64:
-        return x_flat @ phi.double(), x_flat.square().sum(-1)
-    return kernels.mhc_coeff_input(x_flat, phi)
-
-
 def _as_module(branch, width):
     """A modula_mhc Module as it is; any other torch.nn.Module adapted (atom views on its parameters)."""
     if isinstance(branch, Module):
@@ -195,10 +188,9 @@ class HyperConnections(Module):
         if not self.dynamic:
             return b
         n, C = self.streams, self.width
-        x_flat = x.reshape(*x.shape[:-2], n * C)
         phi = self.phi.weight.mT * self.phi.gain  # (n·C, m): x̃ φ = Linear(x̃)
-        raw, sumsq = _coeff_input(x_flat, phi)
-        z = (raw.to(cdt) * torch.rsqrt(sumsq.to(cdt) / (n * C) + _EPS).unsqueeze(-1))
+        raw, sumsq = kernels.mhc_coeff_input(x.flatten(-2), phi)  # fp32 (fp64 for fp64 x)
+        z = raw * torch.rsqrt(sumsq / (n * C) + _EPS).unsqueeze(-1)
         if not self.constrained:
             z = torch.tanh(z)
         return self.gate(z) + b

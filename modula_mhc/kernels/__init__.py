@@ -39,7 +39,8 @@ __all__ = [
 
 def msign(X: torch.Tensor, steps: int = 8) -> torch.Tensor:
     """Polar factor U Vᵀ of X = U Σ Vᵀ by Polar Express; see ``reference.msign``."""
-    if backend_for(X) == "triton":
+    reference._check_msign_input(X)
+    if backend_for("msign", X) == "triton":
         from .triton_msign import msign as msign_triton
         return msign_triton(X, steps)
     return reference.msign(X, steps)
@@ -55,11 +56,9 @@ def sinkhorn(logits: torch.Tensor, iters: int = 20, tol: float | None = None, ma
     The Triton kernel covers the fixed-iteration mode for n ≤ 16 (fp32/bf16/fp16); ``tol`` mode,
     float64 and larger n use the reference.
     """
-    if tol is None and logits.dtype != torch.float64 and backend_for(logits) == "triton":
-        from .triton_sinkhorn import MAX_N
+    if backend_for("sinkhorn", logits, tol=tol) == "triton":
         from .triton_sinkhorn import sinkhorn as sinkhorn_triton
-        if logits.ndim >= 2 and logits.size(-1) == logits.size(-2) <= MAX_N:
-            return sinkhorn_triton(logits, iters=iters, return_error=return_error)
+        return sinkhorn_triton(logits, iters=iters, return_error=return_error)
     return reference.sinkhorn(logits, iters=iters, tol=tol, max_iters=max_iters, return_error=return_error,
                               nonconvergence=nonconvergence)
 
@@ -89,7 +88,7 @@ def mhc_coeff_input(x_flat: torch.Tensor, phi: torch.Tensor):
     """(x_flat φ, Σ x_flat²): x_flat (..., n·C), φ (n·C, m) → (..., m), (...), in fp32 (fp64 for fp64
     x) in one pass over x; see ``mhc_reference.mhc_coeff_input``."""
     _check_coeff_input(x_flat, phi)
-    if backend_for(x_flat) == "triton":
+    if backend_for("mhc_coeff_input", x_flat, phi) == "triton":
         from .triton_mhc import mhc_coeff_input as f
         return f(x_flat, phi)
     return mhc_reference.mhc_coeff_input(x_flat, phi)
@@ -98,7 +97,7 @@ def mhc_coeff_input(x_flat: torch.Tensor, phi: torch.Tensor):
 def mhc_pre(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     """Σ_i h_pre_i x_i over the n streams: x (..., n, C), h_pre (..., n) → (..., C)."""
     _check_pre(x, h_pre)
-    if backend_for(x) == "triton":
+    if backend_for("mhc_pre", x, h_pre) == "triton":
         from .triton_mhc import mhc_pre as f
         return f(x, h_pre)
     return mhc_reference.mhc_pre(x, h_pre)
@@ -108,7 +107,7 @@ def mhc_post_res(x: torch.Tensor, f_out: torch.Tensor, h_res: torch.Tensor, h_po
     """out_i = Σ_j h_res[i, j] x_j + h_post_i f_out: x (..., n, C), f_out (..., C), h_res (..., n, n),
     h_post (..., n) → (..., n, C)."""
     _check_post_res(x, f_out, h_res, h_post)
-    if backend_for(x) == "triton":
+    if backend_for("mhc_post_res", x, f_out, h_res, h_post) == "triton":
         from .triton_mhc import mhc_post_res as f
         return f(x, f_out, h_res, h_post)
     return mhc_reference.mhc_post_res(x, f_out, h_res, h_post)

@@ -1,19 +1,25 @@
 """Choose between the Triton kernels and the PyTorch references, in one place.
 
-Rule: ``MODULA_MHC_KERNELS=reference`` forces the reference; ``MODULA_MHC_KERNELS=triton`` forces
-Triton (on CPU tensors this needs ``TRITON_INTERPRET=1``, used by the tests); otherwise Triton is
-used for CUDA tensors when triton imports, and the reference everywhere else.
+Rule: ``MODULA_MHC_KERNELS=reference`` forces the reference; ``MODULA_MHC_KERNELS=triton`` asks
+for Triton everywhere (on CPU tensors this needs ``TRITON_INTERPRET=1``, used by the tests);
+otherwise Triton is a candidate for CUDA tensors when triton imports. A candidate runs only where
+its module's ``supports(...)`` predicate accepts the input (dtype, size, mode): float64, a Sinkhorn
+tolerance mode or n > 16 fall back to the reference here, and nowhere else.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 
 import torch
 
 ENV_VAR = "MODULA_MHC_KERNELS"
 _CHOICES = ("", "auto", "reference", "triton")
+#: the Triton module of each public kernel (each offers ``supports(...)`` and the kernel itself)
+TRITON_MODULES = {"msign": "triton_msign", "sinkhorn": "triton_sinkhorn", "mhc_coeff_input": "triton_mhc",
+                  "mhc_pre": "triton_mhc", "mhc_post_res": "triton_mhc"}
 
 
 @functools.lru_cache(maxsize=1)
@@ -34,13 +40,22 @@ def _requested() -> str:
     return value
 
 
-def backend_for(t: torch.Tensor) -> str:
-    """"triton" or "reference" for an operation whose main input is ``t`` (see module docstring)."""
+def triton_module(kernel: str):
+    """The Triton module implementing ``kernel`` (imported on first use: it needs triton)."""
+    return importlib.import_module(f"{__package__}.{TRITON_MODULES[kernel]}")
+
+
+def backend_for(kernel: str, t: torch.Tensor, *others: torch.Tensor, **options) -> str:
+    """"triton" or "reference" for ``kernel`` on main input ``t`` (``others`` and ``options``: the
+    rest of its inputs and modes, passed to the Triton module's ``supports``); see the module docstring."""
+    if kernel not in TRITON_MODULES:
+        raise ValueError(f"unknown kernel {kernel!r}; expected one of {sorted(TRITON_MODULES)}")
     requested = _requested()
     if requested == "reference":
         return "reference"
     if requested == "triton":
         if not triton_available():
             raise RuntimeError(f"{ENV_VAR}=triton but triton cannot be imported")
-        return "triton"
-    return "triton" if (t.is_cuda and triton_available()) else "reference"
+    elif not (t.is_cuda and triton_available()):
+        return "reference"
+    return "triton" if triton_module(kernel).supports(t, *others, **options) else "reference"

@@ -6,6 +6,8 @@ stream j in output stream i. All arithmetic in fp32; outputs in the activation d
 (a) coefficients: (x φ, Σ x²) over the flattened n·C in one pass over x.
 (b) pre-mix: Σ_i h_i x_i.
 (c) post + residual: out_i = Σ_j H[i, j] x_j + h_post_i f, reading the (n+1)·C inputs once.
+
+Inputs are validated, and ``supports`` asked, by the public functions of ``modula_mhc.kernels``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,13 @@ import triton.language as tl
 _BLOCK_M = 16
 _BLOCK_C = 64
 _BLOCK_K = 64
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def supports(*tensors: torch.Tensor) -> bool:
+    """Whether these kernels compute the mixing of these inputs: fp32/bf16/fp16 (fp32 arithmetic);
+    float64 stays with the reference."""
+    return all(t.dtype in _DTYPES for t in tensors)
 
 
 def _np2(n: int, floor: int = 2) -> int:
@@ -104,10 +113,7 @@ class _CoeffInput(torch.autograd.Function):
 
 
 def mhc_coeff_input(x_flat: torch.Tensor, phi: torch.Tensor):
-    """(x_flat φ, Σ x_flat²) in fp32, one pass over x; see ``reference.mhc_coeff_input``."""
-    if x_flat.ndim < 1 or phi.ndim != 2 or x_flat.size(-1) != phi.size(0):
-        raise ValueError(f"mhc_coeff_input: expected x (..., K) and phi (K, m), got "
-                         f"{tuple(x_flat.shape)} and {tuple(phi.shape)}")
+    """(x_flat φ, Σ x_flat²) in fp32, one pass over x; see ``mhc_reference.mhc_coeff_input``."""
     return _CoeffInput.apply(x_flat, phi)
 
 
@@ -182,10 +188,7 @@ class _Pre(torch.autograd.Function):
 
 
 def mhc_pre(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
-    """Σ_i h_pre_i x_i: (..., n, C), (..., n) → (..., C); see ``reference.mhc_pre``."""
-    if x.ndim < 2 or h_pre.shape != x.shape[:-1]:
-        raise ValueError(f"mhc_pre: expected x (..., n, C) and h_pre (..., n), got "
-                         f"{tuple(x.shape)} and {tuple(h_pre.shape)}")
+    """Σ_i h_pre_i x_i: (..., n, C), (..., n) → (..., C); see ``mhc_reference.mhc_pre``."""
     return _Pre.apply(x, h_pre)
 
 
@@ -280,11 +283,5 @@ class _PostRes(torch.autograd.Function):
 
 
 def mhc_post_res(x: torch.Tensor, f_out: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor) -> torch.Tensor:
-    """out_i = Σ_j h_res[i, j] x_j + h_post_i f_out; see ``reference.mhc_post_res``."""
-    if x.ndim < 2:
-        raise ValueError(f"mhc_post_res: expected x (..., n, C), got {tuple(x.shape)}")
-    lead, n, C = x.shape[:-2], x.size(-2), x.size(-1)
-    if f_out.shape != (*lead, C) or h_res.shape != (*lead, n, n) or h_post.shape != (*lead, n):
-        raise ValueError(f"mhc_post_res: shapes do not match x {tuple(x.shape)}: f_out {tuple(f_out.shape)}, "
-                         f"h_res {tuple(h_res.shape)}, h_post {tuple(h_post.shape)}")
+    """out_i = Σ_j h_res[i, j] x_j + h_post_i f_out; see ``mhc_reference.mhc_post_res``."""
     return _PostRes.apply(x, f_out, h_res, h_post)

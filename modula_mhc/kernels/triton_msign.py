@@ -15,7 +15,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import _check_msign_input, msign_normalise, polar_express_coeffs
+from .reference import msign_normalise, polar_express_coeffs
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def supports(X: torch.Tensor) -> bool:
+    """Whether this kernel computes ``msign(X)``: fp32/bf16/fp16 (fp32 accumulation); float64 has
+    no reason to use it and stays with the reference."""
+    return X.dtype in _DTYPES
 
 
 def _interpreting() -> bool:
@@ -80,11 +88,8 @@ def sym_product(X: torch.Tensor, alpha: float = 1.0, C: torch.Tensor | None = No
 
 
 def msign(X: torch.Tensor, steps: int = 8) -> torch.Tensor:
-    """Polar Express polar factor U Vᵀ (same contract as ``reference.msign``) with Triton Gram products."""
-    _check_msign_input(X)
-    if X.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        from .reference import msign as msign_reference  # fp64: no reason to use the kernel
-        return msign_reference(X, steps)
+    """Polar Express polar factor U Vᵀ (same contract as ``reference.msign``) with Triton Gram products.
+    Inputs are validated, and ``supports`` asked, by ``modula_mhc.kernels.msign``."""
     coeffs = polar_express_coeffs(steps)
     transposed = X.size(-2) > X.size(-1)
     Y = X.mT if transposed else X

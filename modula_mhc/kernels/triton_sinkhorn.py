@@ -19,9 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import _check_sinkhorn_input
-
 MAX_N = 16
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Finite stand-in for −inf on padded rows / columns: exp() of it is 0 and sums of two stay finite.
 _NEG = -1.0e30
 
@@ -157,16 +156,19 @@ class _SinkhornTriton(torch.autograd.Function):
         return dL.reshape(logits.shape), None
 
 
-def sinkhorn(logits: torch.Tensor, iters: int = 20, return_error: bool = False):
-    """Sinkhorn–Knopp(exp(logits)) for (..., n, n), n ≤ 16, fixed ``iters``; exact backward.
+def supports(logits: torch.Tensor, tol: float | None = None) -> bool:
+    """Whether this kernel computes ``sinkhorn(logits, tol=tol)``: fixed-iteration mode (no tol),
+    square n ≤ MAX_N, fp32/bf16/fp16 logits (it computes in fp32 registers)."""
+    return (tol is None and logits.dtype in _DTYPES and logits.ndim >= 2
+            and logits.size(-1) == logits.size(-2) <= MAX_N)
 
-    Same contract as ``reference.sinkhorn`` without tol mode: fp32 in registers, input dtype out,
-    ``return_error`` gives (P, max |row or column sum − 1|).
+
+def sinkhorn(logits: torch.Tensor, iters: int = 20, return_error: bool = False):
+    """Sinkhorn–Knopp(exp(logits)) for (..., n, n), fixed ``iters``; exact backward.
+
+    Same contract as the reference without tol mode: fp32 in registers, input dtype out,
+    ``return_error`` gives (P, max |row or column sum − 1|). Inputs are validated, and ``supports``
+    asked, by ``modula_mhc.kernels.sinkhorn``.
     """
-    _check_sinkhorn_input(logits, iters, None, 1)
-    if logits.size(-1) > MAX_N:
-        raise ValueError(f"triton sinkhorn: n = {logits.size(-1)} > {MAX_N}; use the reference")
-    if logits.dtype == torch.float64:
-        raise TypeError("triton sinkhorn computes in fp32; use the reference for float64")
     P, err = _SinkhornTriton.apply(logits, iters)
     return (P, err) if return_error else P

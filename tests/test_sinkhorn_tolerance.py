@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import modula_mhc.kernels as K
-from modula_mhc.kernels import reference as R
+from modula_mhc.kernels import sinkhorn_reference as R
 
 
 def _marginals(P):

@@ -1,7 +1,9 @@
 """Hot kernels: matrix sign (Polar Express), Sinkhorn–Knopp and mHC stream mixing.
 
-Each has a PyTorch reference (``reference.py``, always importable, no triton needed) and a
-Triton kernel (``triton_*.py``) used for CUDA tensors; ``dispatch.backend_for`` decides.
+Each has a PyTorch reference (``reference.py`` and the modules it re-exports, always importable,
+no triton needed) and a Triton kernel (``triton_*.py``) used for CUDA tensors. The public functions
+here are the one entry point: each validates its arguments once, then ``dispatch.backend_for``
+picks the backend (the Triton module's ``supports`` predicate decides what it can run).
 Orientation of the residual mix: ``h_res[..., i, j]`` weights input stream j in output stream i.
 """
 
@@ -9,16 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from . import mhc_reference, reference
-from .dispatch import backend_for, triton_available
+from . import mhc_reference, reference, sinkhorn_reference
+from .dispatch import backend_for, triton_available, triton_module
 from .gram_polar import gram_polar
-from .reference import (
-    POLAR_EXPRESS_COEFFS,
-    SinkhornConvergenceWarning,
-    polar_express_coeffs,
-    sinkhorn_project,
-    sinkhorn_tol_floor,
-)
+from .reference import POLAR_EXPRESS_COEFFS, polar_express_coeffs
+from .sinkhorn_reference import NONCONVERGENCE, SinkhornConvergenceWarning, compute_dtype, sinkhorn_tol_floor
 
 __all__ = [
     "POLAR_EXPRESS_COEFFS",
@@ -37,30 +34,34 @@ __all__ = [
 ]
 
 
-def msign(X: torch.Tensor, steps: int = 8) -> torch.Tensor:
-    """Polar factor U Vᵀ of X = U Σ Vᵀ by Polar Express; see ``reference.msign``."""
-    reference._check_msign_input(X)
-    if backend_for("msign", X) == "triton":
-        from .triton_msign import msign as msign_triton
-        return msign_triton(X, steps)
-    return reference.msign(X, steps)
+# --------------------------------------------------------------------------------------------
+# Input contracts: every public function checks its arguments here, once, before dispatching
+# --------------------------------------------------------------------------------------------
 
 
-def sinkhorn(logits: torch.Tensor, iters: int = 20, tol: float | None = None, max_iters: int = 1000,
-             return_error: bool = False, nonconvergence: str = "warn"):
-    """Doubly-stochastic Sinkhorn–Knopp(exp(logits)) with exact backward; see ``reference.sinkhorn``.
-
-    ``tol`` mode iterates until the marginal error is below ``tol`` (at most ``max_iters``): a tol
-    below ``sinkhorn_tol_floor(logits.dtype)`` raises ValueError, and stopping at the cap warns
-    (``SinkhornConvergenceWarning``; ``nonconvergence="raise"`` or ``"ignore"`` to change that).
-    The Triton kernel covers the fixed-iteration mode for n ≤ 16 (fp32/bf16/fp16); ``tol`` mode,
-    float64 and larger n use the reference.
-    """
-    if backend_for("sinkhorn", logits, tol=tol) == "triton":
-        from .triton_sinkhorn import sinkhorn as sinkhorn_triton
-        return sinkhorn_triton(logits, iters=iters, return_error=return_error)
-    return reference.sinkhorn(logits, iters=iters, tol=tol, max_iters=max_iters, return_error=return_error,
-                              nonconvergence=nonconvergence)
+def _check_sinkhorn(logits: torch.Tensor, iters: int, tol, max_iters: int, nonconvergence="warn") -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"sinkhorn: expected a torch.Tensor, got {type(logits).__name__}")
+    if logits.ndim < 2 or logits.size(-1) != logits.size(-2):
+        raise ValueError(f"sinkhorn: expected shape (..., n, n), got {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise TypeError(f"sinkhorn: expected floating-point logits, got {logits.dtype}")
+    if tol is None:
+        if not isinstance(iters, int) or iters < 1:
+            raise ValueError(f"sinkhorn: iters must be a positive int, got {iters!r}")
+    else:
+        if not (isinstance(tol, (int, float)) and tol > 0):
+            raise ValueError(f"sinkhorn: tol must be a positive number or None, got {tol!r}")
+        if not isinstance(max_iters, int) or max_iters < 1:
+            raise ValueError(f"sinkhorn: max_iters must be a positive int, got {max_iters!r}")
+        floor = sinkhorn_tol_floor(logits.dtype)
+        if tol < floor:
+            acc = compute_dtype(logits.dtype)
+            raise ValueError(f"sinkhorn: tol={tol:g} is below what {str(acc).replace('torch.', '')} arithmetic "
+                             f"can reach for {str(logits.dtype).replace('torch.', '')} logits (floor {floor:.3g}: "
+                             "row sums carry that much rounding); use tol >= the floor, or float64 logits")
+    if nonconvergence not in NONCONVERGENCE:
+        raise ValueError(f"sinkhorn: nonconvergence must be one of {NONCONVERGENCE}, got {nonconvergence!r}")
 
 
 def _check_coeff_input(x_flat: torch.Tensor, phi: torch.Tensor) -> None:
@@ -84,13 +85,58 @@ def _check_post_res(x: torch.Tensor, f_out: torch.Tensor, h_res: torch.Tensor, h
                          f"h_res {tuple(h_res.shape)}, h_post {tuple(h_post.shape)}")
 
 
+# --------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------
+
+
+def msign(X: torch.Tensor, steps: int = 8) -> torch.Tensor:
+    """Polar factor U Vᵀ of X = U Σ Vᵀ by Polar Express; see ``reference.msign``."""
+    reference._check_msign_input(X)
+    if backend_for("msign", X) == "triton":
+        return triton_module("msign").msign(X, steps)
+    return reference.msign(X, steps)
+
+
+def sinkhorn(logits: torch.Tensor, iters: int = 20, tol: float | None = None, max_iters: int = 1000,
+             return_error: bool = False, nonconvergence: str = "warn"):
+    """Doubly-stochastic Sinkhorn–Knopp(exp(logits)) with exact backward; see
+    ``sinkhorn_reference.sinkhorn``.
+
+    ``tol`` mode iterates until the marginal error is below ``tol`` (at most ``max_iters``): a tol
+    below ``sinkhorn_tol_floor(logits.dtype)`` raises ValueError, and stopping at the cap warns
+    (``SinkhornConvergenceWarning``; ``nonconvergence="raise"`` or ``"ignore"`` to change that).
+    The Triton kernel covers the fixed-iteration mode for n ≤ 16 (fp32/bf16/fp16); ``tol`` mode,
+    float64 and larger n use the reference.
+    """
+    _check_sinkhorn(logits, iters, tol, max_iters, nonconvergence)
+    if backend_for("sinkhorn", logits, tol=tol) == "triton":
+        return triton_module("sinkhorn").sinkhorn(logits, iters=iters, return_error=return_error)
+    return sinkhorn_reference.sinkhorn(logits, iters=iters, tol=tol, max_iters=max_iters,
+                                       return_error=return_error, nonconvergence=nonconvergence)
+
+
+def sinkhorn_project(W: torch.Tensor, iters: int = 20, tol: float | None = 1e-5, max_iters: int = 1000,
+                     return_error: bool = False, nonconvergence: str = "warn"):
+    """Project a strictly positive matrix onto the doubly-stochastic set: ``sinkhorn(log W)``.
+
+    Sinkhorn–Knopp scaling diag(u) W diag(v), in the log domain of ``sinkhorn``; by default
+    iterates to a marginal tolerance of 1e-5 (capped at ``max_iters``).
+    """
+    if not isinstance(W, torch.Tensor) or not W.is_floating_point():
+        raise TypeError("sinkhorn_project: expected a floating-point tensor")
+    if W.numel() and not bool((W > 0).all()):
+        raise ValueError("sinkhorn_project: W must be strictly positive (log W is taken)")
+    return sinkhorn(W.log(), iters=iters, tol=tol, max_iters=max_iters, return_error=return_error,
+                    nonconvergence=nonconvergence)
+
+
 def mhc_coeff_input(x_flat: torch.Tensor, phi: torch.Tensor):
     """(x_flat φ, Σ x_flat²): x_flat (..., n·C), φ (n·C, m) → (..., m), (...), in fp32 (fp64 for fp64
     x) in one pass over x; see ``mhc_reference.mhc_coeff_input``."""
     _check_coeff_input(x_flat, phi)
     if backend_for("mhc_coeff_input", x_flat, phi) == "triton":
-        from .triton_mhc import mhc_coeff_input as f
-        return f(x_flat, phi)
+        return triton_module("mhc_coeff_input").mhc_coeff_input(x_flat, phi)
     return mhc_reference.mhc_coeff_input(x_flat, phi)
 
 
@@ -98,8 +144,7 @@ def mhc_pre(x: torch.Tensor, h_pre: torch.Tensor) -> torch.Tensor:
     """Σ_i h_pre_i x_i over the n streams: x (..., n, C), h_pre (..., n) → (..., C)."""
     _check_pre(x, h_pre)
     if backend_for("mhc_pre", x, h_pre) == "triton":
-        from .triton_mhc import mhc_pre as f
-        return f(x, h_pre)
+        return triton_module("mhc_pre").mhc_pre(x, h_pre)
     return mhc_reference.mhc_pre(x, h_pre)
 
 
@@ -108,6 +153,5 @@ def mhc_post_res(x: torch.Tensor, f_out: torch.Tensor, h_res: torch.Tensor, h_po
     h_post (..., n) → (..., n, C)."""
     _check_post_res(x, f_out, h_res, h_post)
     if backend_for("mhc_post_res", x, f_out, h_res, h_post) == "triton":
-        from .triton_mhc import mhc_post_res as f
-        return f(x, f_out, h_res, h_post)
+        return triton_module("mhc_post_res").mhc_post_res(x, f_out, h_res, h_post)
     return mhc_reference.mhc_post_res(x, f_out, h_res, h_post)

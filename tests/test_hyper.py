@@ -149,6 +149,29 @@ def test_gradcheck_block(constrained):
     assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(constrained=False), dict(dynamic=False), dict(recompute=True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_layer_equals_the_kernel_composition(kw, dtype, monkeypatch):
+    """In eager mode on CPU a layer runs the reference's fused layer (two autograd nodes); the
+    composition of the public kernels (what a GPU and torch.compile run) gives the same output
+    exactly and the same gradients to rounding."""
+    torch.manual_seed(0)
+    hc = _randomise_coefficients(HyperConnections(_branch(), streams=4, depth=4, **kw).to(dtype), gates=20.0)
+    twin = copy.deepcopy(hc)
+    x, g = torch.randn(2, 5, 4, 8, dtype=dtype), torch.randn(2, 5, 4, 8, dtype=dtype)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out = hc(x1)
+    out.backward(g)
+    monkeypatch.setattr(kernels, "fused_layer", lambda x: False)
+    ref = twin(x2)
+    ref.backward(g)
+    assert torch.equal(out, ref)
+    tol = dict(atol=1e-12, rtol=0) if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x1.grad, x2.grad, **tol)
+    for p, q in zip(hc.parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, **tol)
+
+
 def test_recompute_gives_identical_gradients():
     torch.manual_seed(0)
     hc = HyperConnections(_branch(), streams=4, depth=4)

@@ -20,7 +20,6 @@ import contextlib
 import math
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 from .. import atoms, bonds, kernels
 from .. import scalars as S
@@ -31,6 +30,11 @@ from ..module import Bond, Module, Sharpness, static_constants
 __all__ = ["HyperConnections", "ExpandStreams", "CollapseStreams", "residual_init_logit"]
 
 _EPS = 1e-6  # inside the RMS of the flattened stream, as in bonds.RMSNorm
+
+
+def _coeff_dtype(x: torch.Tensor) -> torch.dtype:
+    """The coefficient path's dtype: fp32, fp64 for fp64 streams."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def residual_init_logit(streams: int, diagonal: float) -> float:
@@ -181,19 +185,40 @@ class HyperConnections(Module):
         """β = 1/L (1 without depth)."""
         return 1.0 if self.depth is None else 1.0 / self.depth
 
-    def _logits(self, x):
-        """H̃ per token, (..., m) in the coefficient dtype (or (m,) when there is no dynamic path)."""
-        cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-        b = self.static.weight.to(cdt)
-        if not self.dynamic:
-            return b
+    def _coefficient_weights(self) -> tuple:
+        """What the coefficient map reads besides x φ and Σx²: b, then g (dynamic) or the Mix weight
+        (static mHC)."""
+        if self.dynamic:
+            return self.static.weight, self.gate.weight
+        if self.constrained:
+            return self.static.weight, self.mix.weight
+        return (self.static.weight,)
+
+    def _phi_matrix(self):
+        """φ as an (n·C, m) matrix, x̃ φ = phi(x̃); None without the dynamic path."""
+        return self.phi.weight.mT * self.phi.gain if self.dynamic else None
+
+    def _coefficients_from(self, cdt, raw, sumsq, b, w=None):
+        """(h_pre, h_post, h_res) in dtype ``cdt`` from x φ and Σx² (None without the dynamic path),
+        the static logits b and the gate weight g or the Mix weight w; not yet broadcast to the tokens.
+        H̃ = α ⊙ z + b with z = x φ / rms(x) (tanh(z) in HC), α = gate_scale·g per group."""
         n, C = self.streams, self.width
-        phi = self.phi.weight.mT * self.phi.gain  # (n·C, m): x̃ φ = Linear(x̃)
-        raw, sumsq = kernels.mhc_coeff_input(x.flatten(-2), phi)  # fp32 (fp64 for fp64 x)
-        z = raw * torch.rsqrt(sumsq / (n * C) + _EPS).unsqueeze(-1)
+        h = b.to(cdt)
+        if self.dynamic:
+            z = raw * torch.rsqrt(sumsq / (n * C) + _EPS).unsqueeze(-1)
+            if not self.constrained:
+                z = torch.tanh(z)
+            h = z * (self.gate.scale * w[self.gate.index]).to(cdt) + h  # = self.gate(z) + b, with g = w
+        pre, post = h[..., :n], h[..., n:2 * n]
         if not self.constrained:
-            z = torch.tanh(z)
-        return self.gate(z) + b
+            return pre, post, h[..., 2 * n:].unflatten(-1, (n, n))
+        pre, post = torch.sigmoid(pre), 2.0 * torch.sigmoid(post)
+        if not self.dynamic:
+            return pre, post, w.to(cdt)
+        res, err = self.project_residual(h[..., 2 * n:].unflatten(-1, (n, n)), return_error=True)
+        if self._record is not None:
+            self._record["marginal_error"] = float(err)
+        return pre, post, res
 
     def project_residual(self, logits, return_error=False):
         """H_res = Sinkhorn(exp(L)) for logits L (..., n, n), with this layer's iteration settings.
@@ -234,24 +259,16 @@ class HyperConnections(Module):
 
     def coefficients(self, x):
         """(h_pre (..., n), h_post (..., n), h_res (..., n, n)) for a stream tensor x (..., n, C),
-        in the coefficient dtype; orientation h_res[..., i, j] = weight of stream j in stream i."""
+        in the coefficient dtype (fp32; fp64 for fp64 x); orientation h_res[..., i, j] = weight of
+        stream j in stream i."""
         self._check_input(x)
-        h = self._logits(x)
-        n = self.streams
-        lead = x.shape[:-2]
-        pre, post = h[..., :n], h[..., n:2 * n]
-        if self.constrained:
-            pre, post = torch.sigmoid(pre), 2.0 * torch.sigmoid(post)
-            if self.dynamic:
-                res, err = self.project_residual(h[..., 2 * n:].unflatten(-1, (n, n)), return_error=True)
-                if self._record is not None:
-                    self._record["marginal_error"] = float(err)
-            else:
-                res = self.mix.weight.to(h.dtype)
-        else:
-            res = h[..., 2 * n:].unflatten(-1, (n, n))
+        raw = sumsq = None
+        if self.dynamic:
+            raw, sumsq = kernels.mhc_coeff_input(x.flatten(-2), self._phi_matrix())
+        pre, post, res = self._coefficients_from(_coeff_dtype(x), raw, sumsq, *self._coefficient_weights())
         if self._record is not None:
             self._record["h_res"] = res.detach()
+        lead, n = x.shape[:-2], self.streams
         return pre.expand(*lead, n), post.expand(*lead, n), res.expand(*lead, n, n)
 
     def _check_input(self, x):
@@ -261,13 +278,16 @@ class HyperConnections(Module):
 
     def forward(self, x):
         self._check_input(x)
-        if self.recompute and torch.is_grad_enabled():
-            h_pre, h_post, h_res = checkpoint(self.coefficients, x, use_reentrant=False)
-        else:
-            h_pre, h_post, h_res = self.coefficients(x)
-        u = kernels.mhc_pre(x, h_pre)
-        f = self.branch(u)
-        return kernels.mhc_post_res(x, f, self.residual_scale * h_res, self.branch_scale * h_post)
+        cdt, rho, beta = _coeff_dtype(x), self.residual_scale, self.branch_scale
+
+        def mixing(raw, sumsq, *weights):  # the layer's (h_pre, β·h_post, ρ·h_res)
+            pre, post, res = self._coefficients_from(cdt, raw, sumsq, *weights)
+            if self._record is not None:
+                self._record["h_res"] = res.detach()
+            return pre, beta * post, rho * res
+
+        return kernels.mhc_layer(x, self.branch, mixing, self._phi_matrix(), self._coefficient_weights(),
+                                 recompute=self.recompute)
 
     # ----------------------------------------------------------------- modular metadata
     def _parts(self, nu_f=None):

@@ -10,9 +10,10 @@ Orientation of the residual mix: ``h_res[..., i, j]`` weights input stream j in 
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from . import mhc_reference, reference, sinkhorn_reference
-from .dispatch import backend_for, triton_available, triton_module
+from .dispatch import backend_for, fused_layer, triton_available, triton_module
 from .gram_polar import gram_polar
 from .reference import POLAR_EXPRESS_COEFFS, polar_express_coeffs
 from .sinkhorn_reference import NONCONVERGENCE, SinkhornConvergenceWarning, compute_dtype, sinkhorn_tol_floor
@@ -30,6 +31,7 @@ __all__ = [
     "mhc_coeff_input",
     "mhc_pre",
     "mhc_post_res",
+    "mhc_layer",
     "polar_express_coeffs",
 ]
 
@@ -155,3 +157,31 @@ def mhc_post_res(x: torch.Tensor, f_out: torch.Tensor, h_res: torch.Tensor, h_po
     if backend_for("mhc_post_res", x, f_out, h_res, h_post) == "triton":
         return triton_module("mhc_post_res").mhc_post_res(x, f_out, h_res, h_post)
     return mhc_reference.mhc_post_res(x, f_out, h_res, h_post)
+
+
+def mhc_layer(x: torch.Tensor, branch, coefficients, phi: torch.Tensor | None = None, weights=(),
+              recompute: bool = False) -> torch.Tensor:
+    """One hyper-connection layer: out = h_res x + h_post ⊗ branch(h_pre x), with (h_pre, h_post,
+    h_res) = coefficients(x φ, Σx², *weights) (both None when ``phi`` is None) broadcastable to
+    (..., n), (..., n), (..., n, n).
+
+    Composes mhc_coeff_input, mhc_pre and mhc_post_res (Triton on CUDA, and what torch.compile
+    traces; ``recompute`` checkpoints the coefficient map); in eager mode on the reference backend
+    it runs the equivalent fused layer (``mhc_reference.mhc_layer``), which allocates a third of
+    the stream-sized buffers."""
+    if x.ndim < 2:
+        raise ValueError(f"mhc_layer: expected a stream tensor x (..., n, C), got {tuple(x.shape)}")
+    if phi is not None:
+        _check_coeff_input(x.flatten(-2), phi)
+    if fused_layer(x):
+        return mhc_reference.mhc_layer(x, branch, coefficients, phi, weights, recompute)
+    raw = sumsq = None
+    if phi is not None:
+        raw, sumsq = mhc_coeff_input(x.flatten(-2), phi)
+    if recompute and torch.is_grad_enabled():
+        h_pre, h_post, h_res = checkpoint(coefficients, raw, sumsq, *weights, use_reentrant=False)
+    else:
+        h_pre, h_post, h_res = coefficients(raw, sumsq, *weights)
+    lead, n = x.shape[:-2], x.size(-2)
+    h_pre, h_post, h_res = h_pre.expand(*lead, n), h_post.expand(*lead, n), h_res.expand(*lead, n, n)
+    return mhc_post_res(x, branch(mhc_pre(x, h_pre)), h_res, h_post)

@@ -19,7 +19,7 @@ ENV_VAR = "MODULA_MHC_KERNELS"
 _CHOICES = ("", "auto", "reference", "triton")
 #: the Triton module of each public kernel (each offers ``supports(...)`` and the kernel itself)
 TRITON_MODULES = {"msign": "triton_msign", "sinkhorn": "triton_sinkhorn", "mhc_coeff_input": "triton_mhc",
-                  "mhc_pre": "triton_mhc", "mhc_post_res": "triton_mhc"}
+                  "mhc_pre": "triton_mhc", "mhc_post_res": "triton_mhc", "mhc_layer": "triton_mhc"}
 
 
 @functools.lru_cache(maxsize=1)
@@ -59,3 +59,11 @@ def backend_for(kernel: str, t: torch.Tensor, *others: torch.Tensor, **options) 
     elif not (t.is_cuda and triton_available()):
         return "reference"
     return "triton" if triton_module(kernel).supports(t, *others, **options) else "reference"
+
+
+def fused_layer(x: torch.Tensor) -> bool:
+    """Whether ``mhc_layer`` runs the reference's fused layer (two autograd nodes, one gradient
+    buffer) rather than composing the three mixing kernels: on the reference backend, with
+    gradients on, in eager mode (torch.compile traces the composition and fuses it itself)."""
+    return (backend_for("mhc_layer", x) == "reference" and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling())

@@ -27,34 +27,47 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _coeff_forward(x_flat: torch.Tensor, phi: torch.Tensor):
+    """(X, P, x φ, Σx²): X the (tokens, n·C) stream and P = φ in the accumulation dtype."""
+    acc = _acc_dtype(x_flat.dtype)
+    lead, K = x_flat.shape[:-1], x_flat.size(-1)
+    X, P = x_flat.reshape(-1, K).to(acc), phi.to(acc)  # X is a view when x is contiguous and already acc
+    raw = (X @ P).reshape(*lead, P.size(1))
+    sumsq = torch.linalg.vector_norm(X, dim=-1).square().reshape(lead)  # one read of x, no temporary
+    return X, P, raw, sumsq
+
+
+def _coeff_backward(X: torch.Tensor, P: torch.Tensor, d_raw: torch.Tensor, d_sumsq: torch.Tensor, dx=None):
+    """(dx, dφᵀ) of (x φ, Σx²): dx = dH̃ φᵀ + 2·dss·x, added in place into ``dx`` (tokens, n·C)
+    when given; dφᵀ = dH̃ᵀ x (the faster operand order on CPU)."""
+    d_raw = d_raw.reshape(-1, P.size(1)).to(X.dtype)
+    scale = 2.0 * d_sumsq.reshape(-1, 1).to(X.dtype)
+    if dx is None:
+        dx = (X * scale).addmm_(d_raw, P.mT)
+    elif dx.dtype == X.dtype:
+        dx.addmm_(d_raw, P.mT).addcmul_(X, scale)
+    else:  # bf16/fp16 activations: the coefficient path's gradient formed in fp32, added once
+        dx.add_((X * scale).addmm_(d_raw, P.mT))
+    return dx, d_raw.mT @ X
+
+
 class _CoeffInput(torch.autograd.Function):
-    """(x φ, Σx²) and its adjoint dx = dH φᵀ + 2·dss·x, dφ = xᵀ dH."""
+    """(x φ, Σx²) and its adjoint dx = dH̃ φᵀ + 2·dss·x, dφ = xᵀ dH̃."""
 
     @staticmethod
     def forward(ctx, x_flat, phi):
-        acc = _acc_dtype(x_flat.dtype)
-        lead, K = x_flat.shape[:-1], x_flat.size(-1)
-        X = x_flat.reshape(-1, K).to(acc)  # a view when x is contiguous and already acc
-        P = phi.to(acc)
-        raw = X @ P
-        sumsq = torch.linalg.vector_norm(X, dim=-1).square()  # one read of x, no temporary
+        X, P, raw, sumsq = _coeff_forward(x_flat, phi)
         ctx.save_for_backward(X, P)
         ctx.x_meta, ctx.phi_dtype = (x_flat.shape, x_flat.dtype), phi.dtype
-        return raw.reshape(*lead, P.size(1)), sumsq.reshape(lead)
+        return raw, sumsq
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_raw, d_sumsq):
         X, P = ctx.saved_tensors
-        d_raw = d_raw.reshape(-1, P.size(1)).to(X.dtype)
-        dx = dphi = None
-        if ctx.needs_input_grad[0]:
-            dx = (X * (2.0 * d_sumsq.reshape(-1, 1).to(X.dtype))).addmm_(d_raw, P.mT)  # in place: no second buffer
-            shape, dtype = ctx.x_meta
-            dx = dx.reshape(shape).to(dtype)
-        if ctx.needs_input_grad[1]:
-            dphi = (X.mT @ d_raw).to(ctx.phi_dtype)
-        return dx, dphi
+        dx, dphi_t = _coeff_backward(X, P, d_raw, d_sumsq)
+        shape, dtype = ctx.x_meta
+        return dx.reshape(shape).to(dtype), dphi_t.mT.to(ctx.phi_dtype)
 
 
 class _Pre(torch.autograd.Function):
@@ -117,3 +130,95 @@ def mhc_post_res(x: torch.Tensor, f_out: torch.Tensor, h_res: torch.Tensor, h_po
     """Post + residual mix out_i = Σ_j h_res[i, j] x_j + h_post_i f_out: x (..., n, C), f_out (..., C),
     h_res (..., n, n), h_post (..., n) → (..., n, C), in x's dtype."""
     return _PostRes.apply(x, f_out, h_res, h_post)
+
+
+# --------------------------------------------------------------------------------------------
+# The whole layer around a branch: two autograd nodes instead of a chain of five
+# --------------------------------------------------------------------------------------------
+
+
+def _coefficient_graph(coefficients, raw, sumsq, weights, needs):
+    """(leaves, (h_pre, h_post, h_res)): the small coefficient map run on detached leaves, so the
+    backward can differentiate it on its own (``needs``: which weights want a gradient)."""
+    leaves = [None if t is None else t.detach().requires_grad_() for t in (raw, sumsq)]
+    leaves += [w.detach().requires_grad_(bool(need)) for w, need in zip(weights, needs)]
+    with torch.enable_grad():
+        return leaves, coefficients(*leaves)
+
+
+class _PreRes(torch.autograd.Function):
+    """u = h_pre x and r = h_res x with (h_pre, h_post, h_res) = coefficients(x φ, Σx², *weights)
+    computed inside. The backward writes dx once: h_pre ⊗ du, then += h_resᵀ dr, += dH̃ φᵀ and
+    += 2·dss·x in place, where autograd through separate nodes allocates and adds three buffers."""
+
+    @staticmethod
+    def forward(ctx, x, phi, coefficients, recompute, *weights):
+        X = P = raw = sumsq = None
+        if phi is not None:
+            X, P, raw, sumsq = _coeff_forward(x.flatten(-2), phi)
+        needs = ctx.needs_input_grad[4:]
+        leaves, h = _coefficient_graph(coefficients, raw, sumsq, weights, needs)
+        h_pre, h_post, h_res = (t.detach() for t in h)
+        p, H = h_pre.to(x.dtype).contiguous(), h_res.to(x.dtype)
+        u = (p.unsqueeze(-2) @ x).squeeze(-2)
+        r = H @ x
+        ctx.save_for_backward(x, X, P, p, H, raw, sumsq, *weights)
+        ctx.graph = None if recompute else (leaves, h)  # recompute: rebuild the small map in backward
+        ctx.coefficients, ctx.needs = coefficients, needs
+        ctx.phi_dtype = None if phi is None else phi.dtype
+        return u, r, h_post
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, du, dr, dq):
+        x, X, P, p, H, raw, sumsq, *weights = ctx.saved_tensors
+        leaves, h = ctx.graph or _coefficient_graph(ctx.coefficients, raw, sumsq, weights, ctx.needs)
+        lead, (n, C) = x.shape[:-2], x.shape[-2:]
+        dx = p.unsqueeze(-1) * du.unsqueeze(-2)
+        Ht = H.mT.expand(*lead, n, n).reshape(-1, n, n).contiguous()
+        dx.view(-1, n, C).baddbmm_(Ht, dr.reshape(-1, n, C))
+        grad_h = ((du.unsqueeze(-2) @ x.mT).squeeze(-2), dq, dr @ x.mT)  # dh_pre, dh_post, dH per token
+        grad_h = [g.to(t.dtype).sum_to_size(t.shape) for g, t in zip(grad_h, h)]  # static coefficients: summed
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        found = iter(torch.autograd.grad(h, wanted, grad_h, allow_unused=True, retain_graph=True))
+        grads = [next(found) if t is not None and t.requires_grad else None for t in leaves]
+        d_raw, d_sumsq, d_weights = grads[0], grads[1], grads[2:]
+        dphi = None
+        if X is not None:
+            dphi = _coeff_backward(X, P, d_raw, d_sumsq, dx.view(-1, X.size(1)))[1].mT.to(ctx.phi_dtype)
+        return (dx, dphi, None, None, *(None if g is None else g.to(w.dtype) for g, w in zip(d_weights, weights)))
+
+
+class _AddPost(torch.autograd.Function):
+    """out = r + h_post ⊗ f, written into r (the residual mix is not needed again); adjoint
+    dr = dout, df = h_postᵀ dout, dh_post = dout f."""
+
+    @staticmethod
+    def forward(ctx, r, f_out, h_post):
+        q = h_post.to(r.dtype).contiguous()
+        r.addcmul_(q.unsqueeze(-1), f_out.unsqueeze(-2))
+        ctx.mark_dirty(r)
+        ctx.save_for_backward(f_out, q)
+        ctx.q_dtype = h_post.dtype
+        return r
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out):
+        f, q = ctx.saved_tensors
+        df = (q.unsqueeze(-2) @ d_out).squeeze(-2)
+        dq = (f.unsqueeze(-2) @ d_out.mT).squeeze(-2).to(ctx.q_dtype)
+        return d_out, df, dq
+
+
+def mhc_layer(x: torch.Tensor, branch, coefficients, phi: torch.Tensor | None = None, weights=(),
+              recompute: bool = False) -> torch.Tensor:
+    """out = h_res x + h_post ⊗ branch(h_pre x) with (h_pre, h_post, h_res) = coefficients(x φ, Σx²,
+    *weights) (x φ and Σx² are None when ``phi`` is None), as two autograd nodes around the branch.
+
+    Same values as mhc_coeff_input → coefficients → mhc_pre → branch → mhc_post_res; the gradient
+    of x is formed in one buffer and the output overwrites the residual mix, so a layer allocates
+    two stream-sized tensors (output, gradient) instead of six. ``recompute`` rebuilds the small
+    coefficient graph in the backward instead of keeping it."""
+    u, r, h_post = _PreRes.apply(x, phi, coefficients, recompute, *weights)
+    return _AddPost.apply(r, branch(u), h_post)

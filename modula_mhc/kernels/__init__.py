@@ -41,6 +41,18 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 
 
+_MSIGN_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _check_msign(X: torch.Tensor) -> None:
+    if not isinstance(X, torch.Tensor):
+        raise TypeError(f"msign: expected a torch.Tensor, got {type(X).__name__}")
+    if X.ndim < 2:
+        raise ValueError(f"msign: expected shape (..., m, n), got {tuple(X.shape)}")
+    if X.dtype not in _MSIGN_DTYPES:
+        raise TypeError(f"msign: unsupported dtype {X.dtype}; use float32, bfloat16, float16 or float64")
+
+
 def _check_sinkhorn(logits: torch.Tensor, iters: int, tol, max_iters: int, nonconvergence="warn") -> None:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"sinkhorn: expected a torch.Tensor, got {type(logits).__name__}")
@@ -94,7 +106,7 @@ def _check_post_res(x: torch.Tensor, f_out: torch.Tensor, h_res: torch.Tensor, h
 
 def msign(X: torch.Tensor, steps: int = 8) -> torch.Tensor:
     """Polar factor U Vᵀ of X = U Σ Vᵀ by Polar Express; see ``reference.msign``."""
-    reference._check_msign_input(X)
+    _check_msign(X)
     if backend_for("msign", X) == "triton":
         return triton_module("msign").msign(X, steps)
     return reference.msign(X, steps)

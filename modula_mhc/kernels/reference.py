@@ -53,7 +53,6 @@ POLAR_EXPRESS_COEFFS: tuple[tuple[float, float, float], ...] = tuple(
     (a / _SAFETY, b / _SAFETY**3, c / _SAFETY**5) for a, b, c in _POLAR_EXPRESS_RAW[:-1]
 ) + (_POLAR_EXPRESS_RAW[-1],)
 
-_MSIGN_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # Added to the Frobenius norm so that a zero matrix is divided by a positive number (0 -> 0).
 _MSIGN_TINY = 1e-7
 
@@ -74,15 +73,6 @@ def polar_express_gain(steps: int) -> float:
     for a, b, c in polar_express_coeffs(steps):
         x = x * (a + x * x * (b + c * x * x))
     return float(x.max())
-
-
-def _check_msign_input(X: torch.Tensor) -> None:
-    if not isinstance(X, torch.Tensor):
-        raise TypeError(f"msign: expected a torch.Tensor, got {type(X).__name__}")
-    if X.ndim < 2:
-        raise ValueError(f"msign: expected shape (..., m, n), got {tuple(X.shape)}")
-    if X.dtype not in _MSIGN_DTYPES:
-        raise TypeError(f"msign: unsupported dtype {X.dtype}; use float32, bfloat16, float16 or float64")
 
 
 def msign_normalise(X: torch.Tensor) -> torch.Tensor:
@@ -139,8 +129,8 @@ def msign(X: torch.Tensor, steps: int = 8) -> torch.Tensor:
     A zero matrix maps to zero. Accuracy per dtype and shape: tests/test_kernels_reference.py and
     docs/kernels.md (square matrices have σ_min/‖X‖_F below the range Polar Express is tuned for,
     so their smallest few singular values can stay below 1; none exceeds 1 + 1e-3).
+    X is validated by ``modula_mhc.kernels.msign``, the public entry point.
     """
-    _check_msign_input(X)
     coeffs = polar_express_coeffs(steps)
     transposed = X.size(-2) > X.size(-1)
     Y = X.mT if transposed else X

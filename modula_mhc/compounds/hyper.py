@@ -21,11 +21,11 @@ import math
 
 import torch
 
-from .. import atoms, bonds, kernels
+from .. import atoms, kernels
 from .. import scalars as S
-from ..algebra import Compose
 from ..atoms.mix import Gate, Mix, StaticCoefficients
 from ..module import Bond, Module, Sharpness, static_constants
+from .hyper_bounds import sensitivity_constants
 
 __all__ = ["HyperConnections", "ExpandStreams", "CollapseStreams", "residual_init_logit"]
 
@@ -293,7 +293,7 @@ class HyperConnections(Module):
     def _parts(self, nu_f=None):
         """[(module, s)]: s bounds ‖Δout‖ per unit of that part's own norm (docs/mhc.md); ``nu_f``
         overrides the branch's sensitivity (the norm at init uses its norm_sensitivity)."""
-        b = self._bounds(nu_f)
+        b = sensitivity_constants(self, nu_f)
         parts = [(self.branch, b["s_branch"]), (self.static, b["s_static"])]
         if self.dynamic:
             parts += [(self.phi, b["s_phi"]), (self.gate, b["s_gate"])]
@@ -301,74 +301,13 @@ class HyperConnections(Module):
             parts.append((self.mix, b["s_mix"]))
         return parts
 
-    def _bounds(self, nu_f=None) -> dict:
-        """The constants of the sensitivity derivation in docs/mhc.md, at well-normed weights and inputs
-        (declared domain: unit-RMS streams, ‖φ‖ ≤ 1, ‖g‖_∞ ≤ 1, HC static mixing norm ≤ 1).
-
-        Under ``claims.certify`` the layer has recorded, at the certified batch, the largest stream
-        RMS X, the smallest RMS of the flattened stream r, the largest Σ|h_pre|, |h_post|, row sum
-        of |H_res| and RMS of F(u), and the weights' norms; the same derivation at that point then
-        uses those (X multiplies the coefficient terms Σ dq_j x_j and Σ dH_ij x_j, 1/r the RMS
-        normaliser of the coefficient path)."""
-        n, rho, beta = self.streams, self.residual_scale, self.branch_scale
-        nu_f = float(S.to_number(self.branch.sensitivity if nu_f is None else nu_f))
-        m_f = nu_f if self.branch_output_bound is None else float(self.branch_output_bound)
-        a = self.gate.scale if self.dynamic else 0.0
-        m = self.n_coeffs if self.dynamic else 0
-        st = self.local_stats()
-        xs, inv_r, phi = 1.0, 1.0, 1.0
-        if self.constrained:
-            p_max, pre_l1, res_rows = 2.0, float(n), 1.0
-            # per unit ‖ΔH̃‖₂: res (Fisher-metric projection bound), pre (σ' ≤ 1/4, ℓ1 ≤ √n ℓ2), post (2σ' ≤ 1/2)
-            k_res, k_pre, k_post = (1.0 if self.dynamic else 0.0), math.sqrt(n) / 4, 0.5
-        else:
-            p_max, pre_l1, res_rows = 1.0 + a, 1.0 + n * a, 1.0 + n * a
-            k_res, k_pre, k_post = math.sqrt(n), math.sqrt(n), 1.0
-        inv_u = 1.0
-        if st is not None:  # the same bounds at the recorded point (claims.certify)
-            p_max, pre_l1, res_rows = st["post_max"], st["pre_l1"], st["res_rows"]
-            m_f = st["f_max"]
-            xs = max(1.0, st["stream_max"])
-            inv_r = math.inf if st["flat_min"] <= 0 else max(1.0, 1.0 / st["flat_min"])
-            if self.dynamic:
-                a = self.gate.scale * st["gate_max"]
-                phi = max(1.0, st["phi_norm"])
-            if self._scale_invariant_branch():
-                # F = G ∘ RMSNorm: ‖JF(u)w‖ ≤ ν_G·max_t ‖w_t‖/RMS(u_t), and ‖Σ_j q_j dx_j‖_t ≤ Σ_j|q_tj|·‖dx‖,
-                # so the direct term takes max_t Σ_j|q_tj|/RMS(u_t) (= 1 for parallel streams)
-                first = self.branch.layers[0]
-                saved = first.__dict__.pop("_local_stats", None)
-                try:
-                    nu_f = float(S.to_number(self.branch.sensitivity))
-                finally:
-                    if saved is not None:
-                        first._local_stats = saved
-                pre_l1 = st["u_ratio"]
-                inv_u = math.inf if st["u_min"] <= 0 else max(1.0, 1.0 / st["u_min"])
-        prod = S.product  # 0·∞ = 0: a term that cannot occur contributes nothing
-        k_coef = xs * rho * k_res + prod(beta * p_max * nu_f * k_pre * xs, inv_u) + beta * m_f * k_post
-        direct = rho * res_rows + prod(beta * p_max * nu_f, pre_l1)
-        dynamic = prod(k_coef, a * math.sqrt(m) * phi, inv_r)
-        out = dict(direct=direct, dynamic=dynamic, k_coef=k_coef, s_branch=beta * p_max, s_phi=dynamic,
-                   s_gate=prod(k_coef, math.sqrt(m) * (self.gate.scale if self.dynamic else 0.0) * phi, inv_r),
-                   s_mix=rho * xs)
-        if self.constrained:
-            out["s_static"] = k_coef * math.sqrt(2 * n + (n * n if self.dynamic else 0))
-        else:
-            out["s_static"] = rho + beta * p_max * nu_f + beta * m_f
-        return out
-
-    def _scale_invariant_branch(self) -> bool:
-        """True when the branch starts with an RMSNorm (F(cu) = F(u) for c > 0), as the GPT branches."""
-        return isinstance(self.branch, Compose) and isinstance(self.branch.layers[0], bonds.RMSNorm)
-
     @property
     def mass(self):
         return sum((m.mass for m, _ in self._parts()), 0.0)
 
     @property
     def sensitivity(self):
-        b = self._bounds()
+        b = sensitivity_constants(self)
         return b["direct"] + b["dynamic"]
 
     @property

@@ -133,7 +133,7 @@ def mhc_post_res(x: torch.Tensor, f_out: torch.Tensor, h_res: torch.Tensor, h_po
 
 
 # --------------------------------------------------------------------------------------------
-# The whole layer around a branch: two autograd nodes instead of a chain of five
+# The whole layer around a branch: two autograd nodes instead of one per kernel
 # --------------------------------------------------------------------------------------------
 
 
@@ -218,7 +218,7 @@ def mhc_layer(x: torch.Tensor, branch, coefficients, phi: torch.Tensor | None = 
 
     Same values as mhc_coeff_input → coefficients → mhc_pre → branch → mhc_post_res; the gradient
     of x is formed in one buffer and the output overwrites the residual mix, so a layer allocates
-    two stream-sized tensors (output, gradient) instead of six. ``recompute`` rebuilds the small
+    two stream-sized tensors (output, gradient) instead of four. ``recompute`` rebuilds the small
     coefficient graph in the backward instead of keeping it."""
     u, r, h_post = _PreRes.apply(x, phi, coefficients, recompute, *weights)
     return _AddPost.apply(r, branch(u), h_post)

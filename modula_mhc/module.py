@@ -360,18 +360,19 @@ class Atom(Module):
         return self.manifold.norm(self.weight if W is None else W)
 
     def dualize_weight(self, G, target=1.0, state=None) -> torch.Tensor:
-        """argmax ⟨G, A⟩ over tangent directions with ‖A‖_a = target."""
-        return target * self.manifold.dualize(self.weight, G, state)
+        """argmax ⟨G, A⟩ over tangent directions with ‖A‖_a = target. G must have the weight's
+        shape: this is the optimizer's hot path and is not checked (``Module.dualize`` checks)."""
+        return target * self.manifold._dualize(self.weight, G, state)
 
     @torch.no_grad()
     def step_weight(self, A, lr):
         """W ← manifold.step(W, A, lr) = retract(W − lr·A) (in place)."""
-        self.weight.copy_(self.manifold.step(self.weight, A, lr))
+        self.weight.copy_(self.manifold._step(self.weight, A, lr))
 
     @torch.no_grad()
     def retract_(self):
         if self.weight is not None:
-            self.weight.copy_(self.manifold.retract(self.weight))
+            self.weight.copy_(self.manifold._retract(self.weight))
 
     @torch.no_grad()
     def set_manifold(self, manifold):

@@ -156,11 +156,11 @@ class MatrixView(AtomView):
         Mw, Mg = self._matrix(self.weight), self._matrix(G)
         # dualize sees the gradient with respect to the unit-scale piece: G_unit = s·G_piece
         if self._uniform and len(self.pieces) > 1 and self.manifold.name == "euclidean":
-            A = self.manifold.dualize(self._split(Mw), self._split(Mg) * self.gains[0] ** 2, state)
+            A = self.manifold._dualize(self._split(Mw), self._split(Mg) * self.gains[0] ** 2, state)
             return self._unmatrix(self._join(A) * target, G)
         parts_w, parts_g = self._pieces_of(Mw), self._pieces_of(Mg)
         sub = self._substates(state)
-        out = [self.manifold.dualize(w, g * gain * gain, st) for w, g, gain, st in zip(parts_w, parts_g, self.gains, sub)]
+        out = [self.manifold._dualize(w, g * gain * gain, st) for w, g, gain, st in zip(parts_w, parts_g, self.gains, sub)]
         if state is not None and sub[0] is not None:
             for k in ("iterations", "tangent_residual"):
                 vals = [s[k] for s in sub if k in s]
@@ -184,7 +184,7 @@ class MatrixView(AtomView):
             W.sub_(lr * A)
             return
         Mw, Ma = self._matrix(W), self._matrix(A)
-        new = [self.manifold.step(w, a / gain, lr) * gain
+        new = [self.manifold._step(w, a / gain, lr) * gain
                for w, a, gain in zip(self._pieces_of(Mw), self._pieces_of(Ma), self.gains)]
         W.copy_(self._unmatrix(torch.cat(new, dim=0), W))
 
@@ -194,7 +194,7 @@ class MatrixView(AtomView):
         if self.manifold.name == "euclidean":
             return
         M = self._matrix(W)
-        new = [self.manifold.retract(w) * gain for w, gain in zip(self._pieces_of(M), self.gains)]
+        new = [self.manifold._retract(w) * gain for w, gain in zip(self._pieces_of(M), self.gains)]
         W.copy_(self._unmatrix(torch.cat(new, dim=0), W))
 
     @torch.no_grad()
@@ -218,10 +218,10 @@ class MatrixView(AtomView):
                     Q = Q * norms.unsqueeze(-1) if wide else Q * norms
                     cap = getattr(self.manifold, "max_scale", None)
                     if cap is not None:
-                        Q = self.manifold.retract(Q)
+                        Q = self.manifold._retract(Q)
                 new.append(Q.to(P.dtype) * gain)
             else:
-                new.append(self.manifold.retract(P) * gain)
+                new.append(self.manifold._retract(P) * gain)
         W.copy_(self._unmatrix(torch.cat(new, dim=0), W).to(W.dtype))
 
     def diagnostics(self):
@@ -276,7 +276,7 @@ class TiedEmbedView(EmbedView):
         return torch.maximum(self._row_rms(W).max(), head)
 
     def dualize_weight(self, G, target=1.0, state=None):
-        A = self.manifold.dualize(self.weight, G, state) * (self._head_gain(G) * target)
+        A = self.manifold._dualize(self.weight, G, state) * (self._head_gain(G) * target)
         rows = self._row_rms(A).max()
         if target > 0 and rows > target:
             A = A * (target / rows)

@@ -50,15 +50,15 @@ class Conv2d(Atom):
         return self.manifold.norm(self._matrix(self.weight if W is None else W))
 
     def dualize_weight(self, G, target=1.0, state=None):
-        A = self.manifold.dualize(self._matrix(self.weight), self._matrix(G), state)
+        A = self.manifold._dualize(self._matrix(self.weight), self._matrix(G), state)
         return (target * A).reshape(G.shape)
 
     @torch.no_grad()
     def step_weight(self, A, lr):
-        W = self.manifold.step(self._matrix(self.weight), self._matrix(A), lr)
+        W = self.manifold._step(self._matrix(self.weight), self._matrix(A), lr)
         self.weight.copy_(W.reshape(self.weight.shape))
 
     @torch.no_grad()
     def retract_(self):
         if self.weight is not None:
-            self.weight.copy_(self.manifold.retract(self._matrix(self.weight)).reshape(self.weight.shape))
+            self.weight.copy_(self.manifold._retract(self._matrix(self.weight)).reshape(self.weight.shape))

@@ -64,7 +64,7 @@ class Mix(Atom):
         return self.manifold.norm(self.weight if W is None else W)
 
     def dualize_weight(self, G, target=1.0, state=None):
-        return target * self.manifold.dualize(self.weight, G, state)
+        return target * self.manifold._dualize(self.weight, G, state)
     # sensitivity 1 and sharpness (0, 1, 0) are the Atom defaults: x ↦ W x is bilinear in (W, x)
 
 

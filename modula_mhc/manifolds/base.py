@@ -6,7 +6,9 @@ its transpose: ``as_tall`` / ``from_tall`` do that in one place.
 """
 from __future__ import annotations
 
+import functools
 import math
+from typing import Callable
 
 import torch
 
@@ -23,6 +25,11 @@ class Manifold:
       (norm 1 unless G has no tangent part, then exactly 0).
     * ``retract(Y)``: a point on the manifold near Y; identity on the manifold, first-order correct.
     * ``step(W, A, lr)``: the optimizer's move, by default ``retract(W − lr·A)``.
+
+    A subclass writes these three as plain maths. Each gets a public wrapper that checks its
+    inputs (tensor, floating dtype, ``min_ndim``, equal shapes, ``check_input``); the unchecked
+    bodies stay reachable as ``_dualize``/``_retract``/``_step``, which atoms and the optimizer
+    call on weights they validated once, at construction (no checks on the per-step hot path).
     """
 
     name = "manifold"
@@ -32,8 +39,19 @@ class Manifold:
     #: True when ``dualize`` treats leading dims as a batch of independent matrices and writes only
     #: per-call entries to ``state``: the optimizer then dualizes same-shape weights as one stack
     batched_dualize = False
+    #: the fewest dims a point or tangent may have (matrices; Euclidean and Sphere also take vectors)
+    min_ndim = 2
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _install_checks(cls)
+
+    def check_input(self, X, what: str) -> None:
+        """Raise TypeError/ValueError unless X can be a point or tangent of this manifold."""
+        check_tensor(X, what, min_ndim=self.min_ndim)
 
     # ------------------------------------------------------------------ interface
+    # (the public names are replaced by checked wrappers of the underscored bodies below)
     def dualize(self, W: torch.Tensor, G: torch.Tensor, state: dict | None = None) -> torch.Tensor:
         raise NotImplementedError
 
@@ -41,9 +59,17 @@ class Manifold:
         raise NotImplementedError
 
     def step(self, W: torch.Tensor, A: torch.Tensor, lr: float) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _dualize(self, W: torch.Tensor, G: torch.Tensor, state: dict | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _retract(self, Y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _step(self, W: torch.Tensor, A: torch.Tensor, lr: float) -> torch.Tensor:
         """W_new = retract(W − lr·A)."""
-        check_same_shape(W, A, f"{self.name}.step")
-        return self.retract(W - lr * A)
+        return self._retract(W - lr * A)
 
     def contains(self, W: torch.Tensor, tol: float = 1e-4) -> bool:
         raise NotImplementedError
@@ -66,6 +92,37 @@ class Manifold:
 
     def __hash__(self):
         return hash((type(self), tuple(sorted((k, repr(v)) for k, v in vars(self).items()))))
+
+
+def _checked(public: str, body: Callable) -> Callable:
+    """``body`` behind the input checks of ``public`` (dualize(W, G, state), retract(Y), step(W, A, lr))."""
+    def checked_point(self, Y):
+        self.check_input(Y, f"{type(self).__name__}.{public}")
+        return body(self, Y)
+
+    def checked_pair(self, W, X, *args, **kwargs):
+        what = f"{type(self).__name__}.{public}"
+        check_same_shape(W, X, what)
+        self.check_input(X, what)
+        return body(self, W, X, *args, **kwargs)
+    checked = checked_point if public == "retract" else checked_pair
+    functools.update_wrapper(checked, body)
+    checked.__name__ = public
+    return checked
+
+
+def _install_checks(cls) -> None:
+    """For each of dualize/retract/step that ``cls`` defines (as the underscored body or the public
+    name): ``_name`` = the body, ``name`` = the body behind its input checks."""
+    for public in ("dualize", "retract", "step"):
+        body = cls.__dict__.get("_" + public) or cls.__dict__.get(public)
+        if body is None:
+            continue
+        setattr(cls, "_" + public, body)
+        setattr(cls, public, _checked(public, body))
+
+
+_install_checks(Manifold)
 
 
 # ---------------------------------------------------------------------- shape and dtype helpers

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import sinkhorn
-from .base import Manifold, check_same_shape, check_shape, check_tensor, unit_max_scale
+from .base import Manifold, check_shape, check_tensor, unit_max_scale
 
 #: marginal tolerance of the Sinkhorn projections used by retract/step (computed in float64)
 SINKHORN_TOL = 1e-12
@@ -121,9 +121,10 @@ class Birkhoff(Manifold):
 
     name = "birkhoff"
 
+    def check_input(self, X, what):
+        _check_square(X, what)
+
     def dualize(self, W, G, state=None):
-        check_same_shape(W, G, "Birkhoff.dualize")
-        _check_square(G, "Birkhoff.dualize")
         Gd = G.detach().to(torch.float64)
         Gu = Gd / Gd.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(1e-300)  # scale-free (1e±30 grads)
         Wd = W.detach().to(torch.float64).clamp_min(FLOOR)
@@ -139,7 +140,6 @@ class Birkhoff(Manifold):
         return A.to(G.dtype)
 
     def retract(self, Y):
-        _check_square(Y, "Birkhoff.retract")
         Yu, amax = unit_max_scale(Y.detach().to(torch.float64))
         if bool((amax == 0).any()):
             raise ValueError("Birkhoff.retract: the zero matrix has no doubly-stochastic scaling")
@@ -147,8 +147,6 @@ class Birkhoff(Manifold):
         return _project(logits).to(Y.dtype)
 
     def step(self, W, A, lr):
-        check_same_shape(W, A, "Birkhoff.step")
-        _check_square(W, "Birkhoff.step")
         lr = float(lr)
         Wd = W.detach().to(torch.float64)
         Ad = A.detach().to(torch.float64)

@@ -50,7 +50,6 @@ class DGram(GramManifold):
         return Wt / scale.clamp_min(1e-30)
 
     def retract(self, Y):
-        check_tensor(Y, "DGram.retract")
         wide = is_wide(Y)
         Yt = as_tall(Y.to(compute_dtype(Y)), wide)
         s = column_norms(Yt)

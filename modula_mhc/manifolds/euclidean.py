@@ -7,7 +7,6 @@ from ..kernels import msign
 from ..kernels.reference import polar_express_gain
 from .base import (
     Manifold,
-    check_same_shape,
     check_shape,
     check_tensor,
     compute_dtype,
@@ -32,6 +31,7 @@ class Euclidean(Manifold):
     name = "euclidean"
     admits_scaling = True
     batched_dualize = True
+    min_ndim = 1
 
     def __init__(self, msign_steps: int = 7):
         if not (isinstance(msign_steps, int) and not isinstance(msign_steps, bool) and msign_steps >= 1):
@@ -43,8 +43,6 @@ class Euclidean(Manifold):
         return f"Euclidean(msign_steps={self.msign_steps})"
 
     def dualize(self, W, G, state=None):
-        check_same_shape(W, G, "Euclidean.dualize")
-        check_tensor(G, "Euclidean.dualize", min_ndim=1)
         dt = compute_dtype(G)
         Gu, _ = unit_max_scale(G.to(dt), dims=tuple(range(-min(G.ndim, 2), 0)))
         if G.ndim == 1:
@@ -60,11 +58,9 @@ class Euclidean(Manifold):
         return A.to(G.dtype)
 
     def retract(self, Y):
-        check_tensor(Y, "Euclidean.retract", min_ndim=1)
         return Y
 
     def step(self, W, A, lr):
-        check_same_shape(W, A, "Euclidean.step")
         return W - lr * A
 
     def contains(self, W, tol=1e-4):

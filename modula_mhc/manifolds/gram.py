@@ -8,7 +8,6 @@ import torch
 from .base import (
     Manifold,
     as_tall,
-    check_same_shape,
     check_shape,
     check_tensor,
     compute_dtype,
@@ -54,7 +53,6 @@ class GramManifold(Manifold):
         return Wt
 
     def dualize(self, W, G, state=None):
-        check_same_shape(W, G, f"{type(self).__name__}.dualize")
         dt, wide = compute_dtype(G), is_wide(W)
         Wt, Gt = as_tall(W.to(dt), wide), as_tall(G.to(dt), wide)
         A = steepest_tangent(self._normalise(Wt), Gt, self.offdiag, state, self.gap_tol, self.max_iters)

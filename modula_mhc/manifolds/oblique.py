@@ -6,7 +6,6 @@ import torch
 from .base import (
     Manifold,
     as_tall,
-    check_same_shape,
     check_shape,
     check_tensor,
     compute_dtype,
@@ -32,8 +31,6 @@ class Oblique(Manifold):
     name = "oblique"
 
     def dualize(self, W, G, state=None):
-        check_same_shape(W, G, "Oblique.dualize")
-        check_tensor(G, "Oblique.dualize")
         dt, wide = compute_dtype(G), is_wide(W)
         Wt = as_tall(W.to(dt), wide)
         Gt, _ = unit_max_scale(as_tall(G.to(dt), wide))
@@ -49,7 +46,6 @@ class Oblique(Manifold):
         return from_tall(A, wide).to(G.dtype)
 
     def retract(self, Y):
-        check_tensor(Y, "Oblique.retract")
         wide = is_wide(Y)
         Yt = as_tall(Y.to(compute_dtype(Y)), wide)
         W, n = _normalise_columns(Yt)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Manifold, check_same_shape, check_shape, check_tensor, compute_dtype, unit_max_scale
+from .base import Manifold, check_shape, check_tensor, compute_dtype, unit_max_scale
 
 
 def _fro_all(X):
@@ -18,10 +18,9 @@ class Sphere(Manifold):
     """
 
     name = "sphere"
+    min_ndim = 1
 
     def dualize(self, W, G, state=None):
-        check_same_shape(W, G, "Sphere.dualize")
-        check_tensor(G, "Sphere.dualize", min_ndim=1)
         dt = compute_dtype(G)
         dims = tuple(range(G.ndim))
         Gu, _ = unit_max_scale(G.to(dt), dims=dims)
@@ -36,7 +35,6 @@ class Sphere(Manifold):
         return A.to(G.dtype)
 
     def retract(self, Y):
-        check_tensor(Y, "Sphere.retract", min_ndim=1)
         Yu, _ = unit_max_scale(Y.to(compute_dtype(Y)), dims=tuple(range(Y.ndim)))
         n = _fro_all(Yu)
         if n == 0:

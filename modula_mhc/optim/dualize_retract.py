@@ -74,7 +74,7 @@ def _dualize_all(work):
         U = torch.stack([tall(work[i][1], w) for i, w in zip(idx, wide)])
         W = torch.stack([tall(work[i][0].weight, w) for i, w in zip(idx, wide)])
         info: dict = {}
-        A = manifold.dualize(W, U, info)
+        A = manifold._dualize(W, U, info)  # inputs are the atoms' own weights and gradients
         for j, (i, w) in enumerate(zip(idx, wide)):
             _, _, target, state = work[i]
             out[i] = target * tall(A[j], w)
@@ -212,9 +212,14 @@ class DualizeRetract(Optimizer):
         buf.lerp_(G, 1 - beta)
         return G.lerp(buf, beta) if group["nesterov"] else buf
 
+    # The step always runs eagerly, also inside torch.compile(opt.step) or a compiled training step:
+    # its dual solver stops on data (host syncs by design), the Muon path is already a few batched
+    # matmuls, and inductor in torch 2.13 fails to build the traced step on CPU (KeyError 'bufN').
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
-        """One dualize-then-retract step for every parameter with a gradient; returns closure()."""
+        """One dualize-then-retract step for every parameter with a gradient; returns closure().
+        Runs eagerly under torch.compile (docs/training.md, "torch.compile")."""
         loss = None
         if closure is not None:
             with torch.enable_grad():

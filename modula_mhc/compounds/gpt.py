@@ -81,7 +81,7 @@ class GPT(Compose):
         if not S.is_symbolic(width, heads) and width % heads:
             raise ValueError(f"heads ({heads}) must divide width ({width})")
         self.vocab_size, self.context, self.width, self.depth, self.heads = vocab_size, context, width, depth, heads
-        self.residual_kind, self.streams = residual, streams
+        self.streams = streams
         if residual == "plain":
             if hyper_options:
                 raise TypeError(f"unexpected options for residual='plain': {sorted(hyper_options)}")

@@ -70,3 +70,14 @@ def test_subclasses_write_plain_maths_and_may_call_super():
     assert torch.equal(Underscored().retract(G), G * 2)
     with pytest.raises(ValueError, match="Underscored.retract"):
         Underscored().retract(torch.tensor(1.0))
+
+
+def test_adapted_embedding_dual_is_scale_free():
+    """An adapted nn.Embedding's dual does not vanish for 1e-30 or 1e30 gradients."""
+    import modula_mhc as mm
+    net = mm.adapt(torch.nn.Sequential(torch.nn.Embedding(10, 6)))
+    view = net.atoms()[0]
+    G = torch.randn(10, 6, generator=torch.Generator().manual_seed(0))
+    A1 = view.dualize_weight(G)
+    for scale in (1e-30, 1e30):
+        assert torch.allclose(view.dualize_weight(G * scale), A1, atol=1e-5)

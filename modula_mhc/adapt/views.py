@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..atom_tag import AtomTag
-from ..atoms._free import FreeAtom, MaxAbsAtom, rms_dual
+from ..atoms._free import FreeAtom, MaxAbsAtom, rms_dual, row_rms_dual
 from ..module import Atom, Sharpness
 
 __all__ = ["AtomView", "EmbedView", "GainView", "MatrixView", "VectorView"]
@@ -252,8 +252,7 @@ class EmbedView(_FreeView):
         return self._row_rms(self.weight if W is None else W).max()
 
     def dualize_weight(self, G, target=1.0, state=None):
-        rms = self._row_rms(G)
-        return torch.where(rms > 0, G / rms.clamp_min(1e-30), torch.zeros_like(G)).to(G.dtype) * target
+        return row_rms_dual(G, target)  # scale-free: no zero update for 1e-30 or 1e30 gradients
 
     def diagnostics(self):
         return {"max_row_rms": float(self.weight_norm(self.weight.detach()))}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 import weakref
 
@@ -212,14 +213,20 @@ class DualizeRetract(Optimizer):
         buf.lerp_(G, 1 - beta)
         return G.lerp(buf, beta) if group["nesterov"] else buf
 
-    # The step always runs eagerly, also inside torch.compile(opt.step) or a compiled training step:
-    # its dual solver stops on data (host syncs by design), the Muon path is already a few batched
-    # matmuls, and inductor in torch 2.13 fails to build the traced step on CPU (KeyError 'bufN').
-    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
         """One dualize-then-retract step for every parameter with a gradient; returns closure().
         Runs eagerly under torch.compile (docs/training.md, "torch.compile")."""
+        # Eager even inside torch.compile(opt.step) or a compiled training step: the dual solver
+        # stops on data (host syncs by design), the Muon path is a few batched matmuls already, and
+        # inductor in torch 2.13 fails to build the traced step on CPU (KeyError 'bufN'). Only when
+        # something imported torch._dynamo can a compile be running; importing it here would cost
+        # seconds (and sympy) in every process.
+        if "torch._dynamo" in sys.modules:
+            return self._eager_step(closure)
+        return self._step_once(closure)
+
+    def _step_once(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -231,6 +238,9 @@ class DualizeRetract(Optimizer):
         if not self._skip_nonfinite():
             self._step_parameters()
         return loss
+
+    # torch's lazy dynamo.disable (it imports torch._dynamo on first use)
+    _eager_step = torch._disable_dynamo(_step_once)
 
     def _step_parameters(self):
         """Update every parameter that has a gradient and influence (subclasses distribute this)."""

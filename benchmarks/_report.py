@@ -2,13 +2,24 @@
 from __future__ import annotations
 
 
-def save_bar_chart(png_path: str, median_seconds: dict, xlabel: str, title: str) -> None:
-    """Bar chart of {method: median seconds} in ms (skipped quietly without matplotlib)."""
+def pyplot(why_missing: bool = False):
+    """matplotlib.pyplot on the Agg backend, or None without matplotlib (printing which extra to
+    install when ``why_missing``)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        if why_missing:
+            print("no plot: matplotlib is missing (pip install 'modula_mhc[examples]')")
+        return None
+    return plt
+
+
+def save_bar_chart(png_path: str, median_seconds: dict, xlabel: str, title: str) -> None:
+    """Bar chart of {method: median seconds} in ms (skipped quietly without matplotlib)."""
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 3))
     ax.barh(list(median_seconds), [v * 1e3 for v in median_seconds.values()])

@@ -27,6 +27,8 @@ from modula_mhc import compounds, optim  # noqa: E402
 from modula_mhc.data import CharCorpus, default_corpus, load_text  # noqa: E402
 from modula_mhc.optim.presets import PRESETS as MANIFOLD_PRESETS  # noqa: E402
 
+from _report import pyplot  # noqa: E402
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 PRESETS = {"anchor": dict(width=128, depth=4, heads=4, context=64, batch=12),
            "tiny": dict(width=64, depth=2, heads=4, context=64, batch=12)}
@@ -139,12 +141,8 @@ def main(argv=None):
     with open(os.path.join(RESULTS, stem + ".json"), "w") as f:
         json.dump({"config": vars(args), "model": cfg, "rows": rows, "hetero_vs_muon": hetero_vs_muon,
                    "targets": TARGETS.get(args.device, {})}, f, indent=2)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install matplotlib)")
+    plt = pyplot(why_missing=True)
+    if plt is None:
         return rows
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.bar([r["method"] for r in rows], [r["ratio_vs_adamw"] for r in rows], color="tab:blue")

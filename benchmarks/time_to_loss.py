@@ -17,6 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _report import pyplot  # noqa: E402
 
 
 def evals(run_dir: str) -> list[dict]:
@@ -68,12 +72,8 @@ def main(argv=None):
     with open(args.out + ".json", "w") as f:
         json.dump({"reference": labels[0], "runs": dict(zip(labels, args.runs)), "rows": rows,
                    "curves": curves}, f, indent=1)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("no plot: matplotlib is missing (pip install 'modula_mhc[examples]')")
+    plt = pyplot(why_missing=True)
+    if plt is None:
         return rows
     fig, ax = plt.subplots(figsize=(6, 4))
     for lab in labels:

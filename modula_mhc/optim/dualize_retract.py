@@ -176,7 +176,7 @@ class DualizeRetract(Optimizer):
         if not grads:
             return True
         # min and max of every gradient (NaN propagates, ±Inf shows) in one pass each, no temporaries,
-        # and a single host sync (4× cheaper than an ∞-norm or isfinite per tensor on CPU)
+        # and a single host sync (on CPU several times cheaper than an ∞-norm or isfinite per tensor)
         return bool(torch.stack([torch.stack(torch.aminmax(g)) for g in grads]).isfinite().all())
 
     def _skip_nonfinite(self) -> bool:

@@ -10,6 +10,7 @@ import torch
 from torch.optim import Optimizer
 
 from .. import scalars as S
+from ..manifolds.base import as_tall, from_tall, is_wide
 from ..module import Atom, Module
 
 #: what a step does when a gradient holds NaN or Inf (docs/faults.md)
@@ -70,15 +71,14 @@ def _dualize_all(work):
             stacks.setdefault(key, []).append(i)
     for key, idx in stacks.items():
         manifold = key[0]
-        wide = [work[i][1].size(-2) < work[i][1].size(-1) for i in idx]
-        tall = lambda X, w: X.mT if w else X  # noqa: E731
-        U = torch.stack([tall(work[i][1], w) for i, w in zip(idx, wide)])
-        W = torch.stack([tall(work[i][0].weight, w) for i, w in zip(idx, wide)])
+        wide = [is_wide(work[i][1]) for i in idx]
+        U = torch.stack([as_tall(work[i][1], w) for i, w in zip(idx, wide)])
+        W = torch.stack([as_tall(work[i][0].weight, w) for i, w in zip(idx, wide)])
         info: dict = {}
         A = manifold._dualize(W, U, info)  # inputs are the atoms' own weights and gradients
         for j, (i, w) in enumerate(zip(idx, wide)):
             _, _, target, state = work[i]
-            out[i] = target * tall(A[j], w)
+            out[i] = target * from_tall(A[j], w)
             if state is not None:
                 state.update(info)
     return out

@@ -124,3 +124,13 @@ def test_euclidean_dualize_near_optimal_and_unit_bounded(kind, shape):
         assert top <= 1 + 1e-5
         if steps == 7:
             assert top >= 1 - 1e-4
+
+
+def test_low_precision_long_matrices_stay_finite():
+    """bf16/fp16 never take the Gram route: its n×n loop turned low-rank bf16 inputs non-finite."""
+    g = torch.Generator().manual_seed(8)
+    X = torch.randn(2, 64, 2, generator=g) @ torch.randn(2, 2, 320, generator=g) + 1e-3 * torch.randn(2, 64, 320, generator=g)
+    for dt in (torch.bfloat16, torch.float16):
+        Y = K.msign(X.to(dt))
+        assert Y.dtype == dt and torch.isfinite(Y).all()
+        assert torch.linalg.svdvals(Y.double()).max() < 1.02

@@ -122,8 +122,8 @@ def msign(X: torch.Tensor, steps: int = 8) -> torch.Tensor:
 
     X ← X / (1.01‖X‖_F), then ``steps`` times X ← a X + (b S + c S²) X with S = X Xᵀ on the
     smaller side, so every singular value σ ∈ (0, 1] is mapped by p(σ) = aσ + bσ³ + cσ⁵ towards 1.
-    Matrices with aspect ratio ≥ ``GRAM_ROUTE_ASPECT`` run all but the last step on the small
-    side's Gram matrix (same polynomials, fewer flops).
+    fp32/fp64 matrices with aspect ratio ≥ ``GRAM_ROUTE_ASPECT`` run all but the last step on the
+    small side's Gram matrix (same polynomials, fewer flops).
 
     Computes in the input dtype (bf16 matmuls accumulate in fp32 inside torch); returns that dtype.
     A zero matrix maps to zero. Accuracy per dtype and shape: tests/test_kernels_reference.py and
@@ -136,7 +136,9 @@ def msign(X: torch.Tensor, steps: int = 8) -> torch.Tensor:
     Y = X.mT if transposed else X
     shape = Y.shape
     Y = msign_normalise(Y.reshape(-1, shape[-2], shape[-1]))
-    if shape[-1] >= GRAM_ROUTE_ASPECT * shape[-2] and steps > 1:
+    # fp32/fp64 only: in bf16/fp16 the n×n loop's rounding (squared condition number) made
+    # low-rank inputs non-finite
+    if shape[-1] >= GRAM_ROUTE_ASPECT * shape[-2] and steps > 1 and Y.dtype in (torch.float32, torch.float64):
         Y = _polar_express_gram(Y, coeffs)
     else:
         for a, b, c in coeffs:

@@ -37,7 +37,6 @@ class Euclidean(Manifold):
         if not (isinstance(msign_steps, int) and not isinstance(msign_steps, bool) and msign_steps >= 1):
             raise ValueError(f"Euclidean: msign_steps must be an int >= 1, got {msign_steps!r}")
         self.msign_steps = msign_steps
-        self._gain = polar_express_gain(msign_steps)
 
     def __repr__(self):
         return f"Euclidean(msign_steps={self.msign_steps})"
@@ -50,8 +49,9 @@ class Euclidean(Manifold):
             A = Gu / norm if norm > 0 else torch.zeros_like(Gu)
         else:
             A = msign(Gu, self.msign_steps)
-            if self._gain > 1:
-                A = A / self._gain
+            gain = polar_express_gain(self.msign_steps)  # cached per step count
+            if gain > 1:
+                A = A / gain
         if state is not None:
             state["iterations"] = 0
             state["tangent_residual"] = 0.0

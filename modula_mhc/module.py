@@ -367,7 +367,7 @@ class Atom(Module):
     @torch.no_grad()
     def step_weight(self, A, lr):
         """W ← manifold.step(W, A, lr) = retract(W − lr·A) (in place)."""
-        self.weight.copy_(self.manifold._step(self.weight, A, lr))
+        self.manifold._step_(self.weight, A, lr)
 
     @torch.no_grad()
     def retract_(self):

@@ -134,3 +134,19 @@ def test_low_precision_long_matrices_stay_finite():
         Y = K.msign(X.to(dt))
         assert Y.dtype == dt and torch.isfinite(Y).all()
         assert torch.linalg.svdvals(Y.double()).max() < 1.02
+
+
+@pytest.mark.parametrize("name", __import__("modula_mhc").manifolds.names())
+def test_in_place_step_equals_step(name):
+    """``Manifold._step_`` (the optimizer's in-place move; Euclidean skips the temporary) lands
+    where the public ``step`` does, on every registered manifold."""
+    from modula_mhc import manifolds
+    m = manifolds.get(name)
+    g = torch.Generator().manual_seed(3)
+    W = m.random((6, 6), generator=g)
+    A = m.dualize(W, torch.randn(6, 6, generator=g))
+    expected = m.step(W, A, 0.05)
+    W_inplace = W.clone()
+    assert m._step_(W_inplace, A, 0.05) is None
+    assert torch.allclose(W_inplace, expected, atol=1e-6)
+    assert not torch.equal(W_inplace, W)

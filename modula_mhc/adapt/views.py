@@ -181,7 +181,7 @@ class MatrixView(AtomView):
     def step_weight(self, A, lr):
         W = self.weight
         if self.manifold.name == "euclidean":
-            W.sub_(lr * A)
+            W.add_(A, alpha=-lr)
             return
         Mw, Ma = self._matrix(W), self._matrix(A)
         new = [self.manifold._step(w, a / gain, lr) * gain

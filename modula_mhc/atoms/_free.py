@@ -52,7 +52,7 @@ class FreeAtom(Atom):
 
     @torch.no_grad()
     def step_weight(self, A, lr):
-        self.weight.sub_(lr * A)
+        self.weight.add_(A, alpha=-lr)
 
     @torch.no_grad()
     def retract_(self):

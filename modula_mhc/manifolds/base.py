@@ -39,6 +39,9 @@ class Manifold:
     #: True when ``dualize`` treats leading dims as a batch of independent matrices and writes only
     #: per-call entries to ``state``: the optimizer then dualizes same-shape weights as one stack
     batched_dualize = False
+    #: False when ``dualize`` ignores the point W (Euclidean): a stacked dualize then skips
+    #: gathering the weights
+    dualize_reads_point = True
     #: the fewest dims a point or tangent may have (matrices; Euclidean and Sphere also take vectors)
     min_ndim = 2
 
@@ -70,6 +73,11 @@ class Manifold:
     def _step(self, W: torch.Tensor, A: torch.Tensor, lr: float) -> torch.Tensor:
         """W_new = retract(W − lr·A)."""
         return self._retract(W - lr * A)
+
+    def _step_(self, W: torch.Tensor, A: torch.Tensor, lr: float) -> None:
+        """W ← step(W, A, lr) in place (a manifold whose step is W − lr·A overrides this to skip
+        the temporary)."""
+        W.copy_(self._step(W, A, lr))
 
     def contains(self, W: torch.Tensor, tol: float = 1e-4) -> bool:
         raise NotImplementedError

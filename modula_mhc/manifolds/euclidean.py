@@ -31,6 +31,7 @@ class Euclidean(Manifold):
     name = "euclidean"
     admits_scaling = True
     batched_dualize = True
+    dualize_reads_point = False
     min_ndim = 1
 
     def __init__(self, msign_steps: int = 7):
@@ -62,6 +63,9 @@ class Euclidean(Manifold):
 
     def step(self, W, A, lr):
         return W - lr * A
+
+    def _step_(self, W, A, lr):
+        W.add_(A, alpha=-lr)  # one pass, no temporary
 
     def contains(self, W, tol=1e-4):
         check_tensor(W, "Euclidean.contains", min_ndim=1)

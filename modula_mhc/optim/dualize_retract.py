@@ -73,12 +73,19 @@ def _dualize_all(work):
         manifold = key[0]
         wide = [is_wide(work[i][1]) for i in idx]
         U = torch.stack([as_tall(work[i][1], w) for i, w in zip(idx, wide)])
-        W = torch.stack([as_tall(work[i][0].weight, w) for i, w in zip(idx, wide)])
+        # Euclidean ignores the point: its stack would be a copy of every weight for nothing
+        W = torch.stack([as_tall(work[i][0].weight, w) for i, w in zip(idx, wide)]) \
+            if manifold.dualize_reads_point else U
         info: dict = {}
         A = manifold._dualize(W, U, info)  # inputs are the atoms' own weights and gradients
+        targets = [work[i][2] for i in idx]
+        if all(t == targets[0] for t in targets):  # one scaling pass for the whole stack
+            A = A * targets[0]
+        else:
+            A = A * torch.tensor(targets, dtype=A.dtype, device=A.device).view(-1, 1, 1)
         for j, (i, w) in enumerate(zip(idx, wide)):
-            _, _, target, state = work[i]
-            out[i] = target * from_tall(A[j], w)
+            out[i] = from_tall(A[j], w)
+            state = work[i][3]
             if state is not None:
                 state.update(info)
     return out
@@ -194,7 +201,7 @@ class DualizeRetract(Optimizer):
         Atoms whose manifold dualizes a stack as a batch (``Manifold.batched_dualize``) and that keep
         the base atom's dualize are dualized together, one call per (manifold, tall shape, dtype,
         device): one msign over a stack instead of one per matrix."""
-        items = [(p, self._atom(p), self._direction(p, G, group), group) for p, G, group in work]
+        items = [(p, self._atom(p), u, group) for (p, _, group), u in zip(work, self._directions(work))]
         directions = _dualize_all([(atom, u, self._targets[id(p)], self.state[p]) for p, atom, u, _ in items])
         for (p, atom, _, group), A in zip(items, directions):
             lr, wd = float(group["lr"]), group["weight_decay"]
@@ -202,17 +209,31 @@ class DualizeRetract(Optimizer):
                 atom.weight.mul_(1 - lr * wd)
             atom.step_weight(A, lr)
 
-    def _direction(self, p, G, group):
-        """The momentum direction u: b ← βb + (1 − β)g; u = (1 − β)g + βb (Nesterov) or b."""
-        beta = group["momentum"]
-        if beta <= 0:
-            return G
-        state = self.state[p]
-        buf = state.get("momentum_buffer")
-        if buf is None:
-            buf = state["momentum_buffer"] = torch.zeros_like(G, memory_format=torch.preserve_format)
-        buf.lerp_(G, 1 - beta)
-        return G.lerp(buf, beta) if group["nesterov"] else buf
+    def _directions(self, work):
+        """The momentum direction u of each (parameter, gradient, group) in ``work``:
+        b ← βb + (1 − β)g; u = (1 − β)g + βb (Nesterov) or b. One foreach call per group."""
+        out: list = [None] * len(work)
+        by_group: dict = {}
+        for i, (_, _, group) in enumerate(work):
+            by_group.setdefault(id(group), (group, []))[1].append(i)
+        for group, idx in by_group.values():
+            beta = group["momentum"]
+            grads = [work[i][1] for i in idx]
+            if beta <= 0:
+                dirs = grads
+            else:
+                bufs = []
+                for i in idx:
+                    state = self.state[work[i][0]]
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        buf = state["momentum_buffer"] = torch.zeros_like(work[i][1], memory_format=torch.preserve_format)
+                    bufs.append(buf)
+                torch._foreach_lerp_(bufs, grads, 1 - beta)
+                dirs = torch._foreach_lerp(grads, bufs, beta) if group["nesterov"] else bufs
+            for i, u in zip(idx, dirs):
+                out[i] = u
+        return out
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -4,7 +4,7 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 PIP = $(PYTHON) -m pip install -q --disable-pip-version-check
 
-.PHONY: install demo test test-slow test-triton bench docs
+.PHONY: install demo test test-slow test-triton bench gpu-check docs
 
 install:
 	$(PIP) "$(TORCH)" -e ".[examples]"
@@ -21,6 +21,18 @@ test:
 test-slow:
 	$(PIP) "$(TORCH)" -e ".[test]"
 	$(PYTHON) -m pytest -q -m slow
+
+test-triton:
+	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q -m triton tests/test_kernels_triton.py
+
+# The GPU set in one command (needs CUDA): compiled Triton kernels against the references, then the
+# GPU benchmarks (JSON and plots under benchmarks/results/)
+gpu-check: install
+	TRITON_INTERPRET=0 $(PYTHON) -m pytest -q -m triton tests/test_kernels_triton.py
+	$(PYTHON) benchmarks/bench_msign.py --size gpu
+	$(PYTHON) benchmarks/bench_sinkhorn.py --size gpu
+	$(PYTHON) benchmarks/bench_mhc_block.py --size gpu
+	$(PYTHON) benchmarks/bench_train_step.py --device cuda --methods muon hetero
 
 bench: install
 	for f in benchmarks/bench_*.py; do $(PYTHON) $$f || exit 1; done

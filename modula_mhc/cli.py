@@ -22,6 +22,7 @@ from .config import (
     MODELS,
     NONFINITE_POLICIES,
     OPTIMIZERS,
+    PRESET_LR,
     PRESETS,
     RESIDUALS,
     SCHEDULES,
@@ -74,7 +75,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--manifolds", metavar=_choices(MANIFOLD_PRESETS),
                    help="weight manifolds: muon = unconstrained (fastest); hetero = Stiefel attention + DGram MLP [muon]")
     g.add_argument("--lr", type=float,
-                   help="peak learning rate [" + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + "]")
+                   help="peak learning rate [" + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())
+                   + "".join(f"; --preset {name}: " + ", ".join(f"{k} {v:g}" for k, v in lrs.items())
+                             for name, lrs in PRESET_LR.items()) + "]")
     g.add_argument("--momentum", type=float, help=f"momentum (dualize) [{BASE_DEFAULTS['momentum']}]")
     g.add_argument("--weight-decay", type=float, help="decoupled weight decay [0]")
     g.add_argument("--schedule", metavar=_choices(SCHEDULES), help=f"lr decay after warmup "

@@ -36,6 +36,9 @@ PRESETS = {
 
 #: default learning rate per optimizer (measured: docs/training.md, "Choosing the learning rates")
 DEFAULT_LR = {"dualize": 0.25, "adamw": 1e-2}
+#: a preset's own default lr where its run length moves the optimum: the lr transfers across width
+#: and depth, not across the number of steps (measured on the preset: docs/training.md)
+PRESET_LR = {"small": {"dualize": 0.1}}
 
 OPTIMIZERS = ("dualize", "adamw")
 MODELS = ("gpt", "mlp")  # mlp: CharMLP, next char from the previous --ngram chars
@@ -193,7 +196,7 @@ def resolve_config(config: TrainConfig, checkpoint_config: dict | None = None) -
         if merged.get(k) is None:
             merged[k] = v
     if merged["lr"] is None:
-        merged["lr"] = DEFAULT_LR[merged["optimizer"]]
+        merged["lr"] = PRESET_LR.get(preset, {}).get(merged["optimizer"], DEFAULT_LR[merged["optimizer"]])
     if merged["manifolds"] is None:
         # Muon by default: at this scale it trains best and fastest (docs/results.md, section 6);
         # Hetero's certified DGram solve costs far more per step on a CPU (same section's table)

@@ -104,6 +104,22 @@ def test_presets_and_defaults_resolve():
     assert resolve_config(TrainConfig()).manifolds == "muon"   # the default since issue 11 (docs/decisions.md)
 
 
+def test_default_lr_follows_the_preset_run_length():
+    """The lr transfers across width and depth, not across run length: the 3200-step small preset
+    has its own measured dualize default; the tiny preset, AdamW and a given --lr keep theirs."""
+    from modula_mhc.config import DEFAULT_LR, PRESET_LR
+    small = PRESET_LR["small"]["dualize"]
+    assert small < DEFAULT_LR["dualize"]
+    assert resolve_config(TrainConfig(preset="small")).lr == small
+    assert resolve_config(TrainConfig(preset="tiny")).lr == DEFAULT_LR["dualize"]
+    assert resolve_config(TrainConfig(preset="small", optimizer="adamw")).lr == DEFAULT_LR["adamw"]
+    assert resolve_config(TrainConfig(preset="small", lr=0.3)).lr == 0.3
+    import argparse
+    parser = argparse.ArgumentParser()
+    cli.add_train_arguments(parser)
+    assert f"small: dualize {small:g}" in " ".join(parser.format_help().split())
+
+
 @pytest.mark.parametrize("kwargs, option", [
     (dict(steps=-1), "steps"), (dict(width=30, heads=4), "heads"), (dict(preset="huge"), "preset"),
     (dict(manifolds="hyperbolic"), "manifolds"), (dict(residual="dense"), "residual"), (dict(lr=0.0), "lr"),

@@ -22,7 +22,6 @@ from .config import (
     MODELS,
     NONFINITE_POLICIES,
     OPTIMIZERS,
-    PRESET_LR,
     PRESETS,
     RESIDUALS,
     SCHEDULES,
@@ -30,6 +29,7 @@ from .config import (
     TrainConfig,
 )
 from .data import DataError
+from .optim.default_lr import lr_for_steps
 from .train import sample, train
 
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
@@ -75,9 +75,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--manifolds", metavar=_choices(MANIFOLD_PRESETS),
                    help="weight manifolds: muon = unconstrained (fastest); hetero = Stiefel attention + DGram MLP [muon]")
     g.add_argument("--lr", type=float,
-                   help="peak learning rate [" + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())
-                   + "".join(f"; --preset {name}: " + ", ".join(f"{k} {v:g}" for k, v in lrs.items())
-                             for name, lrs in PRESET_LR.items()) + "]")
+                   help=f"peak learning rate [dualize {DEFAULT_LR['dualize']:g}·min(1, √(150/steps)): "
+                        f"tiny {lr_for_steps(PRESETS['tiny']['steps']):.3g}, small {lr_for_steps(PRESETS['small']['steps']):.3g}; "
+                        f"adamw {DEFAULT_LR['adamw']:g}]")
     g.add_argument("--momentum", type=float, help=f"momentum (dualize) [{BASE_DEFAULTS['momentum']}]")
     g.add_argument("--weight-decay", type=float, help="decoupled weight decay [0]")
     g.add_argument("--schedule", metavar=_choices(SCHEDULES), help=f"lr decay after warmup "

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .compounds import GPT, CharMLP
+from .optim.default_lr import lr_for_steps
 from .optim.presets import PRESETS as MANIFOLD_PRESETS
 
 
@@ -34,11 +35,9 @@ PRESETS = {
     "small": dict(width=128, depth=4, heads=4, context=64, batch=12, steps=3200, eval_every=200, eval_batches=20),
 }
 
-#: default learning rate per optimizer (measured: docs/training.md, "Choosing the learning rates")
+#: default learning rate per optimizer (measured: docs/training.md, "Choosing the learning rates");
+#: the dualize rate is this for runs up to 150 steps and falls like 1/√steps after (``lr_for_steps``)
 DEFAULT_LR = {"dualize": 0.25, "adamw": 1e-2}
-#: a preset's own default lr where its run length moves the optimum: the lr transfers across width
-#: and depth, not across the number of steps (measured on the preset: docs/training.md)
-PRESET_LR = {"small": {"dualize": 0.1}}
 
 OPTIMIZERS = ("dualize", "adamw")
 MODELS = ("gpt", "mlp")  # mlp: CharMLP, next char from the previous --ngram chars
@@ -196,7 +195,13 @@ def resolve_config(config: TrainConfig, checkpoint_config: dict | None = None) -
         if merged.get(k) is None:
             merged[k] = v
     if merged["lr"] is None:
-        merged["lr"] = PRESET_LR.get(preset, {}).get(merged["optimizer"], DEFAULT_LR[merged["optimizer"]])
+        merged["lr"] = DEFAULT_LR[merged["optimizer"]]
+        if merged["optimizer"] == "dualize":  # transfers across width and depth, not run length
+            try:
+                merged["lr"] = lr_for_steps(merged["steps"])
+            except ValueError:
+                pass  # a bad --steps is reported by the validation below
+
     if merged["manifolds"] is None:
         # Muon by default: at this scale it trains best and fastest (docs/results.md, section 6);
         # Hetero's certified DGram solve costs far more per step on a CPU (same section's table)

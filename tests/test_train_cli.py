@@ -104,20 +104,30 @@ def test_presets_and_defaults_resolve():
     assert resolve_config(TrainConfig()).manifolds == "muon"   # the default since issue 11 (docs/decisions.md)
 
 
-def test_default_lr_follows_the_preset_run_length():
-    """The lr transfers across width and depth, not across run length: the 3200-step small preset
-    has its own measured dualize default; the tiny preset, AdamW and a given --lr keep theirs."""
-    from modula_mhc.config import DEFAULT_LR, PRESET_LR
-    small = PRESET_LR["small"]["dualize"]
-    assert small < DEFAULT_LR["dualize"]
-    assert resolve_config(TrainConfig(preset="small")).lr == small
+def test_default_lr_follows_the_run_length():
+    """The lr transfers across width and depth, not across run length: the CLI's dualize default is
+    lr_for_steps(steps) = 0.25·min(1, √(150/steps)) (measured optima 0.25, 0.125, 0.0625 at 150, 600,
+    2400 steps); AdamW and a given --lr keep theirs; a resumed run keeps its checkpoint's lr."""
+    from modula_mhc.config import DEFAULT_LR
+    from modula_mhc.optim import lr_for_steps
+    assert [lr_for_steps(t) for t in (1, 150, 600, 2400)] == [0.25, 0.25, 0.125, 0.0625]
+    assert lr_for_steps(3200) == pytest.approx(0.25 * (150 / 3200) ** 0.5)
+    for bad in (0, -5, 2.5, True, None):
+        with pytest.raises(ValueError):
+            lr_for_steps(bad)
+    assert resolve_config(TrainConfig(preset="small")).lr == lr_for_steps(3200)
     assert resolve_config(TrainConfig(preset="tiny")).lr == DEFAULT_LR["dualize"]
+    assert resolve_config(TrainConfig(preset="tiny", steps=600)).lr == 0.125
     assert resolve_config(TrainConfig(preset="small", optimizer="adamw")).lr == DEFAULT_LR["adamw"]
     assert resolve_config(TrainConfig(preset="small", lr=0.3)).lr == 0.3
+    resumed = resolve_config(TrainConfig(steps=6000), checkpoint_config=resolve_config(TrainConfig(steps=600)).to_dict())
+    assert resumed.lr == 0.125 and resumed.steps == 6000
+    with pytest.raises(ConfigError, match="steps"):
+        resolve_config(TrainConfig(steps=0))
     import argparse
     parser = argparse.ArgumentParser()
     cli.add_train_arguments(parser)
-    assert f"small: dualize {small:g}" in " ".join(parser.format_help().split())
+    assert f"small {lr_for_steps(3200):.3g}" in " ".join(parser.format_help().split())
 
 
 @pytest.mark.parametrize("kwargs, option", [

@@ -67,6 +67,22 @@ def test_manifold_study_runs(tiny_text, tmp_path):
     assert "| all-dgram | dgram | dgram |" in (tmp_path / "manifold_study.md").read_text()
 
 
+def test_lr_vs_steps_runs_and_reuses_finished_runs(tiny_text, tmp_path, monkeypatch):
+    lvs = load("lr_vs_steps")
+    args = ["--data", tiny_text, "--steps", "2", "4", "--factors", "0.5", "1", "--runs", str(tmp_path / "runs"),
+            "--out", str(tmp_path)]
+    rows = lvs.main(args)
+    assert [(r["steps"], r["lr"]) for r in rows] == [(2, 0.125), (2, 0.25), (4, 0.125), (4, 0.25)]
+    assert all(0 < r["val"] < 10 for r in rows)
+    assert "| 4 | 0.25 |" in (tmp_path / "lr_vs_steps.md").read_text()
+    assert (tmp_path / "lr_vs_steps.png").stat().st_size > 0
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished run was trained again")
+    monkeypatch.setattr(lvs, "train", no_training)
+    assert lvs.main(args) == rows
+
+
 def test_mhc_study_runs(tiny_text, tmp_path):
     st = load("mhc_study")
     st.main(["--data", tiny_text, "--out", str(tmp_path), "--steps", "2", "--width", "16", "--heads", "2",

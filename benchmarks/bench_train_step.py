@@ -10,7 +10,7 @@ is also reported per window of the run, to show whether it grows.
     python benchmarks/bench_train_step.py --preset tiny
     python benchmarks/bench_train_step.py --device cuda         # GPU: Hetero vs Muon target 1.5x
 
-Writes benchmarks/results/train_step[_<preset>].json and .png and prints a table.
+Writes benchmarks/results/train_step_<preset>_<methods>[_cuda].json and .png and prints a table.
 """
 import argparse
 import json
@@ -136,8 +136,9 @@ def main(argv=None):
     if hetero_vs_muon is not None:
         print(f"hetero / muon: {hetero_vs_muon:.2f}")
     os.makedirs(RESULTS, exist_ok=True)
-    stem = "train_step" + ("" if args.preset == "anchor" else f"_{args.preset}") + \
-        ("" if args.device == "cpu" else f"_{args.device}")
+    # train_step_<preset>_<methods other than the AdamW baseline>[_<device>]: the committed names
+    stem = "_".join(["train_step", args.preset] + [m for m in args.methods if m != "adamw"]
+                    + ([] if args.device == "cpu" else [args.device]))
     with open(os.path.join(RESULTS, stem + ".json"), "w") as f:
         json.dump({"config": vars(args), "model": cfg, "rows": rows, "hetero_vs_muon": hetero_vs_muon,
                    "targets": TARGETS.get(args.device, {})}, f, indent=2)

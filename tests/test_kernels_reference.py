@@ -78,6 +78,34 @@ def test_msign_bad_input_raises():
         K.msign(torch.randn(3, 3), steps=0)
 
 
+@pytest.mark.parametrize("kind", ["gauss", "flat", "rank1", "spike+floor", "cond1e6"])
+@pytest.mark.parametrize("shape", [(40, 40), (30, 200)])
+def test_msign_tight_start_bounds_sigma_and_saves_a_step(kind, shape):
+    """msign's start scales by 1.01·‖XXᵀ‖_F^{1/2} ≥ 1.01·σ_max: σ_max ≤ 1/1.01 whatever the
+    spectrum, and σ_max sits far closer to 1 than after ‖X‖_F alone, so 6 steps (Polar Express
+    steps 2-7) match the polar factor as 7 plain steps do."""
+    n, m = shape
+    g = torch.Generator().manual_seed(11)
+    U = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(m, n, generator=g, dtype=torch.float64))[0]
+    i = torch.arange(n, dtype=torch.float64)
+    sv = {"gauss": None, "flat": torch.ones(n, dtype=torch.float64), "rank1": (i < 1).double(),
+          "spike+floor": torch.where(i < 1, 1.0, 5e-3), "cond1e6": 10 ** (-6 * i / (n - 1))}[kind]
+    X = torch.randn(n, m, generator=g) if sv is None else ((U * sv) @ V.mT).float()
+    Y, S = R.msign_start(X.unsqueeze(0))
+    top = float(torch.linalg.matrix_norm(Y[0].double(), ord=2))
+    assert top <= 1 / 1.01 * (1 + 1e-5)
+    assert top >= float(torch.linalg.matrix_norm(R.msign_normalise(X).double(), ord=2)) * (1 - 1e-6)
+    assert torch.allclose(S, Y @ Y.mT, atol=1e-6)
+    A = R.msign(X, 6).double()
+    s = torch.linalg.svdvals(A)
+    assert s.max() <= 1 + 1e-5
+    nuc = torch.linalg.svdvals(X.double()).sum()
+    assert float((A * X.double()).sum() / nuc) >= 0.995
+    assert R.polar_express_gain(6) <= 1.0 < R.polar_express_gain(5)
+    assert R.msign_coeffs(6) == R.polar_express_coeffs(7)[1:]
+
+
 def test_polar_express_coefficients_safety_scaling():
     c = R.polar_express_coeffs(10)
     assert len(c) == 10 and c[7] == c[8] == c[9] == (1.875, -1.25, 0.375)

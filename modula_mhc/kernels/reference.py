@@ -22,6 +22,7 @@ __all__ = [
     "POLAR_EXPRESS_COEFFS",
     "msign",
     "polar_express_gain",
+    "msign_coeffs",
     "sinkhorn",
     "sinkhorn_tol_floor",
     "SinkhornConvergenceWarning",
@@ -65,12 +66,23 @@ def polar_express_coeffs(steps: int) -> list[tuple[float, float, float]]:
     return [POLAR_EXPRESS_COEFFS[k] if k < len(POLAR_EXPRESS_COEFFS) else last for k in range(steps)]
 
 
+def msign_coeffs(steps: int) -> list[tuple[float, float, float]]:
+    """The triples ``msign(X, steps)`` applies: Polar Express steps 2 … steps + 1. Its start (X scaled
+    by 1.01·‖XXᵀ‖_F^{1/2} ≥ 1.01·σ_max, ``msign_start``) takes the place of step 1: σ_max lands in
+    [0.99/√rank-ish, 1/1.01] instead of at ‖X‖₂/‖X‖_F, inside what step 2 is designed for, so 6
+    steps reach the accuracy 7 plain Polar Express steps reach."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"msign: steps must be a positive int, got {steps!r}")
+    return polar_express_coeffs(steps + 1)[1:]
+
+
 @functools.lru_cache(maxsize=None)
 def polar_express_gain(steps: int) -> float:
-    """max over σ ∈ (0, 1/1.01] of p_steps∘…∘p_1(σ): the largest singular value ``msign`` can
-    return in exact arithmetic (the iterates equioscillate around 1; > 1 when ``steps`` < 8)."""
+    """max over σ ∈ (0, 1/1.01] of the polynomials ``msign_coeffs(steps)`` composed: the largest
+    singular value ``msign`` can return in exact arithmetic (the iterates equioscillate around 1;
+    > 1 when ``steps`` < 7)."""
     x = torch.logspace(-9, 0, 200001, dtype=torch.float64) / _SAFETY
-    for a, b, c in polar_express_coeffs(steps):
+    for a, b, c in msign_coeffs(steps):
         x = x * (a + x * x * (b + c * x * x))
     return float(x.max())
 
@@ -83,20 +95,37 @@ def msign_normalise(X: torch.Tensor) -> torch.Tensor:
     return (Xa / (norm * _SAFETY + _MSIGN_TINY)).to(X.dtype)
 
 
+def msign_tighten(Y: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Y, S) / (1.01·‖S‖_F^{1/2}, its square) for S = YYᵀ: then σ_max(Y) ≤ 1/1.01, since
+    ‖S‖_F = (Σσ⁴)^{1/2} ≥ σ_max², a much tighter bound than ‖Y‖_F that costs no extra product."""
+    acc = torch.float64 if S.dtype == torch.float64 else torch.float32
+    scale = torch.linalg.vector_norm(S, dim=(-2, -1), keepdim=True, dtype=acc).sqrt() * _SAFETY + _MSIGN_TINY
+    return Y / scale.to(Y.dtype), S / scale.square().to(S.dtype)
+
+
+def msign_start(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Y, S = YYᵀ) for a batched wide or square Y, scaled to σ_max ≤ 1/1.01: first by 1.01·‖Y‖_F
+    (keeps huge and tiny inputs in range), then ``msign_tighten`` (S is the first step's Gram
+    matrix anyway)."""
+    Y = msign_normalise(Y)
+    return msign_tighten(Y, torch.bmm(Y, Y.mT))
+
+
 #: a matrix whose long side is at least this many times its short side iterates in the Gram space
 #: of its short side (``_polar_express_gram``): per step 4n³ instead of 2n²m + n³ multiply-adds
 GRAM_ROUTE_ASPECT = 3
 
 
-def _polar_express_step(Y: torch.Tensor, a: float, b: float, c: float) -> torch.Tensor:
-    """Y ← a Y + (b S + c S²) Y with S = Y Yᵀ (Y wide or square, batched)."""
-    S = torch.bmm(Y, Y.mT)
+def _polar_express_step(Y: torch.Tensor, a: float, b: float, c: float, S: torch.Tensor | None = None) -> torch.Tensor:
+    """Y ← a Y + (b S + c S²) Y with S = Y Yᵀ (Y wide or square, batched; S given or formed)."""
+    if S is None:
+        S = torch.bmm(Y, Y.mT)
     B = torch.baddbmm(S, S, S, beta=b, alpha=c)  # b S + c S², one fused matmul-add
     return torch.baddbmm(Y, B, Y, beta=a)  # a Y + B Y
 
 
-def _polar_express_gram(Y: torch.Tensor, coeffs) -> torch.Tensor:
-    """The Polar Express steps ``coeffs`` on a wide Y (n×m, m ≫ n) carried out on n×n matrices.
+def _polar_express_gram(Y: torch.Tensor, S: torch.Tensor, coeffs) -> torch.Tensor:
+    """The Polar Express steps ``coeffs`` on a wide Y (n×m, m ≫ n, S = YYᵀ) carried out on n×n matrices.
 
     Every iterate is Q·Y₀ with Q a polynomial in S₀ = Y₀Y₀ᵀ, so a step is T = aI + bS + cS²,
     Q ← QT, S ← TST (the Gram matrix of the new iterate), and Y₀ is multiplied once at the end.
@@ -105,25 +134,26 @@ def _polar_express_gram(Y: torch.Tensor, coeffs) -> torch.Tensor:
     m-wide iterate itself, so what rounding the n×n loop leaves is contracted away.
     """
     *head, last = coeffs
-    S = torch.bmm(Y, Y.mT)
     eye = torch.eye(Y.size(-2), dtype=Y.dtype, device=Y.device)
     Q = None
     for a, b, c in head:
         T = torch.baddbmm(S, S, S, beta=b, alpha=c).add_(eye, alpha=a)  # aI + bS + cS²
         Q = T if Q is None else torch.bmm(Q, T)
         S = torch.bmm(torch.bmm(T, S), T)
-    if Q is not None:
-        Y = torch.bmm(Q, Y)
-    return _polar_express_step(Y, *last)
+    if Q is None:
+        return _polar_express_step(Y, *last, S=S)
+    return _polar_express_step(torch.bmm(Q, Y), *last)
 
 
 def msign(X: torch.Tensor, steps: int = 8) -> torch.Tensor:
     """Polar factor U Vᵀ of X = U Σ Vᵀ (matrix sign), batched over leading dims.
 
-    X ← X / (1.01‖X‖_F), then ``steps`` times X ← a X + (b S + c S²) X with S = X Xᵀ on the
-    smaller side, so every singular value σ ∈ (0, 1] is mapped by p(σ) = aσ + bσ³ + cσ⁵ towards 1.
-    fp32/fp64 matrices with aspect ratio ≥ ``GRAM_ROUTE_ASPECT`` run all but the last step on the
-    small side's Gram matrix (same polynomials, fewer flops).
+    X scaled so that σ_max ≤ 1/1.01 (``msign_start``: by ‖XXᵀ‖_F^{1/2}, in place of Polar Express's
+    first step), then ``steps`` times X ← a X + (b S + c S²) X with S = X Xᵀ on the smaller side
+    (Polar Express steps 2 … steps + 1, ``msign_coeffs``), so every singular value σ ∈ (0, 1] is
+    mapped by p(σ) = aσ + bσ³ + cσ⁵ towards 1. fp32/fp64 matrices with aspect ratio ≥
+    ``GRAM_ROUTE_ASPECT`` run all but the last step on the small side's Gram matrix (same
+    polynomials, fewer flops).
 
     Computes in the input dtype (bf16 matmuls accumulate in fp32 inside torch); returns that dtype.
     A zero matrix maps to zero. Accuracy per dtype and shape: tests/test_kernels_reference.py and
@@ -131,17 +161,18 @@ def msign(X: torch.Tensor, steps: int = 8) -> torch.Tensor:
     so their smallest few singular values can stay below 1; none exceeds 1 + 1e-3).
     X is validated by ``modula_mhc.kernels.msign``, the public entry point.
     """
-    coeffs = polar_express_coeffs(steps)
+    coeffs = msign_coeffs(steps)
     transposed = X.size(-2) > X.size(-1)
     Y = X.mT if transposed else X
     shape = Y.shape
-    Y = msign_normalise(Y.reshape(-1, shape[-2], shape[-1]))
+    Y, S = msign_start(Y.reshape(-1, shape[-2], shape[-1]))
     # fp32/fp64 only: in bf16/fp16 the n×n loop's rounding (squared condition number) made
     # low-rank inputs non-finite
     if shape[-1] >= GRAM_ROUTE_ASPECT * shape[-2] and steps > 1 and Y.dtype in (torch.float32, torch.float64):
-        Y = _polar_express_gram(Y, coeffs)
+        Y = _polar_express_gram(Y, S, coeffs)
     else:
         for a, b, c in coeffs:
-            Y = _polar_express_step(Y, a, b, c)
+            Y = _polar_express_step(Y, a, b, c, S=S)
+            S = None
     Y = Y.reshape(shape)
     return Y.mT if transposed else Y

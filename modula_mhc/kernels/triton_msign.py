@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import msign_normalise, polar_express_coeffs
+from .reference import msign_coeffs, msign_normalise, msign_tighten
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -90,13 +90,15 @@ def sym_product(X: torch.Tensor, alpha: float = 1.0, C: torch.Tensor | None = No
 def msign(X: torch.Tensor, steps: int = 8) -> torch.Tensor:
     """Polar Express polar factor U Vᵀ (same contract as ``reference.msign``) with Triton Gram products.
     Inputs are validated, and ``supports`` asked, by ``modula_mhc.kernels.msign``."""
-    coeffs = polar_express_coeffs(steps)
+    coeffs = msign_coeffs(steps)
     transposed = X.size(-2) > X.size(-1)
     Y = X.mT if transposed else X
     shape = Y.shape
     Y = msign_normalise(Y.reshape(-1, shape[-2], shape[-1])).contiguous()
-    for a, b, c in coeffs:
+    for k, (a, b, c) in enumerate(coeffs):
         S = sym_product(Y)                    # X Xᵀ
+        if k == 0:  # the reference's tight start (msign_start)
+            Y, S = msign_tighten(Y, S)
         B = sym_product(S, alpha=c, C=S, beta=b)  # c S Sᵀ + b S = b S + c S²
         Y = torch.baddbmm(Y, B, Y, beta=a)    # a Y + B Y
     Y = Y.reshape(shape)

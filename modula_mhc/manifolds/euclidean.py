@@ -17,14 +17,15 @@ from .base import (
 
 
 class Euclidean(Manifold):
-    """Euclidean(msign_steps=7): all of ℝ^{out×in} with the spectral norm ‖A‖₂ (a vector is
+    """Euclidean(msign_steps=6): all of ℝ^{out×in} with the spectral norm ‖A‖₂ (a vector is
     treated as a column, so its norm is ℓ2).
 
-    dualize(W, G) = msign(G)/g ≈ U Vᵀ for G = U Σ Vᵀ, by ``msign_steps`` Polar Express steps, divided
-    by the iteration's largest possible gain g (``polar_express_gain``; only fewer than 7 steps have
-    g > 1) so that ‖A‖₂ ≤ 1 always. 7 steps, the default, leave the singular values Polar Express
-    is designed for within 2e-6 of 1 — so ``norm(dualize(g, t)) == t`` holds — at 7/8 of the cost
-    of 8; 6 steps cost 3/4 but leave ‖A‖₂ up to 0.4% short of 1. Tests: tests/test_batched_step.py.
+    dualize(W, G) = msign(G)/g ≈ U Vᵀ for G = U Σ Vᵀ, by ``msign_steps`` Polar Express steps after
+    msign's tight start (G scaled by ‖GGᵀ‖_F^{1/2}, in place of the first step), divided by the
+    iteration's largest possible gain g (``polar_express_gain``; only fewer than 6 steps have g > 1)
+    so that ‖A‖₂ ≤ 1 always. 6 steps, the default, leave the singular values Polar Express is
+    designed for within 2e-6 of 1 — so ``norm(dualize(g, t)) == t`` holds; 5 steps cost 5/6 but
+    leave ‖A‖₂ up to 0.4% short of 1. Tests: tests/test_batched_step.py.
     retract = identity; random = a semi-orthogonal matrix (unit spectral scale).
     """
 
@@ -34,7 +35,7 @@ class Euclidean(Manifold):
     dualize_reads_point = False
     min_ndim = 1
 
-    def __init__(self, msign_steps: int = 7):
+    def __init__(self, msign_steps: int = 6):
         if not (isinstance(msign_steps, int) and not isinstance(msign_steps, bool) and msign_steps >= 1):
             raise ValueError(f"Euclidean: msign_steps must be an int >= 1, got {msign_steps!r}")
         self.msign_steps = msign_steps

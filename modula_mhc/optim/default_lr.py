@@ -4,7 +4,8 @@ The learning rate transfers across width and depth (the modular norm), not acros
 steps: with the linear decay schedule the best rate of a T-step run falls like 1/√T, the classic
 step size of normalised steepest descent over a fixed horizon. Measured optima (factor-2 grids,
 docs/training.md, "Choosing the learning rates"): 150 steps → 0.25, 600 → 0.125, 2400 → 0.0625
-(tiny preset); 3200 steps (small preset, tinyshakespeare) → 0.07 of {0.07, 0.1, 0.15, 0.2, 0.25}.
+(tiny preset); 3200 steps (small preset, tinyshakespeare) → 0.054, the rule's value, of
+{0.025, 0.035, 0.054, 0.07, 0.1, 0.15, 0.2, 0.25}.
 """
 from __future__ import annotations
 

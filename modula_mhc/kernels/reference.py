@@ -69,8 +69,8 @@ def polar_express_coeffs(steps: int) -> list[tuple[float, float, float]]:
 def msign_coeffs(steps: int) -> list[tuple[float, float, float]]:
     """The triples ``msign(X, steps)`` applies: Polar Express steps 2 … steps + 1. Its start (X scaled
     by 1.01·‖XXᵀ‖_F^{1/2} ≥ 1.01·σ_max, ``msign_start``) takes the place of step 1: σ_max lands in
-    [0.99/√rank-ish, 1/1.01] instead of at ‖X‖₂/‖X‖_F, inside what step 2 is designed for, so 6
-    steps reach the accuracy 7 plain Polar Express steps reach."""
+    [rank^(-1/4), 1]/1.01 instead of at ‖X‖₂/‖X‖_F ≥ rank^(-1/2), inside what step 2 is designed
+    for, so 6 steps reach the accuracy 7 plain Polar Express steps reach."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"msign: steps must be a positive int, got {steps!r}")
     return polar_express_coeffs(steps + 1)[1:]

@@ -29,7 +29,7 @@ from .config import (
     TrainConfig,
 )
 from .data import DataError
-from .optim.default_lr import lr_for_steps
+from .optim.default_lr import REFERENCE_LR, REFERENCE_STEPS, lr_for_steps
 from .train import sample, train
 
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
@@ -75,7 +75,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--manifolds", metavar=_choices(MANIFOLD_PRESETS),
                    help="weight manifolds: muon = unconstrained (fastest); hetero = Stiefel attention + DGram MLP [muon]")
     g.add_argument("--lr", type=float,
-                   help=f"peak learning rate [dualize {DEFAULT_LR['dualize']:g}·min(1, √(150/steps)): "
+                   help=f"peak learning rate [dualize {REFERENCE_LR:g}·min(1, √({REFERENCE_STEPS}/steps)): "
                         f"tiny {lr_for_steps(PRESETS['tiny']['steps']):.3g}, small {lr_for_steps(PRESETS['small']['steps']):.3g}; "
                         f"adamw {DEFAULT_LR['adamw']:g}]")
     g.add_argument("--momentum", type=float, help=f"momentum (dualize) [{BASE_DEFAULTS['momentum']}]")

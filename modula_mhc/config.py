@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .compounds import GPT, CharMLP
-from .optim.default_lr import lr_for_steps
+from .optim.default_lr import REFERENCE_LR, lr_for_steps
 from .optim.presets import PRESETS as MANIFOLD_PRESETS
 
 
@@ -37,7 +37,7 @@ PRESETS = {
 
 #: default learning rate per optimizer (measured: docs/training.md, "Choosing the learning rates");
 #: the dualize rate is this for runs up to 150 steps and falls like 1/√steps after (``lr_for_steps``)
-DEFAULT_LR = {"dualize": 0.25, "adamw": 1e-2}
+DEFAULT_LR = {"dualize": REFERENCE_LR, "adamw": 1e-2}
 
 OPTIMIZERS = ("dualize", "adamw")
 MODELS = ("gpt", "mlp")  # mlp: CharMLP, next char from the previous --ngram chars
@@ -201,7 +201,6 @@ def resolve_config(config: TrainConfig, checkpoint_config: dict | None = None) -
                 merged["lr"] = lr_for_steps(merged["steps"])
             except ValueError:
                 pass  # a bad --steps is reported by the validation below
-
     if merged["manifolds"] is None:
         # Muon by default: at this scale it trains best and fastest (docs/results.md, section 6);
         # Hetero's certified DGram solve costs far more per step on a CPU (same section's table)

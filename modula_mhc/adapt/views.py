@@ -180,8 +180,8 @@ class MatrixView(AtomView):
     @torch.no_grad()
     def step_weight(self, A, lr):
         W = self.weight
-        if self.manifold.name == "euclidean":
-            W.add_(A, alpha=-lr)
+        if self.manifold.name == "euclidean":  # no gains to undo: the manifold's own in-place step
+            self.manifold._step_(W, A, lr)
             return
         Mw, Ma = self._matrix(W), self._matrix(A)
         new = [self.manifold._step(w, a / gain, lr) * gain

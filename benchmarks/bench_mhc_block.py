@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from modula_mhc import atoms, bonds, compounds
 from modula_mhc.compounds import HyperConnections, hyper_block
+from modula_mhc.cpu_memory import retain_freed_memory
 
 SIZES = {
     "cpu": dict(widths=[256], batch=16, seq=256, heads=4, reps=11, device="cpu"),
@@ -80,7 +81,10 @@ def main():
     ap.add_argument("--streams", type=int, default=4)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    ap.add_argument("--system-malloc", action="store_true",
+                    help="leave glibc's malloc as it is (default: retain freed memory, as modula-mhc train does)")
     args = ap.parse_args()
+    malloc = "system" if args.system_malloc else ("retain" if retain_freed_memory() else "system")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = SIZES[args.size]
@@ -106,7 +110,7 @@ def main():
     out = pathlib.Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     meta = dict(device=device if device == "cpu" else torch.cuda.get_device_name(), dtype=str(dtype),
-                torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine())
+                torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(), malloc=malloc)
     (out / f"bench_mhc_block_{args.size}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     import matplotlib
     matplotlib.use("Agg")

@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from modula_mhc.cpu_memory import retain_freed_memory  # noqa: E402
 from modula_mhc.kernels import reference  # noqa: E402
 
 from _report import save_bar_chart  # noqa: E402
@@ -42,7 +43,10 @@ def main():
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--system-malloc", action="store_true",
+                    help="leave glibc's malloc as it is (default: retain freed memory, as modula-mhc train does)")
     args = ap.parse_args()
+    malloc = "system" if args.system_malloc else ("retain" if retain_freed_memory() else "system")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if args.size == "gpu" else "cpu"
@@ -104,7 +108,7 @@ def main():
     path = os.path.join(RESULTS, f"mhc_mixing_{args.size}")
     with open(path + ".json", "w") as fh:
         json.dump({"benchmark": "mhc_mixing_fwd_bwd", "device": device, "tokens": T, "n": n, "C": C,
-                   "dtype": str(dtype), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                   "dtype": str(dtype), "threads": torch.get_num_threads(), "torch": torch.__version__, "malloc": malloc,
                    "median_ms": {k: v * 1e3 for k, v in med.items()},
                    "ratio_to_plain_residual": {k: v / base for k, v in med.items()}}, fh, indent=2)
     save_bar_chart(path + ".png", med, "fwd+bwd time (ms, median)", f"mHC mixing, {T} tokens, n={n}, C={C} ({device})")

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from modula_mhc import compounds, optim  # noqa: E402
+from modula_mhc.cpu_memory import retain_freed_memory  # noqa: E402
 from modula_mhc.data import CharCorpus, default_corpus, load_text  # noqa: E402
 from modula_mhc.optim.presets import PRESETS as MANIFOLD_PRESETS  # noqa: E402
 
@@ -84,9 +85,12 @@ def main(argv=None):
     ap.add_argument("--warm-steps", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: leave as is)")
+    ap.add_argument("--system-malloc", action="store_true",
+                    help="leave glibc's malloc as it is (default: retain freed memory, as modula-mhc train does)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     args = ap.parse_args(argv)
+    malloc = "system" if args.system_malloc else ("retain" if retain_freed_memory() else "system")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = PRESETS[args.preset]
@@ -140,7 +144,7 @@ def main(argv=None):
     stem = "_".join(["train_step", args.preset] + [m for m in args.methods if m != "adamw"]
                     + ([] if args.device == "cpu" else [args.device]))
     with open(os.path.join(RESULTS, stem + ".json"), "w") as f:
-        json.dump({"config": vars(args), "model": cfg, "rows": rows, "hetero_vs_muon": hetero_vs_muon,
+        json.dump({"config": vars(args), "malloc": malloc, "model": cfg, "rows": rows, "hetero_vs_muon": hetero_vs_muon,
                    "targets": TARGETS.get(args.device, {})}, f, indent=2)
     plt = pyplot(why_missing=True)
     if plt is None:

@@ -27,7 +27,9 @@ from .config import (
     SCHEDULES,
     ConfigError,
     TrainConfig,
+    resolve_device,
 )
+from .cpu_memory import retain_freed_memory
 from .data import DataError
 from .optim.default_lr import REFERENCE_LR, REFERENCE_STEPS, lr_for_steps
 from .train import sample, train
@@ -155,7 +157,11 @@ def main(argv=None) -> int:
 def _run_command(args, prog) -> int:
     try:
         if args.command == "train":
-            train(config_from_args(args))
+            config = config_from_args(args)
+            device = config.device or "auto"
+            if device in ("auto", "cpu") and resolve_device(device).type == "cpu":
+                retain_freed_memory()  # no page faults on re-allocated activations (cpu_memory.py)
+            train(config)
         else:
             text = sample(args.checkpoint, chars=args.chars, prompt=args.prompt,
                                    temperature=args.temperature, seed=args.seed, device=args.device)

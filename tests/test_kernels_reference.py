@@ -192,9 +192,13 @@ def test_sinkhorn_tol_mode_cap_reports_true_error():
     assert abs(err.item() - _marginals(P)) < 1e-6 and err.item() > 1e-6
 
 
+@pytest.mark.parametrize("keep", [True, False], ids=["kept-iterates", "recomputed-iterates"])
 @pytest.mark.parametrize("std", [0.5, 2.0, 4.0, 8.0, 40.0])
-def test_sinkhorn_backward_matches_float64_unrolled_autograd(std):
-    # std 40 exercises the log-domain path (row spread > 60).
+def test_sinkhorn_backward_matches_float64_unrolled_autograd(std, keep, monkeypatch):
+    # std 40 exercises the log-domain path (row spread > 60); keep=False forces the backward to
+    # recompute the iterates from the logits (what batches above _KEEP_STATES_BYTES do)
+    if not keep:
+        monkeypatch.setattr(sinkhorn_reference, "_KEEP_STATES_BYTES", 0)
     torch.manual_seed(4)
     L = torch.randn(2, 300, 4, 4) * std
     G = torch.randn(2, 300, 4, 4)  # random grad_output: all-ones gives zero gradient
@@ -232,8 +236,9 @@ def test_sinkhorn_chunked_backward_equals_unchunked(monkeypatch):
     L = torch.randn(100, 4, 4)
     G = torch.randn(100, 4, 4)
     L1 = L.clone().requires_grad_()
-    (K.sinkhorn(L1) * G).sum().backward()
-    monkeypatch.setattr(sinkhorn_reference, "_BACKWARD_CHUNK_BYTES", 2 * 20 * 16 * 4 * 7)  # 7 matrices per chunk
+    (K.sinkhorn(L1) * G).sum().backward()  # iterates kept by the forward
+    monkeypatch.setattr(sinkhorn_reference, "_KEEP_STATES_BYTES", 0)  # recomputed in the backward...
+    monkeypatch.setattr(sinkhorn_reference, "_BACKWARD_CHUNK_BYTES", 2 * 20 * 16 * 4 * 7)  # ...7 matrices per chunk
     L2 = L.clone().requires_grad_()
     (K.sinkhorn(L2) * G).sum().backward()
     assert torch.allclose(L1.grad, L2.grad, atol=1e-7)

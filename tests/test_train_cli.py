@@ -538,3 +538,12 @@ def test_evaluation_windows_do_not_depend_on_the_seed():
               for s in (0, 1, 7)]
     assert losses[0] == losses[1] == losses[2]
     assert losses[0]["val"] != losses[0]["train"]
+
+
+@pytest.mark.parametrize("device,retains", [("cpu", True), ("cuda", False)])
+def test_cli_retains_freed_cpu_memory_for_cpu_runs_only(monkeypatch, tmp_path, device, retains):
+    calls, trained = [], []
+    monkeypatch.setattr(cli, "retain_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(cli, "train", lambda config: trained.append(config))
+    assert cli.main(["train", "--steps", "1", "--device", device, "--out", str(tmp_path / "run")]) == 0
+    assert len(trained) == 1 and bool(calls) == retains

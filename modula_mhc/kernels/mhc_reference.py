@@ -42,12 +42,13 @@ def _coeff_backward(X: torch.Tensor, P: torch.Tensor, d_raw: torch.Tensor, d_sum
     when given; dφᵀ = dH̃ᵀ x (the faster operand order on CPU)."""
     d_raw = d_raw.reshape(-1, P.size(1)).to(X.dtype)
     scale = 2.0 * d_sumsq.reshape(-1, 1).to(X.dtype)
+    Pt = P.mT.contiguous()  # a row-major φᵀ: the skinny product is ~1.4x faster on CPU than through the view
     if dx is None:
-        dx = (X * scale).addmm_(d_raw, P.mT)
+        dx = (X * scale).addmm_(d_raw, Pt)
     elif dx.dtype == X.dtype:
-        dx.addmm_(d_raw, P.mT).addcmul_(X, scale)
+        dx.addmm_(d_raw, Pt).addcmul_(X, scale)
     else:  # bf16/fp16 activations: the coefficient path's gradient formed in fp32, added once
-        dx.add_((X * scale).addmm_(d_raw, P.mT))
+        dx.add_((X * scale).addmm_(d_raw, Pt))
     return dx, d_raw.mT @ X
 
 

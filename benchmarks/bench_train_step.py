@@ -55,7 +55,7 @@ def train_step(gpt, opt, x, y):
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return loss
+    return loss.detach()
 
 
 def timed(fn, device):

@@ -14,7 +14,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from
 import modula_mhc  # noqa: E402
 
 SECTIONS = ["module", "algebra", "claims", "atoms", "bonds", "compounds", "manifolds", "optim", "kernels", "symbolic",
-            "adapt", "config", "train", "data", "checkpoint", "outputs", "sampling", "distributed"]
+            "adapt", "config", "train", "data", "checkpoint", "outputs", "sampling", "distributed", "cpu_memory"]
 
 
 def _public(mod):

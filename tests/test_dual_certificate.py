@@ -12,7 +12,7 @@ import zlib
 import pytest
 import torch
 
-from modula_mhc.manifolds import DGram, Stiefel
+from modula_mhc.manifolds import DGram, Stiefel, dual_ascent
 from modula_mhc.manifolds.dual_ascent import off_diagonal
 
 
@@ -143,6 +143,24 @@ def test_warm_start_reaches_the_same_certificate_faster():
     cold = st["iterations"]
     M.dualize(W, G + 0.01 * torch.randn(G.shape, generator=g, dtype=torch.float64), st)
     assert st["warm_start"] and st["iterations"] <= cold and float(st["duality_gap"]) <= M.gap_tol
+
+
+@pytest.mark.parametrize("manifold,shape,kind", [("stiefel", (96, 48), "cond1e4"), ("dgram", (48, 96), "rank1"),
+                                                  ("stiefel", (48, 48), "gauss")])
+def test_accelerator_cadence_of_stopping_tests_certifies_the_same(monkeypatch, manifold, shape, kind):
+    """On accelerators the loop tests its stopping rule every CHECK_EVERY["accelerator"] iterations
+    (one host sync per test); run here on the CPU by giving the CPU that cadence. It must still
+    return the best iterate with a true certified gap, stopping on a multiple of the cadence."""
+    every = dual_ascent.CHECK_EVERY["accelerator"]
+    assert every > 1
+    monkeypatch.setitem(dual_ascent.CHECK_EVERY, "cpu", every)
+    g = torch.Generator().manual_seed(zlib.crc32(f"cadence{manifold}{shape}{kind}".encode()))
+    m, n = shape
+    W, G = point(manifold, m, n, g), gradient(kind, m, n, g)
+    ratio, st = check(manifold, W, G, torch.float64)
+    cap = (Stiefel() if manifold == "stiefel" else DGram()).max_iters
+    assert st["iterations"] % every == 0 or st["iterations"] == cap
+    assert st["certified"]
 
 
 @pytest.mark.parametrize("bad", [0, -1e-3, 1.0, float("nan"), "x"])

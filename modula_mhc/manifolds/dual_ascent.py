@@ -41,6 +41,9 @@ STEP_MIN, STEP_MAX = 1e-4, 10.0
 #: Gaussian, rank-1 and condition-1e4 gradients, tall/wide/square, and real MLP gradients: Stiefel's
 #: rank-1 problems stall when smoothed early, DGram's stall at a 4% gap unless smoothed from the start
 SCHEDULES = {False: (100, 3.0 * math.sqrt(2)), True: (0, 3.0 * math.sqrt(2))}
+#: iterations between stopping tests (each is a host sync): every one on the CPU, every few on
+#: accelerators, where a sync per iteration would stall the queue of small kernels
+CHECK_EVERY = {"cpu": 1, "accelerator": 4}
 #: every ALTERNATE iterations c drops to c/3 and back: a fixed c locked some rank-1 problems at 97-98%
 #: (a cap μ ≤ 0.03 was tried too: it stalled rank-1 DGram at 97%)
 ALTERNATE = 40
@@ -114,7 +117,7 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
                 alpha = prev_step.to(alpha)
 
     # a host sync per check: every iteration on the CPU, every few on accelerators
-    check_every = 1 if W.device.type == "cpu" else 4
+    check_every = CHECK_EVERY["cpu" if W.device.type == "cpu" else "accelerator"]
     batch = lam0.shape[:-2]
     best_lo = torch.full(batch, -math.inf, dtype=sdt, device=W.device)
     best_hi = torch.full(batch, math.inf, dtype=sdt, device=W.device)

@@ -2,6 +2,8 @@
 # with a local CPU build of it (like our CI) pip takes that; elsewhere PyPI serves the CUDA build.
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
+# warm-up steps of the GPU training-step benchmark (targets are read after 100; fewer fit a short GPU lease)
+GPU_WARM_STEPS ?= 100
 PIP = $(PYTHON) -m pip install -q --disable-pip-version-check
 
 .PHONY: install demo test test-slow test-triton bench gpu-check docs
@@ -33,7 +35,7 @@ gpu-check:
 	$(PYTHON) benchmarks/bench_msign.py --size gpu
 	$(PYTHON) benchmarks/bench_sinkhorn.py --size gpu
 	$(PYTHON) benchmarks/bench_mhc_block.py --size gpu
-	$(PYTHON) benchmarks/bench_train_step.py --device cuda --methods muon hetero
+	$(PYTHON) benchmarks/bench_train_step.py --device cuda --methods muon hetero --warm-steps $(GPU_WARM_STEPS)
 
 bench: install
 	for f in benchmarks/bench_*.py; do $(PYTHON) $$f || exit 1; done

@@ -215,7 +215,8 @@ def test_dualize_batched_matches_unbatched(cls):
     A = m.dualize(W, G)
     for i in range(3):
         Ai = m.dualize(W[i], G[i])
-        assert inner(G[i], A[i]).item() >= 0.995 * inner(G[i], Ai).item()
+        # both are certified within gap_tol of the same optimum
+        assert inner(G[i], A[i]).item() >= (1 - m.gap_tol) * inner(G[i], Ai).item()
         assert abs(spec(A[i]).item() - 1) < 2e-3
 
 

@@ -18,8 +18,11 @@ from .base import (
 )
 from .dual_ascent import steepest_tangent
 
-#: default certified relative duality gap: every dualize reaches ≥ 99.5% of the optimum
-GAP_TOL = 5e-3
+#: default certified relative duality gap: every dualize reaches ≥ 99.2% of the optimum. 5e-3 was
+#: the default before: on real 512×128 MLP gradients 7 of 16 warm-started solves hit the cap at gaps
+#: up to 7.5e-3 (reported uncertified); at 8e-3 all 16 certify, in 0.79× the time, and the float32
+#: answer keeps a margin over the 99% the optimizer promises
+GAP_TOL = 8e-3
 #: default cap on dual iterations (adversarial gradients need up to ~200 for gap 5e-3)
 MAX_ITERS = 300
 

@@ -163,6 +163,33 @@ def test_accelerator_cadence_of_stopping_tests_certifies_the_same(monkeypatch, m
     assert st["certified"]
 
 
+@pytest.mark.parametrize("kind", ["gauss", "rank1", "cond1e4"])
+@pytest.mark.parametrize("shape", [(96, 48), (48, 96), (48, 48)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_warm_smoothing_keeps_the_certificate(kind, shape):
+    """DGram's warm start carries the smoothing μ it reached (``dual_smoothing``), which bounds μ
+    for the next solve's first iterations; the next solve, on a gradient that moved, must still be
+    certified ≥ 99% by the SVD-rechecked bound. Stiefel (smoothed only after its plain phase)
+    carries none."""
+    g = torch.Generator().manual_seed(zlib.crc32(f"warm-mu{kind}{shape}".encode()))
+    m, n = shape
+    W, G = point("dgram", m, n, g), gradient(kind, m, n, g)
+    st = {}
+    DGram().dualize(W, G, st)
+    assert isinstance(st.get("dual_smoothing"), torch.Tensor) and float(st["dual_smoothing"]) > 0
+    G2 = G + 0.05 * G.norm() / math.sqrt(G.numel()) * torch.randn(G.shape, generator=g, dtype=torch.float64)
+    st2 = dict(st)
+    A = DGram().dualize(W, G2, st2)
+    assert st2["warm_start"] and st2["certified"]
+    Wt, Gt, At = (W.T, G2.T, A.T) if m < n else (W, G2, A)
+    Wn = Wt / (Wt.norm() / math.sqrt(Wt.shape[1]))   # the solver's normalised problem
+    Gn = Gt * (math.sqrt(Wt.shape[1]) / Gt.norm())
+    upper = torch.linalg.svdvals(Gn + 2 * Wn @ st2["certificate"].double()).sum()
+    assert float((Gn * At).sum() / upper) >= 0.99
+    stiefel_state = {}
+    Stiefel().dualize(Stiefel().random((m, n), generator=g, dtype=torch.float64), G, stiefel_state)
+    assert "dual_smoothing" not in stiefel_state
+
+
 @pytest.mark.parametrize("bad", [0, -1e-3, 1.0, float("nan"), "x"])
 def test_gap_tol_is_validated(bad):
     with pytest.raises(ValueError):

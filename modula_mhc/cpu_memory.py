@@ -10,7 +10,7 @@ its plain residual twin 31–41 ms either way. A 64 MiB tensor allocated, filled
 faults 16 385 pages per round with the defaults, 0–4 096 retained (tests/test_cpu_memory.py).
 
 :func:`retain_freed_memory` is a process-wide setting, so the library never calls it on import:
-the ``modula-mhc`` command calls it for CPU runs, the CPU benchmarks call it for every method they
+the ``modula-mhc`` command calls it for CPU runs, the mHC and training-step benchmarks call it for every method they
 compare (``--system-malloc`` measures without it), and a user's own script may call it. The cost
 is the usual one of a caching allocator: the process keeps its peak memory until it exits.
 """

@@ -21,6 +21,9 @@ def gradient(kind, m, n, g):
         return torch.randn(m, n, generator=g, dtype=torch.float64)
     if kind == "rank1":
         return torch.randn(m, 1, generator=g, dtype=torch.float64) @ torch.randn(1, n, generator=g, dtype=torch.float64)
+    if kind == "spike":  # rank 1 over a noise floor of 0.3% of its RMS: the BB steps diverged on these
+        G = torch.randn(m, 1, generator=g, dtype=torch.float64) @ torch.randn(1, n, generator=g, dtype=torch.float64)
+        return G + 0.003 * G.norm() / math.sqrt(m * n) * torch.randn(m, n, generator=g, dtype=torch.float64)
     U, _ = torch.linalg.qr(torch.randn(max(m, n), min(m, n), generator=g, dtype=torch.float64))
     V, _ = torch.linalg.qr(torch.randn(min(m, n), min(m, n), generator=g, dtype=torch.float64))
     X = U @ torch.diag(torch.logspace(0, -4, min(m, n), dtype=torch.float64)) @ V.T   # condition number 1e4
@@ -73,7 +76,7 @@ SHAPES = [(96, 48), (48, 96), (48, 48)]
 
 @pytest.mark.parametrize("manifold", ["stiefel", "dgram"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("kind", ["gauss", "rank1", "cond1e4"])
+@pytest.mark.parametrize("kind", ["gauss", "rank1", "cond1e4", "spike"])
 def test_dualize_certified_within_one_percent(manifold, shape, kind):
     g = torch.Generator().manual_seed(zlib.crc32(f"{manifold}{shape}{kind}".encode()))  # hash() is salted per process
     m, n = shape
@@ -203,3 +206,33 @@ def test_optimizer_refuses_non_finite_settings(kwargs):
     from modula_mhc import atoms, optim
     with pytest.raises(ValueError, match="must"):
         optim.DualizeRetract(atoms.Linear(4, 3), **kwargs)
+
+
+@pytest.mark.parametrize("eps", [0.01, 0.05])
+def test_warm_smoothing_of_zero_does_not_freeze_the_smoothing(eps):
+    """A solve certified before its first μ update leaves μ = 0 behind; the next warm solve must
+    not read that as a cap of 0 on μ (measured: a square Gaussian DGram problem then took 63 and 75
+    iterations, against 35 and 39 cold and 22 and 25 with μ = 0 ignored), and must certify."""
+    g = torch.Generator().manual_seed(11)
+    W, G = point("dgram", 64, 64, g), gradient("gauss", 64, 64, g)
+    st = {}
+    DGram().dualize(W, G, st)
+    st["dual_smoothing"] = torch.zeros_like(st["dual_smoothing"])
+    G2 = G + eps * G.norm() / math.sqrt(G.numel()) * torch.randn(G.shape, generator=g, dtype=torch.float64)
+    cold = {}
+    DGram().dualize(W, G2, cold)
+    DGram().dualize(W, G2, st)
+    assert st["warm_start"] and st["certified"]
+    assert st["iterations"] <= cold["iterations"]
+
+
+def test_a_diverged_dual_step_restarts_from_the_best_multiplier():
+    """The traced failure: once smoothing began, a Barzilai–Borwein step threw the dual bound of
+    this rank-1-plus-noise Stiefel problem from 7.4 to 360, and 2000 iterations ended at a 4.9%
+    gap. With the restart (back to the best multiplier, 10× shorter step) it certifies."""
+    g = torch.Generator().manual_seed(21)
+    W = point("stiefel", 96, 48, g)
+    G = gradient("rank1", 96, 48, g)
+    G = G + 0.003 * G.norm() / math.sqrt(G.numel()) * torch.randn(G.shape, generator=g, dtype=torch.float64)
+    ratio, st = check("stiefel", W, G, torch.float64)
+    assert st["certified"] and st["iterations"] < Stiefel().max_iters

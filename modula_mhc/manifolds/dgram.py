@@ -21,7 +21,7 @@ def column_norms(Wt: torch.Tensor) -> torch.Tensor:
 
 
 class DGram(GramManifold):
-    """DGram(max_scale=None, gap_tol=8e-3, max_iters=300).
+    """DGram(max_scale=None, gap_tol=8e-3, max_iters=1000).
 
     Tangent space at W = Q·diag(s) (Q orthonormal columns): {A : Off(WᵀA + AᵀW) = 0}, i.e.
     s_i (QᵀA)_ij + s_j (QᵀA)_ji = 0 for i ≠ j. Natural norm ‖A‖₂.

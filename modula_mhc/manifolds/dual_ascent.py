@@ -56,6 +56,11 @@ CHECK_EVERY = {"cpu": 1, "accelerator": 4}
 #: and windows of 10 or 20 iterations measured worse; the limit is fitted to these 36 solves
 WARM_SMOOTHING = (40, 2.0)
 WARM_GAP_LIMIT = 0.3
+#: an iterate whose dual bound exceeds the best one by this fraction has diverged (a long BB step
+#: once smoothing reshapes the landscape: measured on rank-1-plus-noise gradients, the bound jumped
+#: from 7.4 to 360 and never came back in 2000 iterations); the loop returns to the best multiplier
+#: with a RESTART_SHRINK times shorter step
+DIVERGED, RESTART_SHRINK = 0.5, 10.0
 #: every ALTERNATE iterations c drops to c/3 and back: a fixed c locked some rank-1 problems at 97-98%
 #: (a cap μ ≤ 0.03 was tried too: it stalled rank-1 DGram at 97%)
 ALTERNATE = 40
@@ -132,8 +137,10 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
                 alpha = prev_step.to(alpha)
             prev_mu = state.get("dual_smoothing")
             if plain_iters == 0 and isinstance(prev_mu, torch.Tensor) and prev_mu.shape == batch:
-                warm_mu2 = prev_mu.to(mu2).square()
-                mu2 = warm_mu2.clone()
+                # μ = 0 (a solve certified before its first update) carries nothing: no cap
+                prev_mu2 = prev_mu.to(mu2).square()
+                warm_mu2 = torch.where(prev_mu2 > 0, prev_mu2, torch.full_like(prev_mu2, math.inf))
+                mu2 = prev_mu2
 
     # a host sync per check: every iteration on the CPU, every few on accelerators
     check_every = CHECK_EVERY["cpu" if W.device.type == "cpu" else "accelerator"]
@@ -141,6 +148,7 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
     best_hi = torch.full(batch, math.inf, dtype=sdt, device=W.device)
     best_R, best_C, best_lam, hi_lam = torch.zeros_like(gram), torch.zeros_like(gram), lam, lam
     prev_lam = prev_D = None
+    fresh = torch.zeros(batch + (1, 1), dtype=torch.bool, device=W.device)  # no BB pair yet after a restart
     iters = 0
     for k in range(1, max_iters + 1):
         iters = k
@@ -182,9 +190,12 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
             s, y = lam - prev_lam, D - prev_D
             sy, ss, yy = _inner(s, y)[..., None, None], _inner(s, s)[..., None, None], _inner(y, y)[..., None, None]
             bb = (ss / sy.clamp_min(1e-300)) if k % 2 == 0 else (sy / yy.clamp_min(1e-300))
-            alpha = torch.where(sy > 0, bb.clamp(STEP_MIN, STEP_MAX), alpha)
+            alpha = torch.where((sy > 0) & ~fresh, bb.clamp(STEP_MIN, STEP_MAX), alpha)
         prev_lam, prev_D = lam, D
-        lam = lam - alpha * D
+        lost = (hi > (1 + DIVERGED) * best_hi)[..., None, None]
+        lam = torch.where(lost, hi_lam, lam - alpha * D)
+        alpha = torch.where(lost, (alpha / RESTART_SHRINK).clamp_min(STEP_MIN), alpha)
+        fresh = lost
 
     # A = M·R − W·X = E·R + W·(Γ⁻¹ZR − X), then rescaled to ‖A‖₂ = 1 exactly
     A = E @ best_R + W @ best_C

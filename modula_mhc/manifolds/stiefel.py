@@ -8,7 +8,7 @@ from .gram import GramManifold
 
 
 class Stiefel(GramManifold):
-    """Stiefel(gap_tol=8e-3, max_iters=300).
+    """Stiefel(gap_tol=8e-3, max_iters=1000).
 
     Tangent space at W: {A : WᵀA + AᵀW = 0}; natural norm ‖A‖₂.
     dualize: argmax ⟨G, A⟩ over ‖A‖₂ ≤ 1 in the tangent space, certified to within ``gap_tol`` of

@@ -1,5 +1,18 @@
-"""Shared output of the benchmark scripts: a horizontal bar chart of median times."""
+"""Shared pieces of the benchmark scripts: the CPU allocator option and a bar chart of median times."""
 from __future__ import annotations
+
+
+def add_malloc_option(ap) -> None:
+    """``--system-malloc`` on an argparse parser (see :func:`apply_malloc`)."""
+    ap.add_argument("--system-malloc", action="store_true",
+                    help="leave glibc's malloc as it is (default: retain freed memory, as modula-mhc train does)")
+
+
+def apply_malloc(args) -> str:
+    """Retain freed memory for every method compared (``modula_mhc.cpu_memory``) unless
+    ``--system-malloc``; returns what the run used, "retain" or "system", for its JSON."""
+    from modula_mhc.cpu_memory import retain_freed_memory
+    return "system" if args.system_malloc else ("retain" if retain_freed_memory() else "system")
 
 
 def pyplot(why_missing: bool = False):

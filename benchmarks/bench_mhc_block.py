@@ -27,7 +27,8 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from modula_mhc import atoms, bonds, compounds
 from modula_mhc.compounds import HyperConnections, hyper_block
-from modula_mhc.cpu_memory import retain_freed_memory
+
+from _report import add_malloc_option, apply_malloc  # (the script's own folder is on sys.path)
 
 SIZES = {
     "cpu": dict(widths=[256], batch=16, seq=256, heads=4, reps=11, device="cpu"),
@@ -81,10 +82,9 @@ def main():
     ap.add_argument("--streams", type=int, default=4)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
-    ap.add_argument("--system-malloc", action="store_true",
-                    help="leave glibc's malloc as it is (default: retain freed memory, as modula-mhc train does)")
+    add_malloc_option(ap)
     args = ap.parse_args()
-    malloc = "system" if args.system_malloc else ("retain" if retain_freed_memory() else "system")
+    malloc = apply_malloc(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = SIZES[args.size]

@@ -17,10 +17,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from modula_mhc.cpu_memory import retain_freed_memory  # noqa: E402
 from modula_mhc.kernels import reference  # noqa: E402
 
-from _report import save_bar_chart  # noqa: E402
+from _report import add_malloc_option, apply_malloc, save_bar_chart  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -43,10 +42,9 @@ def main():
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--system-malloc", action="store_true",
-                    help="leave glibc's malloc as it is (default: retain freed memory, as modula-mhc train does)")
+    add_malloc_option(ap)
     args = ap.parse_args()
-    malloc = "system" if args.system_malloc else ("retain" if retain_freed_memory() else "system")
+    malloc = apply_malloc(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = "cuda" if args.size == "gpu" else "cpu"

@@ -24,11 +24,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from modula_mhc import compounds, optim  # noqa: E402
-from modula_mhc.cpu_memory import retain_freed_memory  # noqa: E402
 from modula_mhc.data import CharCorpus, default_corpus, load_text  # noqa: E402
 from modula_mhc.optim.presets import PRESETS as MANIFOLD_PRESETS  # noqa: E402
 
-from _report import pyplot  # noqa: E402
+from _report import add_malloc_option, apply_malloc, pyplot  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 PRESETS = {"anchor": dict(width=128, depth=4, heads=4, context=64, batch=12),
@@ -85,12 +84,11 @@ def main(argv=None):
     ap.add_argument("--warm-steps", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: leave as is)")
-    ap.add_argument("--system-malloc", action="store_true",
-                    help="leave glibc's malloc as it is (default: retain freed memory, as modula-mhc train does)")
+    add_malloc_option(ap)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     args = ap.parse_args(argv)
-    malloc = "system" if args.system_malloc else ("retain" if retain_freed_memory() else "system")
+    malloc = apply_malloc(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = PRESETS[args.preset]

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from . import cpu_mix
+
 __all__ = ["mhc_coeff_input", "mhc_pre", "mhc_post_res"]
 
 
@@ -79,6 +81,9 @@ class _Pre(torch.autograd.Function):
         h = h_pre.to(x.dtype).contiguous()  # a strided h sends the batched product down a slow path
         ctx.save_for_backward(x, h)
         ctx.h_dtype = h_pre.dtype
+        if cpu_mix.usable(x):
+            x = x.contiguous()
+            return cpu_mix.pre_res(x, cpu_mix.tokens_major(h, x.shape[:-2], x.size(-2)), None)[0]
         return (h.unsqueeze(-2) @ x).squeeze(-2)
 
     @staticmethod
@@ -97,7 +102,12 @@ class _PostRes(torch.autograd.Function):
     def forward(ctx, x, f_out, h_res, h_post):
         dt = x.dtype
         H, q = h_res.to(dt), h_post.to(dt).contiguous()
-        out = (H @ x).addcmul_(q.unsqueeze(-1), f_out.unsqueeze(-2))
+        if cpu_mix.usable(x, f_out):  # the same C passes as the fused layer: the same values, bit for bit
+            lead, n = x.shape[:-2], x.size(-2)
+            out = cpu_mix.pre_res(x.contiguous(), None, cpu_mix.tokens_major(H, lead, n, n))[1]
+            cpu_mix.add_post_(out, cpu_mix.tokens_major(q, lead, n), f_out.contiguous())
+        else:
+            out = (H @ x).addcmul_(q.unsqueeze(-1), f_out.unsqueeze(-2))
         ctx.save_for_backward(x, f_out, H, q)
         ctx.h_dtypes = (h_res.dtype, h_post.dtype)
         return out
@@ -161,8 +171,14 @@ class _PreRes(torch.autograd.Function):
         leaves, h = _coefficient_graph(coefficients, raw, sumsq, weights, needs)
         h_pre, h_post, h_res = (t.detach() for t in h)
         p, H = h_pre.to(x.dtype).contiguous(), h_res.to(x.dtype)
-        u = (p.unsqueeze(-2) @ x).squeeze(-2)
-        r = H @ x
+        ctx.fused = cpu_mix.usable(x)
+        if ctx.fused:  # one C pass over the stream for both products (kernels/cpu_mix.py)
+            lead, n = x.shape[:-2], x.size(-2)
+            x, p, H = x.contiguous(), cpu_mix.tokens_major(p, lead, n), cpu_mix.tokens_major(H, lead, n, n)
+            u, r = cpu_mix.pre_res(x, p, H)
+        else:
+            u = (p.unsqueeze(-2) @ x).squeeze(-2)
+            r = H @ x
         ctx.save_for_backward(x, X, P, p, H, raw, sumsq, *weights)
         ctx.graph = None if recompute else (leaves, h)  # recompute: rebuild the small map in backward
         ctx.coefficients, ctx.needs = coefficients, needs
@@ -175,10 +191,14 @@ class _PreRes(torch.autograd.Function):
         x, X, P, p, H, raw, sumsq, *weights = ctx.saved_tensors
         leaves, h = ctx.graph or _coefficient_graph(ctx.coefficients, raw, sumsq, weights, ctx.needs)
         lead, (n, C) = x.shape[:-2], x.shape[-2:]
-        dx = p.unsqueeze(-1) * du.unsqueeze(-2)
-        Ht = H.mT.expand(*lead, n, n).reshape(-1, n, n).contiguous()
-        dx.view(-1, n, C).baddbmm_(Ht, dr.reshape(-1, n, C))
-        grad_h = ((du.unsqueeze(-2) @ x.mT).squeeze(-2), dq, dr @ x.mT)  # dh_pre, dh_post, dH per token
+        if ctx.fused:
+            dx, dp, dH = cpu_mix.pre_res_backward(x, p, H, du.contiguous(), dr.contiguous())
+            grad_h = (dp.view(*lead, n), dq, dH.view(*lead, n, n))
+        else:
+            dx = p.unsqueeze(-1) * du.unsqueeze(-2)
+            Ht = H.mT.expand(*lead, n, n).reshape(-1, n, n).contiguous()
+            dx.view(-1, n, C).baddbmm_(Ht, dr.reshape(-1, n, C))
+            grad_h = ((du.unsqueeze(-2) @ x.mT).squeeze(-2), dq, dr @ x.mT)  # dh_pre, dh_post, dH per token
         grad_h = [g.to(t.dtype).sum_to_size(t.shape) for g, t in zip(grad_h, h)]  # static coefficients: summed
         wanted = [t for t in leaves if t is not None and t.requires_grad]
         found = iter(torch.autograd.grad(h, wanted, grad_h, allow_unused=True, retain_graph=True))
@@ -197,7 +217,12 @@ class _AddPost(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, f_out, h_post):
         q = h_post.to(r.dtype).contiguous()
-        r.addcmul_(q.unsqueeze(-1), f_out.unsqueeze(-2))
+        ctx.fused = r.is_contiguous() and cpu_mix.usable(r, f_out)
+        if ctx.fused:  # C passes here and for the backward's two reductions (kernels/cpu_mix.py)
+            q, f_out = cpu_mix.tokens_major(q, r.shape[:-2], r.size(-2)), f_out.contiguous()
+            cpu_mix.add_post_(r, q, f_out)
+        else:
+            r.addcmul_(q.unsqueeze(-1), f_out.unsqueeze(-2))
         ctx.mark_dirty(r)
         ctx.save_for_backward(f_out, q)
         ctx.q_dtype = h_post.dtype
@@ -207,6 +232,9 @@ class _AddPost(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out):
         f, q = ctx.saved_tensors
+        if ctx.fused:
+            df, dq = cpu_mix.add_post_backward(d_out.contiguous(), q, f)
+            return d_out, df, dq.view(d_out.shape[:-1]).to(ctx.q_dtype)
         df = (q.unsqueeze(-2) @ d_out).squeeze(-2)
         dq = (f.unsqueeze(-2) @ d_out.mT).squeeze(-2).to(ctx.q_dtype)
         return d_out, df, dq

@@ -27,6 +27,8 @@ optimizer step (``state``: the multiplier's offset, the step length and, for DGr
 μ reached, which bounds μ for the first iterations: ``WARM_SMOOTHING``); and smoothing of the nuclear norm with μ tied to the current gap
 (F + μ²I, from the start for DGram, after 100 plain iterations for Stiefel: ``SCHEDULES``): the plain dual is nonsmooth where the optimum needs
 singular values below 1 (ill-conditioned or low-rank G, DGram) and plain descent crawls there.
+Per iteration: one eigh of F, one eigvalsh for the lower bound and 6 n×n products (AᵀA = RFR from
+the same eigenvectors; Γ as row scalings when it is diagonal: ``DIAGONAL_GRAM``).
 """
 from __future__ import annotations
 
@@ -64,6 +66,11 @@ DIVERGED, RESTART_SHRINK = 0.5, 10.0
 #: every ALTERNATE iterations c drops to c/3 and back: a fixed c locked some rank-1 problems at 97-98%
 #: (a cap μ ≤ 0.03 was tried too: it stalled rank-1 DGram at 97%)
 ALTERNATE = 40
+#: a Gram matrix Γ = WᵀW whose off-diagonal entries are below this fraction of √(Γ_ii Γ_jj) is
+#: treated as diagonal inside the loop (products with Γ and Γ⁻¹ become row scalings: 5 of 11 n×n
+#: products per iteration saved); points retracted onto DGram or Stiefel in float32 have ~3e-7, and
+#: the reported bound is recomputed with the full Γ at the end
+DIAGONAL_GRAM = 1e-5
 
 
 def _inner(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
@@ -75,14 +82,43 @@ def off_diagonal(H: torch.Tensor) -> torch.Tensor:
     return H - torch.diag_embed(torch.diagonal(H, dim1=-2, dim2=-1))
 
 
-def _inv_sqrt(e: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    """V·diag(e^(-1/2))·Vᵀ, with eigenvalues below a relative floor mapped to 0 (the
+def _inv_sqrt_values(e: torch.Tensor) -> torch.Tensor:
+    """e^(-1/2) for ascending eigenvalues e, with those below a relative floor mapped to 0 (the
     pseudo-inverse square root: directions M does not reach get no weight)."""
     emax = e[..., -1:].clamp_min(0)
     floor = emax * (1e-12 if e.dtype == torch.float64 else 1e-6)
     tiny = torch.finfo(e.dtype).tiny
-    inv = torch.where(e > floor.clamp_min(tiny), e.clamp_min(tiny).rsqrt(), torch.zeros_like(e))
-    return (V * inv.unsqueeze(-2)) @ V.mT
+    return torch.where(e > floor.clamp_min(tiny), e.clamp_min(tiny).rsqrt(), torch.zeros_like(e))
+
+
+def _stored(state: dict, key: str, like: torch.Tensor) -> torch.Tensor | None:
+    value = state.get(key)
+    return value.to(like) if isinstance(value, torch.Tensor) and value.shape == like.shape else None
+
+
+def _warm_start(state: dict | None, lam0: torch.Tensor, alpha: torch.Tensor, mu2: torch.Tensor, smooths: bool):
+    """(Λ, step, μ², μ² cap) from the previous solve's ``state``, or None for a cold start."""
+    offset = None if state is None else _stored(state, "dual_offset", lam0)
+    if state is None or offset is None:
+        return None
+    step = _stored(state, "dual_step", alpha)
+    prev_mu = _stored(state, "dual_smoothing", mu2) if smooths else None
+    cap = None
+    if prev_mu is not None:
+        # μ = 0 (a solve certified before its first update) carries nothing: no cap
+        mu2 = prev_mu.square()
+        cap = torch.where(mu2 > 0, mu2, torch.full_like(mu2, math.inf))
+    return lam0 + offset, (alpha if step is None else step), mu2, cap
+
+
+def _gram_products(gram: torch.Tensor, gram_inv: torch.Tensor):
+    """(diagonal, X ↦ ΓX, X ↦ Γ⁻¹X): row scalings when Γ is diagonal to ``DIAGONAL_GRAM``."""
+    d = torch.diagonal(gram, dim1=-2, dim2=-1)
+    root = d.clamp_min(0).sqrt()
+    if bool((off_diagonal(gram).abs() <= DIAGONAL_GRAM * root.unsqueeze(-1) * root.unsqueeze(-2)).all()):
+        rows, inv_rows = d.unsqueeze(-1), 1.0 / d.unsqueeze(-1)
+        return True, (lambda X: rows * X), (lambda X: inv_rows * X)
+    return False, (lambda X: gram @ X), (lambda X: gram_inv @ X)
 
 
 def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dict | None,
@@ -119,59 +155,55 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
     denom = d.unsqueeze(-1) + d.unsqueeze(-2)
     denom = torch.where(denom > 0, denom, torch.ones_like(denom))
     project = off_diagonal if offdiag else (lambda H: H)
+    diagonal, gram_mul, gram_inv_mul = _gram_products(gram, gram_inv)
+
+    def upper_bound(lam):  # (Z, F): WᵀM and MᵀM for M = G + 2WΛ
+        Z = P + 2.0 * gram_mul(lam)
+        return Z, sym(Z.mT @ gram_inv_mul(Z) + EtE)
 
     def normal_solve(H):  # X with P(ΓX + XΓ) = H for diagonal Γ: the tangent projection's multiplier
         return project(H) / denom
 
     lam0 = -0.5 * normal_solve(P + P.mT)
     batch = lam0.shape[:-2]
-    lam, alpha, warm = lam0, torch.full(batch + (1, 1), 0.1, dtype=sdt, device=W.device), False
-    mu2 = torch.zeros(batch, dtype=sdt, device=W.device)
-    warm_mu2 = None
-    if state is not None:
-        prev = state.get("dual_offset")
-        if isinstance(prev, torch.Tensor) and prev.shape == lam0.shape:
-            lam, warm = lam0 + prev.to(lam0), True
-            prev_step = state.get("dual_step")
-            if isinstance(prev_step, torch.Tensor) and prev_step.shape == alpha.shape:
-                alpha = prev_step.to(alpha)
-            prev_mu = state.get("dual_smoothing")
-            if plain_iters == 0 and isinstance(prev_mu, torch.Tensor) and prev_mu.shape == batch:
-                # μ = 0 (a solve certified before its first update) carries nothing: no cap
-                prev_mu2 = prev_mu.to(mu2).square()
-                warm_mu2 = torch.where(prev_mu2 > 0, prev_mu2, torch.full_like(prev_mu2, math.inf))
-                mu2 = prev_mu2
+    lam, alpha = lam0, torch.full(batch + (1, 1), 0.1, dtype=sdt, device=W.device)
+    mu2, warm_mu2 = torch.zeros(batch, dtype=sdt, device=W.device), None
+    warm_start = _warm_start(state, lam0, alpha, mu2, plain_iters == 0)
+    warm = warm_start is not None
+    if warm_start is not None:
+        lam, alpha, mu2, warm_mu2 = warm_start
 
     # a host sync per check: every iteration on the CPU, every few on accelerators
     check_every = CHECK_EVERY["cpu" if W.device.type == "cpu" else "accelerator"]
     best_lo = torch.full(batch, -math.inf, dtype=sdt, device=W.device)
     best_hi = torch.full(batch, math.inf, dtype=sdt, device=W.device)
-    best_R, best_C, best_lam, hi_lam = torch.zeros_like(gram), torch.zeros_like(gram), lam, lam
+    best_R, best_Y, best_X, best_lam, hi_lam = (torch.zeros_like(gram),) * 3 + (lam, lam)
     prev_lam = prev_D = None
     fresh = torch.zeros(batch + (1, 1), dtype=torch.bool, device=W.device)  # no BB pair yet after a restart
     iters = 0
     for k in range(1, max_iters + 1):
         iters = k
-        Z = P + 2.0 * (gram @ lam)                      # WᵀM
-        F = sym(Z.mT @ gram_inv @ Z + EtE)            # MᵀM
+        Z, F = upper_bound(lam)                        # WᵀM, MᵀM
         if k == 1:  # ‖M‖_F² at the start Λ₀ = ‖tangent projection of G‖_F² (warm or cold)
-            Z0 = P + 2.0 * (gram @ lam0)
-            tangent_sq = torch.diagonal(Z0.mT @ gram_inv @ Z0 + EtE, dim1=-2, dim2=-1).sum(-1)
+            tangent_sq = torch.diagonal(upper_bound(lam0)[1], dim1=-2, dim2=-1).sum(-1)
         e, V = torch.linalg.eigh(F + mu2[..., None, None] * torch.eye(n, dtype=sdt, device=W.device))
-        hi = (e - mu2.unsqueeze(-1)).clamp_min(0).sqrt().sum(-1)     # ‖M‖_*: an upper bound
-        R = _inv_sqrt(e, V)                            # A_Λ = M·(MᵀM + μ²I)^(-1/2)
+        sv2 = (e - mu2.unsqueeze(-1)).clamp_min(0)    # eigenvalues of F = MᵀM
+        hi = sv2.sqrt().sum(-1)                        # ‖M‖_*: an upper bound
+        inv = _inv_sqrt_values(e)
+        R = (V * inv.unsqueeze(-2)) @ V.mT             # A_Λ = M·(MᵀM + μ²I)^(-1/2)
         Y = Z @ R                                      # WᵀA_Λ
         H = project(Y + Y.mT)                          # ∇f(Λ)
         X = normal_solve(H)                            # A_t = A_Λ − W·X is tangent
         # lower bound ⟨G, A_t⟩/‖A_t‖₂ with ‖A_t‖₂² = λ_max(AᵀA − YᵀX − XᵀY + XᵀΓX), AᵀA = RFR
-        score = _inner(F, R) - _inner(Z, X)            # ⟨M, A_t⟩ = ⟨G, A_t⟩ for tangent A_t
+        score = (inv * sv2).sum(-1) - _inner(Z, X)     # ⟨M, A_t⟩ = ⟨G, A_t⟩ for tangent A_t (⟨F, R⟩ = Σ sv2ᵢ·invᵢ)
         YtX = Y.mT @ X
-        At_gram = sym(R @ F @ R - YtX - YtX.mT + X.mT @ gram @ X)
+        RFR = (V * (inv.square() * sv2).unsqueeze(-2)) @ V.mT
+        At_gram = sym(RFR - YtX - YtX.mT + X.mT @ gram_mul(X))
         lo = score / torch.linalg.eigvalsh(At_gram)[..., -1].clamp_min(1e-300).sqrt()
         better = lo > best_lo
         best_lo = torch.where(better, lo, best_lo)
         bm = better[..., None, None]
-        best_R, best_C = torch.where(bm, R, best_R), torch.where(bm, gram_inv @ Y - X, best_C)
+        best_R, best_Y, best_X = torch.where(bm, R, best_R), torch.where(bm, Y, best_Y), torch.where(bm, X, best_X)
         best_lam = torch.where(bm, lam, best_lam)
         hi_lam = torch.where((hi < best_hi)[..., None, None], lam, hi_lam)
         best_hi = torch.minimum(best_hi, hi)
@@ -198,7 +230,11 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
         fresh = lost
 
     # A = M·R − W·X = E·R + W·(Γ⁻¹ZR − X), then rescaled to ‖A‖₂ = 1 exactly
+    best_C = gram_inv @ best_Y - best_X
     A = E @ best_R + W @ best_C
+    if diagonal:  # the bound of the certificate with the full Γ (the loop's differs by ~|Off(Γ)|)
+        Zh = P + 2.0 * (gram @ hi_lam)
+        best_hi = torch.linalg.eigvalsh(sym(Zh.mT @ gram_inv @ Zh + EtE)).clamp_min(0).sqrt().sum(-1)
     AtA = sym(A.mT @ A)
     top = torch.linalg.eigvalsh(AtA)[..., -1].clamp_min(0).sqrt()
     # a gradient without tangent part (to rounding: ‖proj G‖ ≤ 1e-6‖G‖) has the zero direction as

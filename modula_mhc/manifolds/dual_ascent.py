@@ -159,7 +159,7 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
 
     def upper_bound(lam):  # (Z, F): WᵀM and MᵀM for M = G + 2WΛ
         Z = P + 2.0 * gram_mul(lam)
-        return Z, sym(Z.mT @ gram_inv_mul(Z) + EtE)
+        return Z, Z.mT @ gram_inv_mul(Z) + EtE  # symmetric to rounding: eigh reads one triangle
 
     def normal_solve(H):  # X with P(ΓX + XΓ) = H for diagonal Γ: the tangent projection's multiplier
         return project(H) / denom
@@ -193,12 +193,12 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
         R = (V * inv.unsqueeze(-2)) @ V.mT             # A_Λ = M·(MᵀM + μ²I)^(-1/2)
         Y = Z @ R                                      # WᵀA_Λ
         H = project(Y + Y.mT)                          # ∇f(Λ)
-        X = normal_solve(H)                            # A_t = A_Λ − W·X is tangent
+        X = H / denom                                  # normal_solve(H), H already projected: A_t = A_Λ − W·X is tangent
         # lower bound ⟨G, A_t⟩/‖A_t‖₂ with ‖A_t‖₂² = λ_max(AᵀA − YᵀX − XᵀY + XᵀΓX), AᵀA = RFR
         score = (inv * sv2).sum(-1) - _inner(Z, X)     # ⟨M, A_t⟩ = ⟨G, A_t⟩ for tangent A_t (⟨F, R⟩ = Σ sv2ᵢ·invᵢ)
         YtX = Y.mT @ X
         RFR = (V * (inv.square() * sv2).unsqueeze(-2)) @ V.mT
-        At_gram = sym(RFR - YtX - YtX.mT + X.mT @ gram_mul(X))
+        At_gram = RFR - (YtX + YtX.mT) + X.mT @ gram_mul(X)
         lo = score / torch.linalg.eigvalsh(At_gram)[..., -1].clamp_min(1e-300).sqrt()
         better = lo > best_lo
         best_lo = torch.where(better, lo, best_lo)
@@ -217,7 +217,7 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
                 if k == 1:  # a warm start far from the new problem's optimum: the gap rule alone
                     warm_mu2 = torch.where(gap <= WARM_GAP_LIMIT, warm_mu2, torch.full_like(warm_mu2, math.inf))
                 mu2 = torch.minimum(mu2, WARM_SMOOTHING[1] ** 2 * warm_mu2)
-        D = normal_solve(H)
+        D = X  # the preconditioned gradient N(H) is the tangent projection's multiplier
         if prev_lam is not None:
             s, y = lam - prev_lam, D - prev_D
             sy, ss, yy = _inner(s, y)[..., None, None], _inner(s, s)[..., None, None], _inner(y, y)[..., None, None]

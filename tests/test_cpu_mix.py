@@ -33,7 +33,8 @@ def _inputs(lead, n, C, seed=0):
 @pytest.mark.parametrize("lead,n,C,threads", [((2, 5), 4, 8, 1), ((37,), 3, 7, 2), ((1,), 1, 1, 1), ((9, 4), 5, 33, 3)])
 def test_each_pass_matches_the_batched_products(lead, n, C, threads, monkeypatch):
     assert cpu_mix.usable(torch.zeros(1)), cpu_mix.unavailable_reason()
-    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # token chunks over pthreads
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # token chunks over pthreads,
+    monkeypatch.setattr(cpu_mix, "MIN_FLOATS_PER_THREAD", 1)        # even for these small streams
     a = _inputs(lead, n, C)
     x, p, H, du, dr, f, q = (a[k] for k in "x p H du dr f q".split())
     xt, drt = x.reshape(-1, n, C), dr.reshape(-1, n, C)
@@ -136,3 +137,10 @@ def test_compiled_graphs_use_the_traceable_reference(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert not cpu_mix.usable(torch.zeros(2))
     assert not kernels.fused_layer(torch.zeros(2, 4, 8, requires_grad=True))
+
+
+def test_small_streams_stay_on_one_thread(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
+    assert cpu_mix._threads(8, 4, 16) == 1  # 512 floats: starting threads would cost more
+    assert cpu_mix._threads(4096, 4, 256) == 16
+    assert cpu_mix._threads(64, 4, 256) == 1 and cpu_mix._threads(128, 4, 256) == 2

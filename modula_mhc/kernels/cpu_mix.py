@@ -98,6 +98,14 @@ def usable(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors) and _library() is not None
 
 
+#: stream floats per thread below which more threads cost more to start than they save
+MIN_FLOATS_PER_THREAD = 1 << 16
+
+
+def _threads(T: int, n: int, C: int) -> int:
+    return max(1, min(torch.get_num_threads(), T * n * C // MIN_FLOATS_PER_THREAD))
+
+
 def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
 
@@ -114,7 +122,7 @@ def pre_res(x: torch.Tensor, p: torch.Tensor | None, H: torch.Tensor | None):
     u = None if p is None else x.new_empty(x.shape[:-2] + (C,))
     r = None if H is None else torch.empty_like(x)
     if T:
-        _library().mix_pre_res(T, n, C, _ptr(x), _ptr(p), _ptr(H), _ptr(u), _ptr(r), torch.get_num_threads())
+        _library().mix_pre_res(T, n, C, _ptr(x), _ptr(p), _ptr(H), _ptr(u), _ptr(r), _threads(T, n, C))
     return u, r
 
 
@@ -124,7 +132,7 @@ def pre_res_backward(x, p, H, du, dr):
     dx, dp, dH = torch.empty_like(x), x.new_empty((T, n)), x.new_empty((T, n, n))
     if T:
         _library().mix_pre_res_backward(T, n, C, _ptr(x), _ptr(p), _ptr(H), _ptr(du), _ptr(dr),
-                                        _ptr(dx), _ptr(dp), _ptr(dH), torch.get_num_threads())
+                                        _ptr(dx), _ptr(dp), _ptr(dH), _threads(T, n, C))
     return dx, dp, dH
 
 
@@ -137,7 +145,7 @@ def add_post_(out: torch.Tensor, q: torch.Tensor, f: torch.Tensor) -> torch.Tens
     """out_i += q_i f in place: out (..., n, C), q (tokens, n), f (..., C), all contiguous float32."""
     T, n, C = _tokens(out)
     if T:
-        _library().mix_add_post(T, n, C, _ptr(out), _ptr(q), _ptr(f), torch.get_num_threads())
+        _library().mix_add_post(T, n, C, _ptr(out), _ptr(q), _ptr(f), _threads(T, n, C))
     return out
 
 
@@ -147,5 +155,5 @@ def add_post_backward(dout: torch.Tensor, q: torch.Tensor, f: torch.Tensor) -> t
     df, dq = f.new_empty(f.shape), dout.new_empty((T, n))
     if T:
         _library().mix_add_post_backward(T, n, C, _ptr(dout), _ptr(q), _ptr(f), _ptr(df), _ptr(dq),
-                                         torch.get_num_threads())
+                                         _threads(T, n, C))
     return df, dq

@@ -13,7 +13,8 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout
 import modula_mhc  # noqa: E402
 
-SECTIONS = ["module", "algebra", "claims", "atoms", "bonds", "compounds", "manifolds", "optim", "kernels", "symbolic",
+SECTIONS = ["module", "algebra", "claims", "atoms", "bonds", "compounds", "manifolds", "optim", "kernels", "kernels.cpu_mix",
+            "symbolic",
             "adapt", "config", "train", "data", "checkpoint", "outputs", "sampling", "distributed", "cpu_memory"]
 
 

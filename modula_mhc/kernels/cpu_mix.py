@@ -25,6 +25,8 @@ import tempfile
 
 import torch
 
+__all__ = ["usable", "unavailable_reason", "pre_res", "pre_res_backward", "add_post_", "add_post_backward"]
+
 SOURCE = pathlib.Path(__file__).with_name("cpu_mix.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=fast", "-fPIC", "-shared", "-pthread")
 _reason: list[str] = []

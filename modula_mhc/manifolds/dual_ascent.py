@@ -218,7 +218,7 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
                     warm_mu2 = torch.where(gap <= WARM_GAP_LIMIT, warm_mu2, torch.full_like(warm_mu2, math.inf))
                 mu2 = torch.minimum(mu2, WARM_SMOOTHING[1] ** 2 * warm_mu2)
         D = X  # the preconditioned gradient N(H) is the tangent projection's multiplier
-        if prev_lam is not None:
+        if prev_lam is not None and prev_D is not None:
             s, y = lam - prev_lam, D - prev_D
             sy, ss, yy = _inner(s, y)[..., None, None], _inner(s, s)[..., None, None], _inner(y, y)[..., None, None]
             bb = (ss / sy.clamp_min(1e-300)) if k % 2 == 0 else (sy / yy.clamp_min(1e-300))

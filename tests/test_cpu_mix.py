@@ -1,6 +1,7 @@
 """The fused CPU mixing passes (kernels/cpu_mix.c through ctypes): each pass against the batched
 torch products it replaces, the mHC layer with and without them, and the fallbacks (no compiler,
 float64, MODULA_MHC_KERNELS=reference, torch.compile)."""
+import os
 import shutil
 
 import pytest
@@ -144,3 +145,16 @@ def test_small_streams_stay_on_one_thread(monkeypatch):
     assert cpu_mix._threads(8, 4, 16) == 1  # 512 floats: starting threads would cost more
     assert cpu_mix._threads(4096, 4, 256) == 16
     assert cpu_mix._threads(64, 4, 256) == 1 and cpu_mix._threads(128, 4, 256) == 2
+
+
+@needs_compiler
+def test_a_read_only_home_builds_in_a_temp_folder(fresh_library, monkeypatch, tmp_path):
+    home = tmp_path / "home"
+    monkeypatch.delenv("MODULA_MHC_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(home))
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: not str(path).startswith(str(home)) and real_access(path, mode))
+    monkeypatch.setattr(cpu_mix.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    assert cpu_mix.usable(torch.zeros(2)), cpu_mix.unavailable_reason()
+    assert list((tmp_path / "tmp").glob("modula_mhc-*/cpu_mix-*.so"))
+    assert not list(home.rglob("*.so"))

@@ -8,7 +8,8 @@ speed. Same maths as ``mhc_reference`` (float32 accumulation; only the summation
 
 When it runs: float32 CPU tensors, a C compiler on the machine (``$CC``, else ``cc``), and
 ``MODULA_MHC_KERNELS`` not set to ``reference``. The library is built once per source, compiler
-and CPU into ``$MODULA_MHC_CACHE`` (default ``~/.cache/modula_mhc``); if anything fails the
+and CPU into ``$MODULA_MHC_CACHE`` (default ``~/.cache/modula_mhc``, or a temp folder when the home
+is read-only); if anything fails the
 PyTorch reference runs instead and ``unavailable_reason()`` says why.
 """
 from __future__ import annotations
@@ -43,7 +44,17 @@ def _cpu_model() -> str:
 
 
 def _cache_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("MODULA_MHC_CACHE") or pathlib.Path.home() / ".cache" / "modula_mhc")
+    """$MODULA_MHC_CACHE, else ~/.cache/modula_mhc, else (a read-only home) a per-user temp folder."""
+    if os.environ.get("MODULA_MHC_CACHE"):
+        return pathlib.Path(os.environ["MODULA_MHC_CACHE"])
+    home = pathlib.Path.home() / ".cache" / "modula_mhc"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        if os.access(home, os.W_OK):
+            return home
+    except OSError:
+        pass
+    return pathlib.Path(tempfile.gettempdir()) / f"modula_mhc-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
 
 
 def _build(compiler: str) -> pathlib.Path:

@@ -212,7 +212,8 @@ def test_optimizer_refuses_non_finite_settings(kwargs):
 def test_warm_smoothing_of_zero_does_not_freeze_the_smoothing(eps):
     """A solve certified before its first μ update leaves μ = 0 behind; the next warm solve must
     not read that as a cap of 0 on μ (measured: a square Gaussian DGram problem then took 63 and 75
-    iterations, against 35 and 39 cold and 22 and 25 with μ = 0 ignored), and must certify."""
+    iterations, against 35 and 39 cold and 22 and 25 with μ = 0 ignored; with the lower bound on
+    every 2nd iteration: 45 and 69 read as a cap, 35 and 37 cold, 33 and 38 ignored), and must certify."""
     g = torch.Generator().manual_seed(11)
     W, G = point("dgram", 64, 64, g), gradient("gauss", 64, 64, g)
     st = {}
@@ -223,7 +224,7 @@ def test_warm_smoothing_of_zero_does_not_freeze_the_smoothing(eps):
     DGram().dualize(W, G2, cold)
     DGram().dualize(W, G2, st)
     assert st["warm_start"] and st["certified"]
-    assert st["iterations"] <= cold["iterations"]
+    assert st["iterations"] <= 1.15 * cold["iterations"]
 
 
 def test_a_diverged_dual_step_restarts_from_the_best_multiplier():

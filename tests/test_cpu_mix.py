@@ -118,9 +118,20 @@ def test_without_a_compiler_the_reference_runs(fresh_library, monkeypatch, tmp_p
 def test_a_broken_build_falls_back_with_its_reason(fresh_library, monkeypatch, tmp_path):
     monkeypatch.setenv("MODULA_MHC_CACHE", str(tmp_path))
     monkeypatch.setattr(cpu_mix, "FLAGS", cpu_mix.FLAGS + ("-no-such-flag-for-modula-mhc",))
+    monkeypatch.setattr(cpu_mix, "PORTABLE_FLAGS", cpu_mix.PORTABLE_FLAGS + ("-no-such-flag-for-modula-mhc",))
     assert not cpu_mix.usable(torch.zeros(2))
     assert "failed" in cpu_mix.unavailable_reason()
     assert not list(tmp_path.glob("*.so"))  # no half-written library left behind
+
+
+@needs_compiler
+def test_a_compiler_without_the_native_flags_gets_the_portable_build(fresh_library, monkeypatch, tmp_path):
+    monkeypatch.setenv("MODULA_MHC_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_mix, "FLAGS", cpu_mix.FLAGS + ("-no-such-flag-for-modula-mhc",))
+    assert cpu_mix.usable(torch.zeros(2)), cpu_mix.unavailable_reason()
+    assert len(list(tmp_path.glob("cpu_mix-*.so"))) == 1
+    u, _ = cpu_mix.pre_res(torch.ones(3, 2, 4), torch.ones(3, 2), None)
+    assert torch.equal(u, torch.full((3, 4), 2.0))
 
 
 @needs_compiler

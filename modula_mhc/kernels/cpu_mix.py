@@ -30,6 +30,8 @@ __all__ = ["usable", "unavailable_reason", "pre_res", "pre_res_backward", "add_p
 
 SOURCE = pathlib.Path(__file__).with_name("cpu_mix.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=fast", "-fPIC", "-shared", "-pthread")
+#: tried when FLAGS fail (a compiler without -march=native or the OpenMP SIMD pragmas)
+PORTABLE_FLAGS = ("-O2", "-fPIC", "-shared", "-pthread")
 _reason: list[str] = []
 
 
@@ -58,9 +60,17 @@ def _cache_dir() -> pathlib.Path:
 
 
 def _build(compiler: str) -> pathlib.Path:
-    """The shared library for this source, compiler and CPU: compiled once, then reused."""
+    """The shared library for this source and compiler: FLAGS, else PORTABLE_FLAGS."""
+    try:
+        return _build_with(compiler, FLAGS)
+    except subprocess.CalledProcessError:
+        return _build_with(compiler, PORTABLE_FLAGS)
+
+
+def _build_with(compiler: str, flags: tuple[str, ...]) -> pathlib.Path:
+    """The shared library for this source, compiler, flags and CPU: compiled once, then reused."""
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(FLAGS).encode(),
+    key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(),
                                      platform.machine().encode(), _cpu_model().encode()])).hexdigest()[:16]
     cache = _cache_dir()
     target = cache / f"cpu_mix-{key}.so"
@@ -70,7 +80,7 @@ def _build(compiler: str) -> pathlib.Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)  # compiled aside, then renamed: safe for parallel builds
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, timeout=120)
+        subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], check=True, capture_output=True, timeout=120)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

@@ -237,3 +237,20 @@ def test_a_diverged_dual_step_restarts_from_the_best_multiplier():
     G = G + 0.003 * G.norm() / math.sqrt(G.numel()) * torch.randn(G.shape, generator=g, dtype=torch.float64)
     ratio, st = check("stiefel", W, G, torch.float64)
     assert st["certified"] and st["iterations"] < Stiefel().max_iters
+
+
+@pytest.mark.parametrize("manifold", ["stiefel", "dgram"])
+def test_diagonal_gram_fast_path_and_full_gram_give_valid_certificates(manifold, monkeypatch):
+    """Inside the loop Γ = WᵀW acts as row scalings when it is diagonal to DIAGONAL_GRAM (points
+    retracted in float32 are, to ~3e-7); the certificate is still recomputed with the full Γ. Both
+    paths certify, and a point off the manifold takes the full one."""
+    g = torch.Generator().manual_seed(5)
+    W, G = point(manifold, 96, 48, g), gradient("cond1e4", 96, 48, g)
+    W32 = (Stiefel() if manifold == "stiefel" else DGram()).retract(W.float()).double()
+    assert dual_ascent._gram_products(W32.mT @ W32, torch.eye(48, dtype=torch.float64))[0]
+    bent = W + 1e-3 * W.norm() / math.sqrt(W.numel()) * torch.randn(W.shape, generator=g, dtype=torch.float64)
+    assert not dual_ascent._gram_products(bent.mT @ bent, torch.eye(48, dtype=torch.float64))[0]
+    fast, _ = check(manifold, W, G, torch.float64)
+    monkeypatch.setattr(dual_ascent, "DIAGONAL_GRAM", -1.0)  # never diagonal: full Γ products
+    full, _ = check(manifold, W, G, torch.float64)
+    assert abs(fast - full) <= 8e-3

@@ -200,7 +200,7 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
     project = off_diagonal if offdiag else (lambda H: H)
     diagonal, gram_mul, gram_inv_mul = _gram_products(gram, gram_inv)
 
-    def upper_bound(lam):  # (Z, F): WᵀM and MᵀM for M = G + 2WΛ
+    def upper_bound(lam, gram_mul=gram_mul, gram_inv_mul=gram_inv_mul):  # (Z, F): WᵀM and MᵀM for M = G + 2WΛ
         Z = P + 2.0 * gram_mul(lam)
         return Z, Z.mT @ gram_inv_mul(Z) + EtE  # symmetric to rounding: eigh reads one triangle
 
@@ -277,8 +277,8 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
     best_C = gram_inv @ best_Y - best_X
     A = E @ best_R + W @ best_C
     if diagonal:  # the bound of the certificate with the full Γ (the loop's differs by ~|Off(Γ)|)
-        Zh = P + 2.0 * (gram @ hi_lam)
-        best_hi = torch.linalg.eigvalsh(sym(Zh.mT @ gram_inv @ Zh + EtE)).clamp_min(0).sqrt().sum(-1)
+        _, F = upper_bound(hi_lam, lambda X: gram @ X, lambda X: gram_inv @ X)
+        best_hi = torch.linalg.eigvalsh(sym(F)).clamp_min(0).sqrt().sum(-1)
     AtA = sym(A.mT @ A)
     top = torch.linalg.eigvalsh(AtA)[..., -1].clamp_min(0).sqrt()
     # a gradient without tangent part (to rounding: ‖proj G‖ ≤ 1e-6‖G‖) has the zero direction as

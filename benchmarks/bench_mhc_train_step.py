@@ -16,7 +16,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from modula_mhc import compounds, optim  # noqa: E402
@@ -24,6 +23,7 @@ from modula_mhc.data import CharCorpus, default_corpus, load_text  # noqa: E402
 from modula_mhc.kernels import cpu_mix  # noqa: E402
 
 from _report import add_malloc_option, apply_malloc  # noqa: E402
+from bench_train_step import train_step  # noqa: E402 (the same step the optimizer benchmarks time)
 
 #: name → (residual, MODULA_MHC_KERNELS while it steps)
 VARIANTS = {"plain": ("plain", ""), "mhc": ("mhc", ""), "mhc, PyTorch reference": ("mhc", "reference")}
@@ -42,7 +42,7 @@ def main():
     args = ap.parse_args()
     malloc = apply_malloc(args)
     torch.set_num_threads(args.threads)
-    corpus = CharCorpus.from_text(load_text(args.data), 64) if args.data else default_corpus(64)
+    corpus = CharCorpus.from_text(load_text(args.data) if args.data else default_corpus(), 64)
     runs = {}
     for name, (residual, _) in VARIANTS.items():
         torch.manual_seed(0)
@@ -56,10 +56,7 @@ def main():
         gpt, opt = runs[name]
         x, y = corpus.batch("train", 12, 64, generator=g)
         t = time.process_time()
-        logits = gpt(x)
-        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(gpt, opt, x, y)
         return time.process_time() - t
 
     previous = os.environ.get("MODULA_MHC_KERNELS")

@@ -21,7 +21,7 @@ def gradient(kind, m, n, g):
         return torch.randn(m, n, generator=g, dtype=torch.float64)
     if kind == "rank1":
         return torch.randn(m, 1, generator=g, dtype=torch.float64) @ torch.randn(1, n, generator=g, dtype=torch.float64)
-    if kind == "spike":  # rank 1 over a noise floor of 0.3% of its RMS: the BB steps diverged on these
+    if kind == "spike":  # rank 1 over a noise floor of 0.3% of its RMS: the plain dual steps diverged on these
         G = torch.randn(m, 1, generator=g, dtype=torch.float64) @ torch.randn(1, n, generator=g, dtype=torch.float64)
         return G + 0.003 * G.norm() / math.sqrt(m * n) * torch.randn(m, n, generator=g, dtype=torch.float64)
     U, _ = torch.linalg.qr(torch.randn(max(m, n), min(m, n), generator=g, dtype=torch.float64))
@@ -228,7 +228,7 @@ def test_warm_smoothing_of_zero_does_not_freeze_the_smoothing(eps):
 
 
 def test_a_diverged_dual_step_restarts_from_the_best_multiplier():
-    """The traced failure: once smoothing began, a Barzilai–Borwein step threw the dual bound of
+    """The traced failure: once smoothing began, a Barzilai–Borwein step (the solver's step then) threw the dual bound of
     this rank-1-plus-noise Stiefel problem from 7.4 to 360, and 2000 iterations ended at a 4.9%
     gap. With the restart (back to the best multiplier, 10× shorter step) it certifies."""
     g = torch.Generator().manual_seed(21)
@@ -254,3 +254,60 @@ def test_diagonal_gram_fast_path_and_full_gram_give_valid_certificates(manifold,
     monkeypatch.setattr(dual_ascent, "DIAGONAL_GRAM", -1.0)  # never diagonal: full Γ products
     full, _ = check(manifold, W, G, torch.float64)
     assert abs(fast - full) <= 8e-3
+
+
+def _sym_batch(g, *shape):
+    X = torch.randn(*shape, generator=g, dtype=torch.float64)
+    return X + X.mT
+
+
+def test_quasi_newton_step_satisfies_the_secant_equation_per_member():
+    """The two-loop recursion applied to the newest pair's y returns its s (H_k y_k = s_k, the BFGS
+    secant equation), member by member of a batch, whatever γ; a member whose pairs are forgotten
+    (a restart) or whose pair has ⟨s, y⟩ ≤ 0 gets the preconditioned gradient γ·N(g) instead."""
+    g = torch.Generator().manual_seed(3)
+    B = _sym_batch(g, 3, 6, 6) / 4 + 3 * torch.eye(6, dtype=torch.float64)   # SPD per member
+    hessian = lambda X: B @ X @ B  # noqa: E731  (SPD on symmetric matrices, a different one per member)
+    denom = 1.0 + torch.rand(6, 6, generator=g, dtype=torch.float64)
+    denom = denom + denom.mT
+    curvature = dual_ascent._Curvature(3, lambda Q: Q / denom)
+    valid = torch.ones(3, 1, 1, dtype=torch.bool)
+    for _ in range(4):  # one more pair than the memory holds
+        s = _sym_batch(g, 3, 6, 6)
+        curvature.add(s, hessian(s), valid)
+    assert len(curvature.pairs) == 3
+    gamma = torch.tensor([0.3, 1.0, 7.0], dtype=torch.float64).view(3, 1, 1)
+    torch.testing.assert_close(curvature.direction(hessian(s), gamma), s)
+    # the scale of the initial inverse Hessian is ⟨s, y⟩/⟨y, N(y)⟩ of the newest pair
+    y = hessian(s)
+    expect = ((s * y).sum((-2, -1)) / (y * y / denom).sum((-2, -1))).clamp(dual_ascent.STEP_MIN, dual_ascent.STEP_MAX)
+    torch.testing.assert_close(curvature.scale(gamma).flatten(), expect)
+    forgotten = torch.tensor([False, True, False]).view(3, 1, 1)
+    curvature.forget(forgotten)
+    r = torch.randn(3, 6, 6, generator=g, dtype=torch.float64)
+    out = curvature.direction(r, gamma)
+    torch.testing.assert_close(out[1], gamma[1] * r[1] / denom)
+    assert not torch.allclose(out[0], gamma[0] * r[0] / denom)
+    torch.testing.assert_close(curvature.scale(gamma)[1], gamma[1])   # no counted pair: γ unchanged
+    curvature.add(s, -y, valid)                                       # negative curvature: not counted
+    torch.testing.assert_close(curvature.scale(gamma), gamma)
+
+
+def test_quasi_newton_steps_need_fewer_iterations_than_preconditioned_gradient_steps(monkeypatch):
+    """The limited-memory BFGS step is what makes DGram cheap: with the direction replaced by the
+    scaled preconditioned gradient γ·N(∇f) alone (the kind of step the solver took before), the same
+    certified solves need far more iterations (measured: 129 against 348 in all)."""
+    def solve_all():
+        total = 0
+        for kind in ("cond1e4", "rank1", "spike"):
+            g = torch.Generator().manual_seed(7)
+            W, G = point("dgram", 96, 48, g), gradient(kind, 96, 48, g)
+            st = {}
+            DGram().dualize(W, G, st)
+            assert st["certified"]
+            total += st["iterations"]
+        return total
+    quasi_newton = solve_all()
+    monkeypatch.setattr(dual_ascent._Curvature, "direction", lambda self, g, gamma: gamma * self.precondition(g))
+    gradient_only = solve_all()
+    assert quasi_newton <= 0.6 * gradient_only, (quasi_newton, gradient_only)

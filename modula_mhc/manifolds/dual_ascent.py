@@ -21,8 +21,9 @@ the best lower bound and the best upper bound and stops when they certify
 so ``duality_gap`` is the true certified relative gap, and the best iterate is what is returned.
 Square Stiefel matrices are certified at the first iterate (the tangent projection is optimal).
 
-Speed-ups: the start Λ₀ = −½N(P(WᵀG + GᵀW)) makes M the tangent projection of G; steps along the
-preconditioned gradient N(H) with Barzilai–Borwein lengths; a warm start from the previous
+Speed-ups: the start Λ₀ = −½N(P(WᵀG + GᵀW)) makes M the tangent projection of G; limited-memory
+BFGS steps preconditioned by N (``LBFGS_MEMORY``; Barzilai–Borwein lengths along N(H) before, ~1.3–1.9×
+the iterations); a warm start from the previous
 optimizer step (``state``: the multiplier's offset, the step length and, for DGram, the smoothing
 μ reached, which bounds μ for the first iterations: ``WARM_SMOOTHING``); and smoothing of the nuclear norm with μ tied to the current gap
 (F + μ²I, from the start for DGram, after 100 plain iterations for Stiefel: ``SCHEDULES``): the plain dual is nonsmooth where the optimum needs
@@ -38,7 +39,8 @@ import torch
 
 from .base import fro, sym, unit_max_scale
 
-#: BB step sizes are clamped to this range (in units of the normalised problem)
+#: the scale of the initial inverse Hessian (⟨s, y⟩/⟨y, N(y)⟩ of the newest pair) is clamped to this
+#: range (in units of the normalised problem)
 STEP_MIN, STEP_MAX = 1e-4, 10.0
 #: smoothing schedules: (plain iterations before smoothing starts, c in μ = c·gap/n). Measured on
 #: Gaussian, rank-1 and condition-1e4 gradients, tall/wide/square, and real MLP gradients: Stiefel's
@@ -58,7 +60,7 @@ CHECK_EVERY = {"cpu": 1, "accelerator": 4}
 #: and windows of 10 or 20 iterations measured worse; the limit is fitted to these 36 solves
 WARM_SMOOTHING = (40, 2.0)
 WARM_GAP_LIMIT = 0.3
-#: an iterate whose dual bound exceeds the best one by this fraction has diverged (a long BB step
+#: an iterate whose dual bound exceeds the best one by this fraction has diverged (a long dual step
 #: once smoothing reshapes the landscape: measured on rank-1-plus-noise gradients, the bound jumped
 #: from 7.4 to 360 and never came back in 2000 iterations); the loop returns to the best multiplier
 #: with a RESTART_SHRINK times shorter step
@@ -76,10 +78,56 @@ LOWER_BOUND_EVERY, NEAR_GAP = 2, 3.0
 #: products per iteration saved); points retracted onto DGram or Stiefel in float32 have ~3e-7, and
 #: the reported bound is recomputed with the full Γ at the end
 DIAGONAL_GRAM = 1e-5
+#: pairs kept by the limited-memory BFGS step (``_Curvature``), preconditioned by N. It replaced
+#: Barzilai–Borwein steps along N(∇f): on 36 recorded warm-started real DGram solves at gap 8e-3,
+#: mean dual iterations 512×128: 82 → 44, 256×64: 38 → 28, 256×64 at lr 0.2: 72 → 57
+LBFGS_MEMORY = 3
 
 
 def _inner(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     return (X * Y).sum(dim=(-2, -1))
+
+
+class _Curvature:
+    """Limited-memory BFGS for a batch of dual problems (no host syncs): the last ``memory`` pairs
+    s = Λₖ − Λₖ₋₁, y = ∇f(Λₖ) − ∇f(Λₖ₋₁), a pair counting (ρ = 1/⟨s, y⟩) only for members where it
+    is valid and ⟨s, y⟩ > 0; the initial inverse Hessian is γ·N with N the preconditioner."""
+
+    def __init__(self, memory: int, precondition):
+        if memory < 1:
+            raise ValueError(f"_Curvature: memory must be >= 1 pair, got {memory}")
+        self.memory, self.precondition = memory, precondition
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def add(self, s: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> None:
+        sy = _inner(s, y)[..., None, None]
+        rho = torch.where(valid & (sy > 0), 1.0 / sy.clamp_min(1e-300), torch.zeros_like(sy))
+        self.pairs = (self.pairs + [(s, y, rho)])[-self.memory:]
+
+    def forget(self, members: torch.Tensor) -> None:
+        """Drop every pair of these members (a restart)."""
+        self.pairs = [(s, y, torch.where(members, torch.zeros_like(rho), rho)) for s, y, rho in self.pairs]
+
+    def scale(self, previous: torch.Tensor) -> torch.Tensor:
+        """γ = ⟨s, y⟩/⟨y, N(y)⟩ of the newest pair, clamped to [STEP_MIN, STEP_MAX]; ``previous``
+        where that pair does not count."""
+        if not self.pairs:
+            return previous
+        s, y, rho = self.pairs[-1]
+        gamma = (_inner(s, y) / _inner(y, self.precondition(y)).clamp_min(1e-300))[..., None, None]
+        return torch.where(rho > 0, gamma.clamp(STEP_MIN, STEP_MAX), previous)
+
+    def direction(self, g: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        """The two-loop recursion: an approximation of (∇²f)⁻¹g from the pairs and γ·N."""
+        coefficients = []
+        for s, y, rho in reversed(self.pairs):
+            a = rho * _inner(s, g)[..., None, None]
+            coefficients.append(a)
+            g = g - a * y
+        r = gamma * self.precondition(g)
+        for (s, y, rho), a in zip(self.pairs, reversed(coefficients)):
+            r = r + (a - rho * _inner(y, r)[..., None, None]) * s
+        return r
 
 
 def off_diagonal(H: torch.Tensor) -> torch.Tensor:
@@ -221,8 +269,9 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
     best_lo = torch.full(batch, -math.inf, dtype=sdt, device=W.device)
     best_hi = torch.full(batch, math.inf, dtype=sdt, device=W.device)
     best_R, best_Y, best_X, best_lam, hi_lam = (torch.zeros_like(gram),) * 3 + (lam, lam)
-    prev_lam = prev_D = None
-    fresh = torch.zeros(batch + (1, 1), dtype=torch.bool, device=W.device)  # no BB pair yet after a restart
+    prev_lam = prev_H = None
+    curvature = _Curvature(LBFGS_MEMORY, lambda Q: project(Q) / denom)
+    fresh = torch.zeros(batch + (1, 1), dtype=torch.bool, device=W.device)  # no curvature pair yet after a restart
     iters = 0
     near = False
     for k in range(1, max_iters + 1):
@@ -261,16 +310,14 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
                 break
         if k >= plain_iters:
             mu2, warm_mu2 = _smoothing(k, smoothing, best_hi - best_lo, n, gap, warm_mu2)
-        D = X  # the preconditioned gradient N(H) is the tangent projection's multiplier
-        if prev_lam is not None and prev_D is not None:
-            s, y = lam - prev_lam, D - prev_D
-            sy, ss, yy = _inner(s, y)[..., None, None], _inner(s, s)[..., None, None], _inner(y, y)[..., None, None]
-            bb = (ss / sy.clamp_min(1e-300)) if k % 2 == 0 else (sy / yy.clamp_min(1e-300))
-            alpha = torch.where((sy > 0) & ~fresh, bb.clamp(STEP_MIN, STEP_MAX), alpha)
-        prev_lam, prev_D = lam, D
+        # restarted members return to the best multiplier with a shorter step and forget their pairs
         lost = (hi > (1 + DIVERGED) * best_hi)[..., None, None]
-        lam = torch.where(lost, hi_lam, lam - alpha * D)
-        alpha = torch.where(lost, (alpha / RESTART_SHRINK).clamp_min(STEP_MIN), alpha)
+        if prev_lam is not None and prev_H is not None:
+            curvature.add(lam - prev_lam, H - prev_H, ~fresh)
+        prev_lam, prev_H = lam, H
+        alpha = torch.where(lost, (alpha / RESTART_SHRINK).clamp_min(STEP_MIN), curvature.scale(alpha))
+        curvature.forget(lost)
+        lam = torch.where(lost, hi_lam, lam - curvature.direction(H, alpha))
         fresh = lost
 
     # A = M·R − W·X = E·R + W·(Γ⁻¹ZR − X), then rescaled to ‖A‖₂ = 1 exactly

@@ -211,9 +211,10 @@ def test_optimizer_refuses_non_finite_settings(kwargs):
 @pytest.mark.parametrize("eps", [0.01, 0.05])
 def test_warm_smoothing_of_zero_does_not_freeze_the_smoothing(eps):
     """A solve certified before its first μ update leaves μ = 0 behind; the next warm solve must
-    not read that as a cap of 0 on μ (measured: a square Gaussian DGram problem then took 63 and 75
-    iterations, against 35 and 39 cold and 22 and 25 with μ = 0 ignored; with the lower bound on
-    every 2nd iteration: 45 and 69 read as a cap, 35 and 37 cold, 33 and 38 ignored), and must certify."""
+    not read that as a cap of 0 on μ, and must certify. Measured on this square Gaussian DGram
+    problem (warm start from the previous certificate, quasi-Newton steps): read as a cap, 60 and
+    67 iterations; ignored, 22 and 31; cold, 26 and 26 (the BB solver before: 45 and 69 as a cap,
+    33 and 38 ignored, 35 and 37 cold)."""
     g = torch.Generator().manual_seed(11)
     W, G = point("dgram", 64, 64, g), gradient("gauss", 64, 64, g)
     st = {}
@@ -224,7 +225,7 @@ def test_warm_smoothing_of_zero_does_not_freeze_the_smoothing(eps):
     DGram().dualize(W, G2, cold)
     DGram().dualize(W, G2, st)
     assert st["warm_start"] and st["certified"]
-    assert st["iterations"] <= 1.15 * cold["iterations"]
+    assert st["iterations"] <= 1.5 * cold["iterations"]
 
 
 def test_a_diverged_dual_step_restarts_from_the_best_multiplier():
@@ -323,3 +324,36 @@ def test_quasi_newton_steps_need_fewer_iterations_than_preconditioned_gradient_s
     monkeypatch.setattr(dual_ascent._Curvature, "direction", lambda self, g, gamma: gamma * self.precondition(g))
     gradient_only = solve_all()
     assert quasi_newton <= 0.6 * gradient_only, (quasi_newton, gradient_only)
+
+
+def test_a_warm_start_far_from_the_new_problem_falls_back_to_the_cold_start():
+    """The warm start is the previous solve's certificate multiplier, unless the cold start Λ₀ bounds
+    the new problem better. Measured on this square Gaussian DGram problem moved by 20% noise: warm
+    40 iterations, cold 34; without the fallback the warm solve took 58."""
+    g = torch.Generator().manual_seed(11)
+    W, G = point("dgram", 64, 64, g), gradient("gauss", 64, 64, g)
+    st = {}
+    DGram().dualize(W, G, st)
+    G2 = G + 0.2 * G.norm() / math.sqrt(G.numel()) * torch.randn(G.shape, generator=g, dtype=torch.float64)
+    cold = {}
+    DGram().dualize(W, G2, cold)
+    DGram().dualize(W, G2, st)
+    assert st["warm_start"] and st["certified"]
+    assert st["iterations"] <= 1.3 * cold["iterations"], (st["iterations"], cold["iterations"])
+
+
+def test_a_stiefel_warm_start_does_not_break_dgram_constraint():
+    """After ``set_manifold`` an atom's state may hold a Stiefel multiplier (with a diagonal) when
+    DGram next dualizes; the warm start is projected onto DGram's multipliers (zero diagonal), and
+    the answer is tangent to DGram and certified."""
+    g = torch.Generator().manual_seed(2)
+    W = Stiefel().random((96, 48), generator=g, dtype=torch.float64)
+    G = gradient("cond1e4", 96, 48, g)
+    st = {}
+    Stiefel().dualize(W, G, st)
+    assert torch.diagonal(st["certificate"]).abs().max() > 0
+    A = DGram().dualize(W, G, st)
+    assert st["warm_start"] and st["certified"]
+    assert off_diagonal(W.mT @ A + A.mT @ W).abs().max() <= 1e-8
+    # a multiplier with a diagonal would not bound DGram's optimum: ⟨2WΛ, A⟩ ≠ 0 for tangent A
+    assert torch.diagonal(st["certificate"]).abs().max() == 0

@@ -114,6 +114,10 @@ def test_square_stiefel_is_exact_in_one_iteration():
     W, G = point("stiefel", 64, 64, g), gradient("gauss", 64, 64, g)
     ratio, st = check("stiefel", W, G, torch.float64)
     assert st["iterations"] == 1 and ratio > 1 - 1e-6
+    # the next step's solve does not warm-start (Λ₀ is optimal; a warm start would only cost the
+    # two bounds that choose between them) and is exact again
+    Stiefel().dualize(W, G + 0.1 * torch.randn(G.shape, generator=g, dtype=torch.float64), st)
+    assert not st["warm_start"] and st["iterations"] == 1 and float(st["duality_gap"]) <= 1e-9
 
 
 def test_best_iterate_is_kept_when_the_cap_stops_the_loop():

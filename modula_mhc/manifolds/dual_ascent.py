@@ -267,7 +267,9 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
     lam, alpha = lam0, torch.full(batch + (1, 1), 0.1, dtype=sdt, device=W.device)
     damping = torch.ones_like(alpha)
     mu2, warm_mu2 = torch.zeros(batch, dtype=sdt, device=W.device), None
-    warm_start = _warm_start(state, lam0, alpha, mu2, plain_iters == 0)
+    # square Stiefel: the start Λ₀ is already optimal (item 3 of docs/manifolds.md), nothing to warm
+    square_stiefel = not offdiag and W.size(-2) == n
+    warm_start = None if square_stiefel else _warm_start(state, lam0, alpha, mu2, plain_iters == 0)
     warm = warm_start is not None
     if warm_start is not None:
         lam, alpha, mu2, warm_mu2 = warm_start

@@ -216,9 +216,9 @@ def test_optimizer_refuses_non_finite_settings(kwargs):
 def test_warm_smoothing_of_zero_does_not_freeze_the_smoothing(eps):
     """A solve certified before its first μ update leaves μ = 0 behind; the next warm solve must
     not read that as a cap of 0 on μ, and must certify. Measured on this square Gaussian DGram
-    problem (warm start from the previous certificate, quasi-Newton steps): read as a cap, 60 and
-    67 iterations; ignored, 22 and 31; cold, 26 and 26 (the BB solver before: 45 and 69 as a cap,
-    33 and 38 ignored, 35 and 37 cold)."""
+    problem (warm start from the previous certificate, spectral quasi-Newton steps, a 15-iteration
+    warm window): read as a cap, 35 and 37 iterations; ignored, 22 and 27; cold, 26 and 26 (the BB
+    solver before: 45 and 69 as a cap, 33 and 38 ignored, 35 and 37 cold)."""
     g = torch.Generator().manual_seed(11)
     W, G = point("dgram", 64, 64, g), gradient("gauss", 64, 64, g)
     st = {}
@@ -229,7 +229,7 @@ def test_warm_smoothing_of_zero_does_not_freeze_the_smoothing(eps):
     DGram().dualize(W, G2, cold)
     DGram().dualize(W, G2, st)
     assert st["warm_start"] and st["certified"]
-    assert st["iterations"] <= 1.5 * cold["iterations"]
+    assert st["iterations"] <= 1.25 * cold["iterations"]
 
 
 def test_a_diverged_dual_step_restarts_from_the_best_multiplier():
@@ -287,33 +287,34 @@ def test_quasi_newton_step_satisfies_the_secant_equation_per_member():
     hessian = lambda X: B @ X @ B  # noqa: E731  (SPD on symmetric matrices, a different one per member)
     denom = 1.0 + torch.rand(6, 6, generator=g, dtype=torch.float64)
     denom = denom + denom.mT
-    curvature = dual_ascent._Curvature(3, lambda Q: Q / denom)
+    curvature = dual_ascent._Curvature(3)
+    precondition = lambda Q: Q / denom  # noqa: E731
     valid = torch.ones(3, 1, 1, dtype=torch.bool)
     for _ in range(4):  # one more pair than the memory holds
         s = _sym_batch(g, 3, 6, 6)
         curvature.add(s, hessian(s), valid)
     assert len(curvature.pairs) == 3
     gamma = torch.tensor([0.3, 1.0, 7.0], dtype=torch.float64).view(3, 1, 1)
-    torch.testing.assert_close(curvature.direction(hessian(s), gamma), s)
+    torch.testing.assert_close(curvature.direction(hessian(s), gamma, precondition), s)
     # the scale of the initial inverse Hessian is ⟨s, y⟩/⟨y, N(y)⟩ of the newest pair
     y = hessian(s)
     expect = ((s * y).sum((-2, -1)) / (y * y / denom).sum((-2, -1))).clamp(dual_ascent.STEP_MIN, dual_ascent.STEP_MAX)
-    torch.testing.assert_close(curvature.scale(gamma).flatten(), expect)
+    torch.testing.assert_close(curvature.scale(gamma, precondition).flatten(), expect)
     forgotten = torch.tensor([False, True, False]).view(3, 1, 1)
     curvature.forget(forgotten)
     r = torch.randn(3, 6, 6, generator=g, dtype=torch.float64)
-    out = curvature.direction(r, gamma)
+    out = curvature.direction(r, gamma, precondition)
     torch.testing.assert_close(out[1], gamma[1] * r[1] / denom)
     assert not torch.allclose(out[0], gamma[0] * r[0] / denom)
-    torch.testing.assert_close(curvature.scale(gamma)[1], gamma[1])   # no counted pair: γ unchanged
+    torch.testing.assert_close(curvature.scale(gamma, precondition)[1], gamma[1])   # no counted pair: γ unchanged
     curvature.add(s, -y, valid)                                       # negative curvature: not counted
-    torch.testing.assert_close(curvature.scale(gamma), gamma)
+    torch.testing.assert_close(curvature.scale(gamma, precondition), gamma)
 
 
 def test_quasi_newton_steps_need_fewer_iterations_than_preconditioned_gradient_steps(monkeypatch):
     """The limited-memory BFGS step is what makes DGram cheap: with the direction replaced by the
     scaled preconditioned gradient γ·N(∇f) alone (the kind of step the solver took before), the same
-    certified solves need far more iterations (measured: 129 against 348 in all)."""
+    certified solves need far more iterations (measured: 101 against 266 in all)."""
     def solve_all():
         total = 0
         for kind in ("cond1e4", "rank1", "spike"):
@@ -325,7 +326,7 @@ def test_quasi_newton_steps_need_fewer_iterations_than_preconditioned_gradient_s
             total += st["iterations"]
         return total
     quasi_newton = solve_all()
-    monkeypatch.setattr(dual_ascent._Curvature, "direction", lambda self, g, gamma: gamma * self.precondition(g))
+    monkeypatch.setattr(dual_ascent._Curvature, "direction", lambda self, g, gamma, precondition: gamma * precondition(g))
     gradient_only = solve_all()
     assert quasi_newton <= 0.6 * gradient_only, (quasi_newton, gradient_only)
 
@@ -343,7 +344,7 @@ def test_a_warm_start_far_from_the_new_problem_falls_back_to_the_cold_start():
     DGram().dualize(W, G2, cold)
     DGram().dualize(W, G2, st)
     assert st["warm_start"] and st["certified"]
-    assert st["iterations"] <= 1.3 * cold["iterations"], (st["iterations"], cold["iterations"])
+    assert st["iterations"] <= 1.5 * cold["iterations"], (st["iterations"], cold["iterations"])
 
 
 def test_a_stiefel_warm_start_does_not_break_dgram_constraint():
@@ -361,3 +362,51 @@ def test_a_stiefel_warm_start_does_not_break_dgram_constraint():
     assert off_diagonal(W.mT @ A + A.mT @ W).abs().max() <= 1e-8
     # a multiplier with a diagonal would not bound DGram's optimum: ⟨2WΛ, A⟩ ≠ 0 for tangent A
     assert torch.diagonal(st["certificate"]).abs().max() == 0
+
+
+def test_spectral_preconditioner_inverts_the_first_hessian_term_and_is_symmetric_positive(monkeypatch):
+    """N(2P(ΓDR + RDΓ)) = D for Γ = I and no blend (R = (MᵀM + μ²I)^(-1/2) = V diag(r) Vᵀ); with the
+    default blend and a spread Γ, N stays symmetric and positive on P's range (BFGS needs both),
+    and ``curvature(y)`` is ⟨y, N(y)⟩."""
+    g = torch.Generator().manual_seed(8)
+    n = 12
+    V, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    e = torch.logspace(-6, 1, n, dtype=torch.float64)                 # eigenvalues of MᵀM + μ²I, ascending
+    R = V @ torch.diag(e.rsqrt()) @ V.mT
+    D = _sym_batch(g, n, n)
+    monkeypatch.setattr(dual_ascent, "SPECTRAL_BLEND", 0.0)
+    N = dual_ascent._SpectralPreconditioner(V, e, torch.full((n, n), 0.5, dtype=torch.float64).sqrt(), lambda H: H)
+    torch.testing.assert_close(N(2 * (D @ R + R @ D)), D)
+    monkeypatch.undo()
+    d = torch.logspace(-4, 0, n, dtype=torch.float64)                 # Γ's diagonal spread over 1e4
+    denom = d[:, None] + d[None, :]
+    N = dual_ascent._SpectralPreconditioner(V, e, denom.rsqrt(), off_diagonal)
+    A, B = off_diagonal(_sym_batch(g, n, n)), off_diagonal(_sym_batch(g, n, n))
+    torch.testing.assert_close((A * N(B)).sum(), (N(A) * B).sum())
+    assert float((A * N(A)).sum()) > 0
+    torch.testing.assert_close(N.curvature(A), (A * N(A)).sum())
+
+
+def test_spectral_preconditioner_needs_fewer_dgram_iterations_than_the_diagonal_solve(monkeypatch):
+    """DGram's quasi-Newton steps start from the spectral preconditioner; with the diagonal solve
+    Q ⊘ (Γᵢᵢ + Γⱼⱼ) instead (what the Stiefel solver keeps) the same cold, certified solves take
+    more iterations (measured: 409 against 488 on these 12; on warm-started real MLP gradients the
+    difference is ~2×, docs/manifolds.md)."""
+    problems = []
+    for kind in ("cond1e4", "rank1", "spike", "gauss"):
+        for shape in ((96, 48), (64, 64), (128, 32)):
+            g = torch.Generator().manual_seed(7)
+            problems.append((point("dgram", *shape, g), gradient(kind, *shape, g)))
+
+    def total():
+        count = 0
+        for W, G in problems:
+            st = {}
+            DGram().dualize(W, G, st)
+            assert st["certified"]
+            count += st["iterations"]
+        return count
+    spectral = total()
+    monkeypatch.setattr(dual_ascent, "_SpectralPreconditioner", lambda V, e, c, project: (lambda Q: project(Q) * c * c))
+    diagonal = total()
+    assert spectral <= 0.9 * diagonal, (spectral, diagonal)

@@ -25,11 +25,12 @@ Speed-ups: the start Λ₀ = −½N(P(WᵀG + GᵀW)) makes M the tangent projec
 BFGS steps (``LBFGS_MEMORY``) preconditioned, for DGram, in the eigenbasis of MᵀM + μ²I
 (``_SpectralPreconditioner``), for Stiefel by N (Barzilai–Borwein lengths along N(H) before: 2–4×
 the iterations on real DGram gradients); a warm start from the previous
-optimizer step (``state``: the multiplier's offset, the step length and, for DGram, the smoothing
+optimizer step (``state``: the last certificate multiplier, the step scale and, for DGram, the smoothing
 μ reached, which bounds μ for the first iterations: ``WARM_SMOOTHING``); and smoothing of the nuclear norm with μ tied to the current gap
 (F + μ²I, from the start for DGram, after 100 plain iterations for Stiefel: ``SCHEDULES``): the plain dual is nonsmooth where the optimum needs
 singular values below 1 (ill-conditioned or low-rank G, DGram) and plain descent crawls there.
-Per iteration: one eigh of F, one eigvalsh for the lower bound and 6 n×n products (AᵀA = RFR from
+Per iteration: one eigh of F, one eigvalsh for the lower bound and 6 n×n products (6 more for DGram's
+preconditioner; AᵀA = RFR from
 the same eigenvectors; Γ as row scalings when it is diagonal: ``DIAGONAL_GRAM``).
 """
 from __future__ import annotations
@@ -333,7 +334,7 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
         iters = k
         Z, F = upper_bound(lam)                        # WᵀM, MᵀM
         if k == 1:  # ‖M‖_F² at the start Λ₀ = ‖tangent projection of G‖_F² (warm or cold)
-            tangent_sq = torch.diagonal(upper_bound(lam0)[1], dim1=-2, dim2=-1).sum(-1)
+            tangent_sq = torch.diagonal(upper_bound(lam0)[1] if warm else F, dim1=-2, dim2=-1).sum(-1)
         e, V = torch.linalg.eigh(F + mu2[..., None, None] * torch.eye(n, dtype=sdt, device=W.device))
         sv2 = (e - mu2.unsqueeze(-1)).clamp_min(0)    # eigenvalues of F = MᵀM
         hi = sv2.sqrt().sum(-1)                        # ‖M‖_*: an upper bound

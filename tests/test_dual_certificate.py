@@ -311,23 +311,35 @@ def test_quasi_newton_step_satisfies_the_secant_equation_per_member():
     torch.testing.assert_close(curvature.scale(gamma, precondition), gamma)
 
 
+def _dgram_problems(kinds, shapes):
+    """(W, G) pairs: a DGram point with spread column norms and a gradient of each kind and shape."""
+    problems = []
+    for kind in kinds:
+        for shape in shapes:
+            g = torch.Generator().manual_seed(7)
+            problems.append((point("dgram", *shape, g), gradient(kind, *shape, g)))
+    return problems
+
+
+def _certified_iterations(problems):
+    """Total dual iterations of cold DGram solves of ``problems``, each certified."""
+    total = 0
+    for W, G in problems:
+        st = {}
+        DGram().dualize(W, G, st)
+        assert st["certified"]
+        total += st["iterations"]
+    return total
+
+
 def test_quasi_newton_steps_need_fewer_iterations_than_preconditioned_gradient_steps(monkeypatch):
     """The limited-memory BFGS step is what makes DGram cheap: with the direction replaced by the
     scaled preconditioned gradient γ·N(∇f) alone (the kind of step the solver took before), the same
     certified solves need far more iterations (measured: 101 against 266 in all)."""
-    def solve_all():
-        total = 0
-        for kind in ("cond1e4", "rank1", "spike"):
-            g = torch.Generator().manual_seed(7)
-            W, G = point("dgram", 96, 48, g), gradient(kind, 96, 48, g)
-            st = {}
-            DGram().dualize(W, G, st)
-            assert st["certified"]
-            total += st["iterations"]
-        return total
-    quasi_newton = solve_all()
+    problems = _dgram_problems(("cond1e4", "rank1", "spike"), [(96, 48)])
+    quasi_newton = _certified_iterations(problems)
     monkeypatch.setattr(dual_ascent._Curvature, "direction", lambda self, g, gamma, precondition: gamma * precondition(g))
-    gradient_only = solve_all()
+    gradient_only = _certified_iterations(problems)
     assert quasi_newton <= 0.6 * gradient_only, (quasi_newton, gradient_only)
 
 
@@ -392,21 +404,8 @@ def test_spectral_preconditioner_needs_fewer_dgram_iterations_than_the_diagonal_
     Q ⊘ (Γᵢᵢ + Γⱼⱼ) instead (what the Stiefel solver keeps) the same cold, certified solves take
     more iterations (measured: 409 against 488 on these 12; on warm-started real MLP gradients the
     difference is ~2×, docs/manifolds.md)."""
-    problems = []
-    for kind in ("cond1e4", "rank1", "spike", "gauss"):
-        for shape in ((96, 48), (64, 64), (128, 32)):
-            g = torch.Generator().manual_seed(7)
-            problems.append((point("dgram", *shape, g), gradient(kind, *shape, g)))
-
-    def total():
-        count = 0
-        for W, G in problems:
-            st = {}
-            DGram().dualize(W, G, st)
-            assert st["certified"]
-            count += st["iterations"]
-        return count
-    spectral = total()
+    problems = _dgram_problems(("cond1e4", "rank1", "spike", "gauss"), [(96, 48), (64, 64), (128, 32)])
+    spectral = _certified_iterations(problems)
     monkeypatch.setattr(dual_ascent, "_SpectralPreconditioner", lambda V, e, c, project: (lambda Q: project(Q) * c * c))
-    diagonal = total()
+    diagonal = _certified_iterations(problems)
     assert spectral <= 0.9 * diagonal, (spectral, diagonal)

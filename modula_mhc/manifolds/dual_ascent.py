@@ -312,12 +312,14 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
     square_stiefel = not offdiag and W.size(-2) == n
     warm_start = None if square_stiefel else _warm_start(state, lam0, alpha, mu2, plain_iters == 0)
     warm = warm_start is not None
+    start_F = None  # MᵀM at Λ₀, when the first iteration does not compute it
     if warm_start is not None:
         lam, alpha, mu2, warm_mu2 = warm_start
         lam = project(sym(lam))  # a multiplier stored by another manifold (set_manifold) may break P(Λ) = Λ
         # a problem that moved far from the previous one can be better served by the cold start
-        nuclear = lambda X: torch.linalg.eigvalsh(upper_bound(X)[1]).clamp_min(0).sqrt().sum(-1)  # noqa: E731
-        lam = torch.where((nuclear(lam) <= nuclear(lam0))[..., None, None], lam, lam0)
+        start_F = upper_bound(lam0)[1]
+        nuclear = lambda F: torch.linalg.eigvalsh(F).clamp_min(0).sqrt().sum(-1)  # noqa: E731
+        lam = torch.where((nuclear(upper_bound(lam)[1]) <= nuclear(start_F))[..., None, None], lam, lam0)
 
     # a host sync per check: every iteration on the CPU, every few on accelerators
     check_every = CHECK_EVERY["cpu" if W.device.type == "cpu" else "accelerator"]
@@ -334,7 +336,7 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
         iters = k
         Z, F = upper_bound(lam)                        # WᵀM, MᵀM
         if k == 1:  # ‖M‖_F² at the start Λ₀ = ‖tangent projection of G‖_F² (warm or cold)
-            tangent_sq = torch.diagonal(upper_bound(lam0)[1] if warm else F, dim1=-2, dim2=-1).sum(-1)
+            tangent_sq = torch.diagonal(F if start_F is None else start_F, dim1=-2, dim2=-1).sum(-1)
         e, V = torch.linalg.eigh(F + mu2[..., None, None] * torch.eye(n, dtype=sdt, device=W.device))
         sv2 = (e - mu2.unsqueeze(-1)).clamp_min(0)    # eigenvalues of F = MᵀM
         hi = sv2.sqrt().sum(-1)                        # ‖M‖_*: an upper bound

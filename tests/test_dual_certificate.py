@@ -12,7 +12,7 @@ import zlib
 import pytest
 import torch
 
-from modula_mhc.manifolds import DGram, Stiefel, dual_ascent
+from modula_mhc.manifolds import DGram, Stiefel, dual_ascent, quasi_newton
 from modula_mhc.manifolds.dual_ascent import off_diagonal
 
 
@@ -296,7 +296,7 @@ def test_quasi_newton_step_satisfies_the_secant_equation_per_member():
     hessian = lambda X: B @ X @ B  # noqa: E731  (SPD on symmetric matrices, a different one per member)
     denom = 1.0 + torch.rand(6, 6, generator=g, dtype=torch.float64)
     denom = denom + denom.mT
-    curvature = dual_ascent._Curvature(3)
+    curvature = quasi_newton.Curvature(3)
     precondition = lambda Q: Q / denom  # noqa: E731
     valid = torch.ones(3, 1, 1, dtype=torch.bool)
     for _ in range(4):  # one more pair than the memory holds
@@ -307,7 +307,7 @@ def test_quasi_newton_step_satisfies_the_secant_equation_per_member():
     torch.testing.assert_close(curvature.direction(hessian(s), gamma, precondition), s)
     # the scale of the initial inverse Hessian is ⟨s, y⟩/⟨y, N(y)⟩ of the newest pair
     y = hessian(s)
-    expect = ((s * y).sum((-2, -1)) / (y * y / denom).sum((-2, -1))).clamp(dual_ascent.STEP_MIN, dual_ascent.STEP_MAX)
+    expect = ((s * y).sum((-2, -1)) / (y * y / denom).sum((-2, -1))).clamp(quasi_newton.STEP_MIN, quasi_newton.STEP_MAX)
     torch.testing.assert_close(curvature.scale(gamma, precondition).flatten(), expect)
     forgotten = torch.tensor([False, True, False]).view(3, 1, 1)
     curvature.forget(forgotten)
@@ -346,10 +346,10 @@ def test_quasi_newton_steps_need_fewer_iterations_than_preconditioned_gradient_s
     scaled preconditioned gradient γ·N(∇f) alone (the kind of step the solver took before), the same
     certified solves need far more iterations (measured: 101 against 266 in all)."""
     problems = _dgram_problems(("cond1e4", "rank1", "spike"), [(96, 48)])
-    quasi_newton = _certified_iterations(problems)
-    monkeypatch.setattr(dual_ascent._Curvature, "direction", lambda self, g, gamma, precondition: gamma * precondition(g))
+    two_loop = _certified_iterations(problems)
+    monkeypatch.setattr(quasi_newton.Curvature, "direction", lambda self, g, gamma, precondition: gamma * precondition(g))
     gradient_only = _certified_iterations(problems)
-    assert quasi_newton <= 0.6 * gradient_only, (quasi_newton, gradient_only)
+    assert two_loop <= 0.6 * gradient_only, (two_loop, gradient_only)
 
 
 def test_a_warm_start_far_from_the_new_problem_falls_back_to_the_cold_start():
@@ -389,13 +389,13 @@ def test_spectral_preconditioner_inverts_the_first_hessian_term_and_is_symmetric
     e = torch.logspace(-6, 1, n, dtype=torch.float64)                 # eigenvalues of MᵀM + μ²I, ascending
     R = V @ torch.diag(e.rsqrt()) @ V.mT
     D = _sym_batch(g, n, n)
-    monkeypatch.setattr(dual_ascent, "SPECTRAL_BLEND", 0.0)
-    N = dual_ascent._SpectralPreconditioner(V, e, torch.full((n, n), 0.5, dtype=torch.float64).sqrt(), lambda H: H)
+    monkeypatch.setattr(quasi_newton, "SPECTRAL_BLEND", 0.0)
+    N = quasi_newton.SpectralPreconditioner(V, e, torch.full((n, n), 0.5, dtype=torch.float64).sqrt(), lambda H: H)
     torch.testing.assert_close(N(2 * (D @ R + R @ D)), D)
     monkeypatch.undo()
     d = torch.logspace(-4, 0, n, dtype=torch.float64)                 # Γ's diagonal spread over 1e4
     denom = d[:, None] + d[None, :]
-    N = dual_ascent._SpectralPreconditioner(V, e, denom.rsqrt(), off_diagonal)
+    N = quasi_newton.SpectralPreconditioner(V, e, denom.rsqrt(), off_diagonal)
     A, B = off_diagonal(_sym_batch(g, n, n)), off_diagonal(_sym_batch(g, n, n))
     torch.testing.assert_close((A * N(B)).sum(), (N(A) * B).sum())
     assert float((A * N(A)).sum()) > 0
@@ -409,6 +409,6 @@ def test_spectral_preconditioner_needs_fewer_dgram_iterations_than_the_diagonal_
     difference is ~2×, docs/manifolds.md)."""
     problems = _dgram_problems(("cond1e4", "rank1", "spike", "gauss"), [(96, 48), (64, 64), (128, 32)])
     spectral = _certified_iterations(problems)
-    monkeypatch.setattr(dual_ascent, "_SpectralPreconditioner", lambda V, e, c, project: (lambda Q: project(Q) * c * c))
+    monkeypatch.setattr(dual_ascent, "SpectralPreconditioner", lambda V, e, c, project: (lambda Q: project(Q) * c * c))
     diagonal = _certified_iterations(problems)
     assert spectral <= 0.9 * diagonal, (spectral, diagonal)

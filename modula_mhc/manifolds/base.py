@@ -182,6 +182,11 @@ def fro(X: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
 
 
+def inner(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """Frobenius inner product ⟨X, Y⟩ per matrix, shape (...)."""
+    return (X * Y).sum(dim=(-2, -1))
+
+
 def sym(X: torch.Tensor) -> torch.Tensor:
     """sym(X) = (X + Xᵀ)/2."""
     return 0.5 * (X + X.mT)

@@ -23,7 +23,7 @@ Square Stiefel matrices are certified at the first iterate (the tangent projecti
 
 Speed-ups: the start Λ₀ = −½N(P(WᵀG + GᵀW)) makes M the tangent projection of G; limited-memory
 BFGS steps (``LBFGS_MEMORY``) preconditioned, for DGram, in the eigenbasis of MᵀM + μ²I
-(``_SpectralPreconditioner``), for Stiefel by N (Barzilai–Borwein lengths along N(H) before: 2–4×
+(``quasi_newton.SpectralPreconditioner``), for Stiefel by N (Barzilai–Borwein lengths along N(H) before: 2–4×
 the iterations on real DGram gradients); a warm start from the previous
 optimizer step (``state``: the last certificate multiplier, the step scale and, for DGram, the smoothing
 μ reached, which bounds μ for the first iterations: ``WARM_SMOOTHING``); and smoothing of the nuclear norm with μ tied to the current gap
@@ -39,11 +39,9 @@ import math
 
 import torch
 
-from .base import fro, sym, unit_max_scale
+from .base import fro, inner, sym, unit_max_scale
+from .quasi_newton import STEP_MIN, Curvature, SpectralPreconditioner
 
-#: the scale of the initial inverse Hessian (⟨s, y⟩/⟨y, N(y)⟩ of the newest pair) is clamped to this
-#: range (in units of the normalised problem)
-STEP_MIN, STEP_MAX = 1e-4, 10.0
 #: smoothing schedules: (plain iterations before smoothing starts, c in μ = c·gap/n). Measured on
 #: Gaussian, rank-1 and condition-1e4 gradients, tall/wide/square, and real MLP gradients: Stiefel's
 #: rank-1 problems stall when smoothed early, DGram's stall at a 4% gap unless smoothed from the start.
@@ -87,92 +85,10 @@ LOWER_BOUND_EVERY, NEAR_GAP = 2, 3.0
 #: products per iteration saved); points retracted onto DGram or Stiefel in float32 have ~3e-7, and
 #: the reported bound is recomputed with the full Γ at the end
 DIAGONAL_GRAM = 1e-5
-#: pairs kept by the limited-memory BFGS step (``_Curvature``), preconditioned by N. It replaced
+#: pairs kept by the limited-memory BFGS step (``quasi_newton.Curvature``). It replaced
 #: Barzilai–Borwein steps along N(∇f): on 36 recorded warm-started real DGram solves at gap 8e-3,
 #: mean dual iterations 512×128: 82 → 44, 256×64: 38 → 28, 256×64 at lr 0.2: 72 → 57
 LBFGS_MEMORY = 3
-#: DGram's quasi-Newton steps start from ``_SpectralPreconditioner``, whose rᵢ + rⱼ gets
-#: SPECTRAL_BLEND·mean(r) added: without it low-rank DGram problems with spread column norms took up
-#: to 837 iterations (a 90-solve sweep: 6 680 in all), with 0.5 at most 75 (1 759 in all; 1.0: 87,
-#: 1 840); the 36 recorded real solves 17 / 9 / 20 iterations. Stiefel keeps the diagonal solve: its
-#: first 100 iterations are unsmoothed (r = 1/σ unbounded) and a rank-2 problem stalled at 0.9–1.6%
-#: with the spectral one, blend 0.5 to 2 (sweep totals 4 118 diagonal, 4 300 spectral after 100)
-SPECTRAL_BLEND = 0.5
-
-
-def _inner(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-    return (X * Y).sum(dim=(-2, -1))
-
-
-class _Curvature:
-    """Limited-memory BFGS for a batch of dual problems (no host syncs): the last ``memory`` pairs
-    s = Λₖ − Λₖ₋₁, y = ∇f(Λₖ) − ∇f(Λₖ₋₁), a pair counting (ρ = 1/⟨s, y⟩) only for members where it
-    is valid and ⟨s, y⟩ > 0; the initial inverse Hessian is γ·N, N the preconditioner of the
-    iteration (a callable; its ``curvature(y)``, when it has one, is ⟨y, N(y)⟩)."""
-
-    def __init__(self, memory: int):
-        if memory < 1:
-            raise ValueError(f"_Curvature: memory must be >= 1 pair, got {memory}")
-        self.memory = memory
-        self.pairs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-
-    def add(self, s: torch.Tensor, y: torch.Tensor, valid: torch.Tensor) -> None:
-        sy = _inner(s, y)[..., None, None]
-        rho = torch.where(valid & (sy > 0), 1.0 / sy.clamp_min(1e-300), torch.zeros_like(sy))
-        self.pairs = (self.pairs + [(s, y, rho)])[-self.memory:]
-
-    def forget(self, members: torch.Tensor) -> None:
-        """Drop every pair of these members (a restart)."""
-        self.pairs = [(s, y, torch.where(members, torch.zeros_like(rho), rho)) for s, y, rho in self.pairs]
-
-    def scale(self, previous: torch.Tensor, precondition) -> torch.Tensor:
-        """γ = ⟨s, y⟩/⟨y, N(y)⟩ of the newest pair, clamped to [STEP_MIN, STEP_MAX]; ``previous``
-        where that pair does not count."""
-        if not self.pairs:
-            return previous
-        s, y, rho = self.pairs[-1]
-        curvature = getattr(precondition, "curvature", None)
-        yNy = curvature(y) if curvature is not None else _inner(y, precondition(y))
-        gamma = (_inner(s, y) / yNy.clamp_min(1e-300))[..., None, None]
-        return torch.where(rho > 0, gamma.clamp(STEP_MIN, STEP_MAX), previous)
-
-    def direction(self, g: torch.Tensor, gamma: torch.Tensor, precondition) -> torch.Tensor:
-        """The two-loop recursion: an approximation of (∇²f)⁻¹g from the pairs and γ·N."""
-        coefficients = []
-        for s, y, rho in reversed(self.pairs):
-            a = rho * _inner(s, g)[..., None, None]
-            coefficients.append(a)
-            g = g - a * y
-        r = gamma * precondition(g)
-        for (s, y, rho), a in zip(self.pairs, reversed(coefficients)):
-            r = r + (a - rho * _inner(y, r)[..., None, None]) * s
-        return r
-
-
-class _SpectralPreconditioner:
-    """N(Q) = P(C ⊙ V[(Vᵀ(C ⊙ Q)V) ⊘ (rᵢ + rⱼ)]Vᵀ) with Cᵢⱼ = (Γᵢᵢ + Γⱼⱼ)^(-1/2) and
-    V diag(r⁻²) Vᵀ = MᵀM + μ²I. For Γ = cI it is the inverse of the Hessian's first term,
-    D ↦ 2P(ΓDR + RDΓ) with R = (MᵀM + μ²I)^(-1/2) (the term through dR is left to the quasi-Newton
-    pairs); with R = I it is the diagonal solve Q ⊘ (Γᵢᵢ + Γⱼⱼ) it replaced, up to a factor. That solve
-    ignored that directions along small singular values of M curve ~1/μ and those along large
-    ones ~1/σ. C enters on both sides so that N stays symmetric and positive, as BFGS needs."""
-
-    def __init__(self, V: torch.Tensor, e: torch.Tensor, root_inv_denom: torch.Tensor, project):
-        # eigenvalues below 1e-12 of the largest count as that floor: never a division by ~0
-        r = e.clamp_min(e[..., -1:].clamp_min(1e-300) * 1e-12).rsqrt()
-        tau = SPECTRAL_BLEND * r.mean(-1, keepdim=True).unsqueeze(-1)
-        self.V, self.rsum, self.c, self.project = V, r.unsqueeze(-1) + r.unsqueeze(-2) + tau, root_inv_denom, project
-
-    def _spectral(self, Q: torch.Tensor) -> torch.Tensor:
-        return self.V.mT @ (self.c * Q) @ self.V
-
-    def __call__(self, Q: torch.Tensor) -> torch.Tensor:
-        return self.project(self.c * (self.V @ (self._spectral(Q) / self.rsum) @ self.V.mT))
-
-    def curvature(self, y: torch.Tensor) -> torch.Tensor:
-        """⟨y, N(y)⟩ in two products, for y = P(y) (differences of projected gradients)."""
-        t = self._spectral(y)
-        return _inner(t, t / self.rsum)
 
 
 def off_diagonal(H: torch.Tensor) -> torch.Tensor:
@@ -327,7 +243,7 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
     best_hi = torch.full(batch, math.inf, dtype=sdt, device=W.device)
     best_R, best_Y, best_X, hi_lam = (torch.zeros_like(gram),) * 3 + (lam,)
     prev_lam = prev_H = None
-    curvature = _Curvature(LBFGS_MEMORY)
+    curvature = Curvature(LBFGS_MEMORY)
     root_inv_denom = denom.rsqrt()
     fresh = torch.zeros(batch + (1, 1), dtype=torch.bool, device=W.device)  # no curvature pair yet after a restart
     iters = 0
@@ -347,7 +263,7 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
         X = H / denom                                  # normal_solve(H), H already projected: A_t = A_Λ − W·X is tangent
         if _lower_bound_due(k, near, max_iters):
             # lower bound ⟨G, A_t⟩/‖A_t‖₂ with ‖A_t‖₂² = λ_max(AᵀA − YᵀX − XᵀY + XᵀΓX), AᵀA = RFR
-            score = (inv * sv2).sum(-1) - _inner(Z, X)     # ⟨M, A_t⟩ = ⟨G, A_t⟩ for tangent A_t (⟨F, R⟩ = Σ sv2ᵢ·invᵢ)
+            score = (inv * sv2).sum(-1) - inner(Z, X)     # ⟨M, A_t⟩ = ⟨G, A_t⟩ for tangent A_t (⟨F, R⟩ = Σ sv2ᵢ·invᵢ)
             YtX = Y.mT @ X
             RFR = (V * (inv.square() * sv2).unsqueeze(-2)) @ V.mT
             At_gram = RFR - (YtX + YtX.mT) + X.mT @ gram_mul(X)
@@ -372,7 +288,7 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
         if prev_lam is not None and prev_H is not None:
             curvature.add(lam - prev_lam, H - prev_H, ~fresh)
         prev_lam, prev_H = lam, H
-        precondition = _SpectralPreconditioner(V, e, root_inv_denom, project) if offdiag else normal_solve
+        precondition = SpectralPreconditioner(V, e, root_inv_denom, project) if offdiag else normal_solve
         alpha = torch.where(lost, (alpha / RESTART_SHRINK).clamp_min(STEP_MIN), curvature.scale(alpha, precondition))
         curvature.forget(lost)
         damping = torch.where(lost, damping / RESTART_SHRINK, (2.0 * damping).clamp_max(1.0))
@@ -393,7 +309,7 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
     A = torch.where(has_tangent[..., None, None], A / top.clamp_min(1e-30)[..., None, None],
                     torch.zeros_like(A)).to(dt)
     if state is not None:  # the gap of what the caller gets: A in its own dtype
-        exact = torch.where(has_tangent, _inner(Gn, A.to(sdt)), torch.zeros_like(best_lo))
+        exact = torch.where(has_tangent, inner(Gn, A.to(sdt)), torch.zeros_like(best_lo))
         gap = torch.where(has_tangent, (best_hi - exact) / best_hi.abs().clamp_min(1e-300), torch.zeros_like(exact))
         WtA = (gram @ best_C) / top.clamp_min(1e-30)[..., None, None]
         _record(state, dt, gap, gap_tol, iters, warm,

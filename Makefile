@@ -31,11 +31,7 @@ test-triton:
 # GPU benchmarks (JSON and plots under benchmarks/results/)
 # no install step: the lent GPU machines have PyTorch, Triton, tqdm and matplotlib but no network
 gpu-check:
-	TRITON_INTERPRET=0 $(PYTHON) -m pytest -q -m triton tests/test_kernels_triton.py
-	$(PYTHON) benchmarks/bench_msign.py --size gpu
-	$(PYTHON) benchmarks/bench_sinkhorn.py --size gpu
-	$(PYTHON) benchmarks/bench_mhc_block.py --size gpu
-	$(PYTHON) benchmarks/bench_train_step.py --device cuda --methods muon hetero --warm-steps $(GPU_WARM_STEPS)
+	PYTHON=$(PYTHON) bash benchmarks/gpu_check.sh $(GPU_WARM_STEPS)
 
 bench: install
 	for f in benchmarks/bench_*.py; do $(PYTHON) $$f || exit 1; done

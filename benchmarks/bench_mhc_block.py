@@ -76,12 +76,30 @@ def compare(make_a, make_b, shape_a, shape_b, reps, device, dtype):
                 plain_cpu_ms=1e3 * ca, mhc_cpu_ms=1e3 * cb, ratio_cpu=cb / ca)
 
 
+def profile_one(make, shape, device, dtype):
+    """torch.profiler's table of one forward + backward (after a warm-up), sorted by device time."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.manual_seed(0)
+    mod = make().to(device, dtype)
+    x = torch.randn(shape, device=device, dtype=dtype)
+    g = torch.randn_like(x)
+    _time(mod, x, g, device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        _time(mod, x, g, device)
+    key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=20)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=sorted(SIZES), default="cpu")
     ap.add_argument("--streams", type=int, default=4)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    ap.add_argument("--widths", type=int, nargs="+", default=None, help="widths (default: the size's list)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile one forward+backward of the mHC layer and block at the last width")
     add_malloc_option(ap)
     args = ap.parse_args()
     malloc = apply_malloc(args)
@@ -94,7 +112,7 @@ def main():
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device == "cuda" else torch.float32)
     n, B, T = args.streams, cfg["batch"], cfg["seq"]
     rows = []
-    for C in cfg["widths"]:
+    for C in args.widths or cfg["widths"]:
         def branch():
             return bonds.GELU() @ atoms.Linear(C, C)
         layer = compare(lambda: PlainLayer(branch()), lambda: HyperConnections(branch(), streams=n, width=C),
@@ -109,6 +127,14 @@ def main():
                   f"mHC {r['mhc_ms']:8.2f} ms   ratio {r['ratio']:.2f}x   (CPU time: {r['ratio_cpu']:.2f}x)")
     out = pathlib.Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
+    if args.profile:
+        C = (args.widths or cfg["widths"])[-1]
+        tables = [profile_one(make, (B, T, n, C), device, dtype) for make in
+                  (lambda: HyperConnections(bonds.GELU() @ atoms.Linear(C, C), streams=n, width=C),
+                   lambda: hyper_block(C, cfg["heads"], 4, streams=n, constrained=True))]
+        text = f"mHC layer (Linear+GELU branch), width {C}, tokens {B * T}\n{tables[0]}\n\nmHC GPT block\n{tables[1]}\n"
+        (out / f"bench_mhc_block_{args.size}_profile.txt").write_text(text)
+        print(text)
     meta = dict(device=device if device == "cpu" else torch.cuda.get_device_name(), dtype=str(dtype),
                 torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(), malloc=malloc)
     (out / f"bench_mhc_block_{args.size}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))

@@ -70,6 +70,24 @@ def test_dispatch_falls_back_where_triton_does_not_support_the_input():
     assert torch.equal(K.sinkhorn(L), R.sinkhorn(L))
 
 
+def test_msign_preferred_only_where_measured_faster(monkeypatch):
+    """Unless forced, the dispatcher runs Triton's msign only where ``preferred`` says it beat the
+    reference on a GPU: large half-precision stacks, never float32 or 128-sized stacks."""
+    assert triton_msign.preferred(torch.empty(48, 768, 768, device="meta", dtype=torch.bfloat16))
+    assert triton_msign.preferred(torch.empty(24, 3072, 768, device="meta", dtype=torch.bfloat16))
+    assert not triton_msign.preferred(torch.empty(16, 128, 128, device="meta", dtype=torch.bfloat16))
+    assert not triton_msign.preferred(torch.empty(1, 1024, 1024, device="meta", dtype=torch.bfloat16))
+    assert not triton_msign.preferred(torch.empty(1, 4096, 4096, device="meta"))
+    from modula_mhc.kernels import dispatch
+    monkeypatch.setattr(dispatch, "_on_gpu", lambda t: True)  # the auto rule, as on a CUDA machine
+    monkeypatch.setenv("MODULA_MHC_KERNELS", "auto")
+    assert K.backend_for("msign", torch.zeros(16, 128, 128)) == "reference"
+    assert K.backend_for("msign", torch.empty(2, 4096, 4096, device="meta", dtype=torch.bfloat16)) == "triton"
+    assert K.backend_for("sinkhorn", torch.zeros(3, 4, 4)) == "triton"  # no preferred(): supports decides
+    monkeypatch.setenv("MODULA_MHC_KERNELS", "triton")  # forced: Triton wherever it is supported
+    assert K.backend_for("msign", torch.zeros(16, 128, 128)) == "triton"
+
+
 def test_supports_predicates():
     assert triton_sinkhorn.supports(torch.zeros(2, 16, 16)) and not triton_sinkhorn.supports(torch.zeros(2, 17, 17))
     assert triton_sinkhorn.supports(torch.zeros(4, 4).half())

@@ -4,7 +4,9 @@ Rule: ``MODULA_MHC_KERNELS=reference`` forces the reference; ``MODULA_MHC_KERNEL
 for Triton everywhere (on CPU tensors this needs ``TRITON_INTERPRET=1``, used by the tests);
 otherwise Triton is a candidate for CUDA tensors when triton imports. A candidate runs only where
 its module's ``supports(...)`` predicate accepts the input (dtype, size, mode): float64, a Sinkhorn
-tolerance mode or n > 16 fall back to the reference here, and nowhere else.
+tolerance mode or n > 16 fall back to the reference here, and nowhere else. Unless Triton is
+forced, a module may also offer ``preferred(...)``: where it says no, the reference is the faster
+(measured) and runs instead (msign: small or float32 stacks).
 """
 
 from __future__ import annotations
@@ -56,9 +58,17 @@ def backend_for(kernel: str, t: torch.Tensor, *others: torch.Tensor, **options) 
     if requested == "triton":
         if not triton_available():
             raise RuntimeError(f"{ENV_VAR}=triton but triton cannot be imported")
-    elif not (t.is_cuda and triton_available()):
+    elif not (_on_gpu(t) and triton_available()):
         return "reference"
-    return "triton" if triton_module(kernel).supports(t, *others, **options) else "reference"
+    module = triton_module(kernel)
+    if not module.supports(t, *others, **options):
+        return "reference"
+    preferred = getattr(module, "preferred", None)
+    return "reference" if requested != "triton" and preferred is not None and not preferred(t) else "triton"
+
+
+def _on_gpu(t: torch.Tensor) -> bool:
+    return t.is_cuda
 
 
 def fused_layer(x: torch.Tensor) -> bool:

@@ -26,6 +26,22 @@ def supports(X: torch.Tensor) -> bool:
     return X.dtype in _DTYPES
 
 
+#: the least work, batch·M²·K for M ≤ K, at which Triton's msign beats the reference on a GPU.
+#: Measured on an H100 (benchmarks/results/msign_shapes_gpu.json, 8 steps, autotuned): bf16 stacks
+#: (48, 768, 768), (24, 768, 3072) and one 4096² matrix ran at 1.18, 1.10 and 1.24× the reference;
+#: 128-sized stacks and one 1024² matrix at 0.48–0.54×, and every float32 input at 0.47–0.90×
+PREFERRED_WORK = 1e10
+
+
+def preferred(X: torch.Tensor) -> bool:
+    """Whether this kernel is the faster msign for X on a GPU (``PREFERRED_WORK``): half precision
+    and enough work per call; the dispatcher runs the reference otherwise unless Triton is forced."""
+    if X.dtype not in (torch.bfloat16, torch.float16) or X.ndim < 2:
+        return False
+    M, K = sorted(X.shape[-2:])
+    return X.numel() // max(M * K, 1) * M * M * K >= PREFERRED_WORK
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

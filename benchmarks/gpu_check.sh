@@ -5,6 +5,7 @@
 # step → status closes the log. Results land in benchmarks/results/ (and, when OUT is set, a
 # tarball of them plus the log in $OUT).
 #     bash benchmarks/gpu_check.sh [warm steps for the training-step benchmark, default 30]
+# About 4–5 minutes on an H100 with 30 warm steps (steps: 8, 35, 9, 11, 7, 32, 53, 57 s measured).
 set -u
 cd "$(dirname "$0")/.."
 WARM=${1:-30}
@@ -25,8 +26,10 @@ step environment 30 bash -c "nvidia-smi --query-gpu=name,memory.total,clocks.sm,
 step triton-tests 100 "$PY" -m pytest -q -x -m triton tests/test_kernels_triton.py -p no:cacheprovider
 step full-size-kernels 60 "$PY" benchmarks/gpu_full_size.py
 step msign 45 "$PY" benchmarks/bench_msign.py --size gpu
+step msign-shapes 120 "$PY" benchmarks/gpu_msign_shapes.py
 step sinkhorn 45 "$PY" benchmarks/bench_sinkhorn.py --size gpu
-step mhc-block 60 "$PY" benchmarks/bench_mhc_block.py --size gpu
+step mhc-block 90 "$PY" benchmarks/bench_mhc_block.py --size gpu --profile
+step mhc-mixing 45 "$PY" benchmarks/bench_mhc_mixing.py --size gpu
 step sync-check 60 "$PY" benchmarks/gpu_sync_check.py --warm-steps 5
 step train-step 150 "$PY" benchmarks/bench_train_step.py --device cuda --methods adamw muon hetero --warm-steps "$WARM" --repeats 10 --threads 0
 { echo "=== summary"; printf '%s\n' "${SUMMARY[@]}"; } | tee -a "$LOG"

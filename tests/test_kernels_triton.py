@@ -16,7 +16,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed; the refe
 
 import modula_mhc.kernels as K  # noqa: E402
 from modula_mhc.kernels import reference as R  # noqa: E402
-from modula_mhc.kernels import triton_mhc, triton_msign, triton_sinkhorn  # noqa: E402
+from modula_mhc.kernels import triton_mhc, triton_msign, triton_sinkhorn, triton_tuning  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -217,6 +217,44 @@ def test_mixing_kernels_bf16_activations():
     z = K.mhc_pre(x, hpre)
     assert z.dtype == torch.bfloat16
     assert (z.float() - R.mhc_pre(x.float(), hpre)).abs().max() < 5e-2
+
+
+# ---------------------------------------------------------------------------- tile candidates
+
+
+def _tuned_kernels():
+    return [t for module in (triton_msign, triton_mhc) for t in vars(module).values() if isinstance(t, triton_tuning.Tiled)]
+
+
+def test_every_kernel_ships_its_tiles_as_first_candidate():
+    """On a GPU the tuner chooses among the candidates; the shipped tiles are always one of them
+    (so tuning can only pick a configuration measured at least as fast)."""
+    kernels = _tuned_kernels()
+    assert len(kernels) == 7  # the symmetric product and the six mixing kernels
+    for t in kernels:
+        assert t.configs[0].kwargs == t.fixed and len(t.configs) >= 6
+        assert len({(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in t.configs}) == len(t.configs)
+
+
+@pytest.mark.skipif(not _INTERPRET, reason="forces each candidate through the interpreter")
+def test_every_tile_candidate_matches_the_reference():
+    """Each autotuning candidate of every kernel, forced in turn, computes what the reference does
+    (outputs and gradients) on shapes that divide none of the tile sizes."""
+    count = max(len(t.configs) for t in _tuned_kernels())
+    torch.manual_seed(9)
+    x, phi = torch.randn(19, 3 * 37), torch.randn(3 * 37, 15)
+    xs, h, f = torch.randn(19, 3, 37), torch.randn(19, 3), torch.randn(19, 37)
+    H, hp = torch.randn(19, 3, 3), torch.randn(19, 3)
+    X = torch.randn(2, 37, 45)
+    for i in range(count):
+        with triton_tuning.force_config(i):
+            out, grad, scale = _grads_vs_reference(triton_mhc.mhc_coeff_input, R.mhc_coeff_input, [x, phi])
+            assert max(out) < 1e-4 and all(g < 1e-5 * s for g, s in zip(grad, scale)), i
+            out, grad, scale = _grads_vs_reference(triton_mhc.mhc_pre, R.mhc_pre, [xs, h])
+            assert out[0] < 1e-5 and all(g < 1e-5 * max(s, 1.0) for g, s in zip(grad, scale)), i
+            out, grad, scale = _grads_vs_reference(triton_mhc.mhc_post_res, R.mhc_post_res, [xs, f, H, hp])
+            assert out[0] < 1e-5 and all(g < 1e-5 * max(s, 1.0) for g, s in zip(grad, scale)), i
+            assert torch.allclose(triton_msign.sym_product(X), X @ X.mT, atol=1e-4), i
 
 
 # ---------------------------------------------------------------------------- full size (GPU only)

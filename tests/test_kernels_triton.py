@@ -236,6 +236,31 @@ def test_every_kernel_ships_its_tiles_as_first_candidate():
         assert len({(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in t.configs}) == len(t.configs)
 
 
+def test_autotune_switch(monkeypatch):
+    """MODULA_MHC_AUTOTUNE=0 keeps the shipped tiles on a GPU (bitwise-repeatable runs): with the
+    interpreter check bypassed, the tuner must not be reached; a bad value is an error."""
+    for value, on in [("0", False), ("off", False), ("1", True), ("", True), ("yes", True)]:
+        monkeypatch.setenv("MODULA_MHC_AUTOTUNE", value)
+        assert triton_tuning.autotuning() is on
+    monkeypatch.setenv("MODULA_MHC_AUTOTUNE", "maybe")
+    with pytest.raises(ValueError, match="MODULA_MHC_AUTOTUNE"):
+        triton_tuning.autotuning()
+    if not _INTERPRET:
+        return
+    monkeypatch.setenv("MODULA_MHC_AUTOTUNE", "0")
+    monkeypatch.setattr(triton_tuning, "interpreting", lambda: False)  # as on a GPU
+
+    class NoTuner:
+        def __getitem__(self, grid):
+            raise AssertionError("the tuner ran with MODULA_MHC_AUTOTUNE=0")
+    monkeypatch.setattr(triton_msign._SYRK, "_tuned", NoTuner())
+    X = torch.randn(2, 37, 45)
+    assert torch.allclose(triton_msign.sym_product(X), X @ X.mT, atol=1e-4)
+    monkeypatch.setenv("MODULA_MHC_AUTOTUNE", "1")
+    with pytest.raises(AssertionError, match="tuner ran"):
+        triton_msign.sym_product(X)
+
+
 @pytest.mark.skipif(not _INTERPRET, reason="forces each candidate through the interpreter")
 def test_every_tile_candidate_matches_the_reference():
     """Each autotuning candidate of every kernel, forced in turn, computes what the reference does

@@ -95,12 +95,12 @@ def sym_product(X: torch.Tensor, alpha: float = 1.0, C: torch.Tensor | None = No
             raise ValueError(f"sym_product: C must have shape {(Bn, M, M)}, got {tuple(C.shape)}")
         C = C.contiguous()
     if Bn and M:
-        small = {"BLOCK_M": 64 if M > 32 else (32 if M > 16 else 16), "BLOCK_K": 32 if K > 16 else 16}
+        small = {"BLOCK_M": 64 if M > 32 else (32 if M > 16 else 16), "BLOCK_K": 32 if K > 16 else 16}  # shipped
         _SYRK.launch(lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(M, meta["BLOCK_M"]), Bn),
                      X, C if C is not None else S, S, M, K, float(alpha), float(beta),
                      X.stride(0), X.stride(1), X.stride(2), M * M, M * M,
                      HAS_C=C is not None, UPCAST=X.dtype == torch.float32 or interpreting(),
-                     interpreter_meta=small)
+                     shipped=small)
     return S
 
 

@@ -5,7 +5,7 @@
 # step → status closes the log. Results land in benchmarks/results/ (and, when OUT is set, a
 # tarball of them plus the log in $OUT).
 #     bash benchmarks/gpu_check.sh [warm steps for the training-step benchmark, default 30]
-# On an H100 its first version (without msign-shapes and mhc-mixing) took 212 s with 30 warm steps;
+# On an H100 its first version (without msign-shapes, mhc-mixing and eigh-options) took 212 s with 30 warm steps;
 # give the whole script 10 minutes.
 set -u
 cd "$(dirname "$0")/.."
@@ -32,6 +32,7 @@ step sinkhorn 45 "$PY" benchmarks/bench_sinkhorn.py --size gpu
 step mhc-block 90 "$PY" benchmarks/bench_mhc_block.py --size gpu --profile
 step mhc-mixing 45 "$PY" benchmarks/bench_mhc_mixing.py --size gpu
 step sync-check 60 "$PY" benchmarks/gpu_sync_check.py --warm-steps 5
+step eigh-options 90 "$PY" benchmarks/gpu_eigh_options.py
 step train-step 150 "$PY" benchmarks/bench_train_step.py --device cuda --methods adamw muon hetero --warm-steps "$WARM" --repeats 10 --threads 0
 { echo "=== summary"; printf '%s\n' "${SUMMARY[@]}"; } | tee -a "$LOG"
 if [ -n "${OUT:-}" ]; then

@@ -67,14 +67,28 @@ def timed(fn, device):
     return time.perf_counter() - t
 
 
-def dual_iterations(opt):
+def dual_iterations(opt, total=False):
+    """Dual iterations of the last step per manifold: the mean per matrix (or the sum with ``total``)."""
     if not isinstance(opt, optim.DualizeRetract):
         return {}
     out = {}
     for name, d in opt.diagnostics().items():
         if "iterations" in d and d["manifold"] in ("stiefel", "dgram"):
             out.setdefault(d["manifold"], []).append(d["iterations"])
-    return {k: statistics.mean(v) for k, v in out.items()}
+    return {k: (sum(v) if total else statistics.mean(v)) for k, v in out.items()}
+
+
+def warm_up(run, steps, batch, device, tqdm, name):
+    """Train ``steps`` steps; (median ms per window, mean dual iterations per step per window) over 4
+    windows. Dual iterations are deterministic, so growth shows through the machine's timing noise."""
+    w, its = [], []
+    for _ in tqdm(range(steps), desc=f"warm-up {name}", leave=False):
+        x, y = batch()
+        w.append(timed(lambda: train_step(*run, x, y), device))
+        its.append(sum(dual_iterations(run[1], total=True).values()))
+    k = max(1, steps // 4)
+    return ([1e3 * statistics.median(w[i:i + k]) for i in range(0, len(w), k)],
+            [statistics.mean(its[i:i + k]) for i in range(0, len(its), k)])
 
 
 def main(argv=None):
@@ -107,13 +121,9 @@ def main(argv=None):
     except ImportError:  # progress bar is optional
         def tqdm(it, **_):
             return it
+    iteration_windows = {}
     for m in args.methods:  # a real run first: warm starts and gradients as training sees them
-        w = []
-        for s in tqdm(range(args.warm_steps), desc=f"warm-up {m}", leave=False):
-            x, y = batch()
-            w.append(timed(lambda: train_step(*runs[m], x, y), args.device))
-        k = max(1, args.warm_steps // 4)
-        windows[m] = [1e3 * statistics.median(w[i:i + k]) for i in range(0, len(w), k)]
+        windows[m], iteration_windows[m] = warm_up(runs[m], args.warm_steps, batch, args.device, tqdm, m)
     times = {m: [] for m in args.methods}
     losses = {m: None for m in args.methods}
     for _ in tqdm(range(args.repeats), desc="interleaved"):
@@ -124,6 +134,7 @@ def main(argv=None):
     base = med.get("adamw", next(iter(med.values())))
     rows = [{"method": m, "median_ms": 1e3 * med[m], "ratio_vs_adamw": med[m] / base,
              "warmup_window_ms": windows[m], "dual_iterations": dual_iterations(runs[m][1]),
+             "warmup_window_dual_iterations_per_step": iteration_windows[m],
              "loss_after": losses[m]} for m in args.methods]
     if "muon" in med and "hetero" in med:
         hetero_vs_muon = med["hetero"] / med["muon"]
@@ -135,6 +146,9 @@ def main(argv=None):
     for r in rows:
         win = " ".join(f"{v:.0f}" for v in r["warmup_window_ms"])
         print(f"{r['method']:8s} {r['median_ms']:10.1f} {r['ratio_vs_adamw']:8.2f}  {win:26s}  {r['dual_iterations']}")
+        if any(r["warmup_window_dual_iterations_per_step"]):
+            print(f"{'':8s} dual iterations per step over the warm-up windows: "
+                  + " ".join(f"{v:.1f}" for v in r["warmup_window_dual_iterations_per_step"]))
     if hetero_vs_muon is not None:
         print(f"hetero / muon: {hetero_vs_muon:.2f}")
     os.makedirs(RESULTS, exist_ok=True)

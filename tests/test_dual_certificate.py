@@ -359,7 +359,8 @@ def test_a_warm_start_far_from_the_new_problem_falls_back_to_the_cold_start():
     """The warm start is the previous solve's certificate multiplier, unless the cold start Λ₀ bounds
     the new problem better. Measured on this square Gaussian DGram problem moved by 20% noise: with
     the diagonal preconditioner, warm 40 iterations, cold 34, without the fallback 58; with the
-    spectral preconditioner and the 15-iteration warm window, warm 38, cold 26."""
+    spectral preconditioner and the 15-iteration warm window, warm 38, cold 26; with the warm cap at
+    1.25× the old μ, 49 without the release of a stalled cap (``WARM_RELEASE``), 35 with it."""
     st, cold = _warm_and_cold_after_a_move(0.2)
     assert st["warm_start"] and st["certified"]
     assert st["iterations"] <= 1.5 * cold["iterations"], (st["iterations"], cold["iterations"])
@@ -424,7 +425,21 @@ def test_warm_cap_survives_first_gaps_up_to_the_limit():
     assert dual_ascent.WARM_GAP_LIMIT == 0.5
     warm = torch.tensor([1e-4], dtype=torch.float64)
     for gap, kept in [(0.1, True), (0.45, True), (0.55, False)]:
-        mu2, cap = dual_ascent._smoothing(1, 2.0, torch.tensor([1.0], dtype=torch.float64), 64,
-                                          torch.tensor([gap], dtype=torch.float64), warm)
+        mu2, cap, _ = dual_ascent._smoothing(1, 2.0, torch.tensor([1.0], dtype=torch.float64), 64,
+                                             torch.tensor([gap], dtype=torch.float64), warm, None)
         assert bool(torch.isfinite(cap).all()) is kept, gap
         assert float(mu2) <= (dual_ascent.WARM_SMOOTHING[1] ** 2 * 1e-4 if kept else math.inf)
+
+
+def test_a_stalled_warm_cap_is_released():
+    """By iteration ``WARM_RELEASE[0]`` a warm solve whose gap has not fallen below
+    ``WARM_RELEASE[1]`` × its first gap drops the μ cap (its problem moved); one that is
+    converging keeps it."""
+    k, ratio = dual_ascent.WARM_RELEASE
+    warm = torch.tensor([1e-4, 1e-4], dtype=torch.float64)
+    first = torch.tensor([0.2, 0.2], dtype=torch.float64)
+    gap = torch.tensor([0.8 * ratio * 0.2, 1.2 * ratio * 0.2], dtype=torch.float64)
+    mu2, cap, _ = dual_ascent._smoothing(k, 2.0, torch.ones(2, dtype=torch.float64), 64, gap, warm, first)
+    assert torch.isfinite(cap).tolist() == [True, False]
+    mu2, cap, _ = dual_ascent._smoothing(k - 1, 2.0, torch.ones(2, dtype=torch.float64), 64, gap, warm, first)
+    assert torch.isfinite(cap).all()  # only at the release iteration

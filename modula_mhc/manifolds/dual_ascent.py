@@ -54,22 +54,27 @@ SCHEDULES = {False: (100, 3.0 * math.sqrt(2)), True: (0, 2.0 * math.sqrt(2))}
 CHECK_EVERY = {"cpu": 1, "accelerator": 4}
 #: a warm-started solve whose schedule smooths from the start (DGram) also starts from the previous
 #: solve's last μ, and for its first WARM_SMOOTHING[0] iterations μ stays ≤ WARM_SMOOTHING[1]·(that
-#: μ), unless the first iteration's certified gap exceeds WARM_GAP_LIMIT (the problem moved too far
-#: for the old μ to fit). The gap-tied rule alone read the first iteration's large gap (20–30% on
-#: real MLP gradients: the primal bound lags the dual one) and smoothed a good warm multiplier away;
-#: a bare cap slowed solves whose problem had moved (first gaps 34–50%). Mean dual iterations of 12
-#: warm-started real solves at gap 8e-3, without / with this rule: 512×128 at lr 0.054: 179 / 90;
-#: 256×64 at lr 0.054: 53 / 34; 256×64 at lr 0.2: 70 / 72 (the bare cap: 90). Caps of 4× and 8×
-#: and windows of 10 or 20 iterations measured worse; the limit is fitted to these 36 solves. With
-#: the spectral preconditioner the window went from 40 to 15 iterations: the real solves are
-#: unchanged (17 / 9 / 20), and a square Gaussian problem moved by 20% noise took 38 iterations warm
-#: instead of 87 (cold: 26). The limit went from 0.3 to 0.5 with the current solver: late in a run the
-#: first warm gaps of real MLP solves reach 30–50% and the old limit dropped their cap: 16 solves at
-#: steps 96–99 of a tiny-preset run took 17.1 iterations warm (max 28; cold 23.8), 13.2 (max 15)
-#: with 0.5; the 36 recorded solves 17.1 / 9.2 / 19.8 → 17.1 / 9.2 / 14.8; 144 synthetic problems
-#: moved by 5–100% noise 3 242 → 3 487 iterations in all (cold 3 660); dual iterations per step over
-#: the last 25 of 100 tiny-preset training steps 77.9 → 62.2
-WARM_SMOOTHING = (15, 2.0)
+#: μ), unless the first iteration's certified gap exceeds WARM_GAP_LIMIT, or by iteration
+#: WARM_RELEASE[0] the gap has not fallen below WARM_RELEASE[1]·(the first gap): in both cases the
+#: problem moved too far for the old μ to fit. Why a cap: the gap-tied rule alone read the first
+#: iteration's large gap (20–36% on real MLP gradients: the primal bound lags the dual one) and
+#: smoothed a good warm multiplier away (12 warm real solves each, without / with the first cap:
+#: 512×128 at lr 0.054 179 / 90; 256×64 at lr 0.054 53 / 34). Why the release: under a tight cap a
+#: problem that moved stalls (a square Gaussian DGram problem moved by 20% noise sat at a 14–16%
+#: gap for the whole window), while the real solves halve their gap every ~2 iterations. Measured
+#: with the current solver (spectral quasi-Newton, warm start from the certificate), mean iterations
+#: of the 36 recorded real solves (512×128; 256×64; 256×64 at lr 0.2) and of 16 solves at steps
+#: 96–99 of a tiny-preset run, and the total of 144 synthetic problems moved by 5–100% noise
+#: (cold: 3 660):
+#:   cap 2, window 15, limit 0.3, no release: 17.1 / 9.2 / 19.8, late 17.1 (max 28), 3 242
+#:   cap 2, limit 0.5:                        17.1 / 9.2 / 14.8, late 13.2 (max 15), 3 487
+#:   cap 1.25, limit 0.5, release (8, 0.5):   13.4 / 7.3 / 13.2, late 11.8 (max 15), 3 194 (worst
+#:   warm/cold 2.16 against 2.72); cap 1 with the release: 11.3 / 7.3 / 13.5 but 29 iterations for a
+#:   5% move (cold 26), release at 6 or 10 and windows of 5–8 measured worse.
+#: Dual iterations per step of the tiny preset over 4 windows of 25 training steps: 50.9, 43.6,
+#: 61.8, 77.9 → 40.5, 37.1, 45.0, 56.0 (``bench_train_step.py --preset tiny``)
+WARM_SMOOTHING = (15, 1.25)
+WARM_RELEASE = (8, 0.5)
 WARM_GAP_LIMIT = 0.5
 #: an iterate whose dual bound exceeds the best one by this fraction has diverged (a long dual step
 #: once smoothing reshapes the landscape: measured on rank-1-plus-noise gradients, the bound jumped
@@ -135,17 +140,23 @@ def _warm_start(state: dict | None, lam0: torch.Tensor, alpha: torch.Tensor, mu2
     return multiplier, (alpha if step is None else step), mu2, cap
 
 
-def _smoothing(k: int, c: float, gap_abs: torch.Tensor, n: int, gap: torch.Tensor, warm_mu2: torch.Tensor | None):
-    """(μ², warm cap) for iteration k: μ = c·gap/n (c/3 on alternate ``ALTERNATE`` windows), capped
-    by ``WARM_SMOOTHING`` after a warm start unless the first gap exceeds ``WARM_GAP_LIMIT``."""
+def _smoothing(k: int, c: float, gap_abs: torch.Tensor, n: int, gap: torch.Tensor, warm_mu2: torch.Tensor | None,
+               first_gap: torch.Tensor | None):
+    """(μ², warm cap, first gap) for iteration k: μ = c·gap/n (c/3 on alternate ``ALTERNATE``
+    windows), capped by ``WARM_SMOOTHING`` after a warm start unless the first gap exceeds
+    ``WARM_GAP_LIMIT`` or, by iteration ``WARM_RELEASE[0]``, the gap has not fallen below
+    ``WARM_RELEASE[1]`` × the first gap."""
     if ALTERNATE > 0 and (k // ALTERNATE) % 2 == 1:
         c = c / 3
     mu2 = (c * gap_abs.clamp_min(0) / n).square()
     if warm_mu2 is not None and k < WARM_SMOOTHING[0]:
         if k == 1:  # a warm start far from the new problem's optimum: the gap rule alone
             warm_mu2 = torch.where(gap <= WARM_GAP_LIMIT, warm_mu2, torch.full_like(warm_mu2, math.inf))
+            first_gap = gap
+        elif k == WARM_RELEASE[0] and first_gap is not None:  # stalled under the cap: the problem moved
+            warm_mu2 = torch.where(gap <= WARM_RELEASE[1] * first_gap, warm_mu2, torch.full_like(warm_mu2, math.inf))
         mu2 = torch.minimum(mu2, WARM_SMOOTHING[1] ** 2 * warm_mu2)
-    return mu2, warm_mu2
+    return mu2, warm_mu2, first_gap
 
 
 def _lower_bound_due(k: int, near: bool, max_iters: int) -> bool:
@@ -229,7 +240,7 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
     batch = lam0.shape[:-2]
     lam, alpha = lam0, torch.full(batch + (1, 1), 0.1, dtype=sdt, device=W.device)
     damping = torch.ones_like(alpha)
-    mu2, warm_mu2 = torch.zeros(batch, dtype=sdt, device=W.device), None
+    mu2, warm_mu2, first_gap = torch.zeros(batch, dtype=sdt, device=W.device), None, None
     # square Stiefel: the start Λ₀ is already optimal (item 3 of docs/manifolds.md), nothing to warm
     square_stiefel = not offdiag and W.size(-2) == n
     warm_start = None if square_stiefel else _warm_start(state, lam0, alpha, mu2, plain_iters == 0)
@@ -289,7 +300,7 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
             if done:
                 break
         if k >= plain_iters:
-            mu2, warm_mu2 = _smoothing(k, smoothing, best_hi - best_lo, n, gap, warm_mu2)
+            mu2, warm_mu2, first_gap = _smoothing(k, smoothing, best_hi - best_lo, n, gap, warm_mu2, first_gap)
         # restarted members return to the best multiplier with a shorter step and forget their pairs
         lost = (hi > (1 + DIVERGED) * best_hi)[..., None, None]
         if prev_lam is not None and prev_H is not None:

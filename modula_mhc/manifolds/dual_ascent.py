@@ -70,7 +70,10 @@ CHECK_EVERY = {"cpu": 1, "accelerator": 4}
 #:   cap 2, limit 0.5:                        17.1 / 9.2 / 14.8, late 13.2 (max 15), 3 487
 #:   cap 1.25, limit 0.5, release (8, 0.5):   13.4 / 7.3 / 13.2, late 11.8 (max 15), 3 194 (worst
 #:   warm/cold 2.16 against 2.72); cap 1 with the release: 11.3 / 7.3 / 13.5 but 29 iterations for a
-#:   5% move (cold 26), release at 6 or 10 and windows of 5–8 measured worse.
+#:   5% move (cold 26), release at 6 or 10 and windows of 5–8 measured worse. Not a gain everywhere:
+#:   on synthetic warm sequences (24 problems, 3 steps each, G ← (1−ν)G + ν·noise) the old rule /
+#:   cap 2 with the release / cap 1.25 with it took 1 141 / 1 139 / 1 249 iterations at ν = 5%,
+#:   1 335 / 1 277 / 1 366 at 10%, 1 831 / 1 643 / 1 531 at 30%; real solves decided.
 #: Dual iterations per step of the tiny preset over 4 windows of 25 training steps: 50.9, 43.6,
 #: 61.8, 77.9 → 40.5, 37.1, 45.0, 56.0 (``bench_train_step.py --preset tiny``)
 WARM_SMOOTHING = (15, 1.25)

@@ -10,11 +10,13 @@ fails. Prints one line per kernel and exits 1 if any ratio is over its bound.
     TRITON_INTERPRET=1 python benchmarks/gpu_full_size.py --small   # the script itself, on CPU
 """
 import argparse
+import os
 import sys
 
 import torch
 
-from modula_mhc.kernels import mhc_reference, reference, sinkhorn_reference, triton_mhc, triton_msign, triton_sinkhorn
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from modula_mhc.kernels import mhc_reference, reference, sinkhorn_reference, triton_mhc, triton_msign, triton_sinkhorn  # noqa: E402
 
 # bf16 operands land between 1e-3 and 1e-2; float32 kernels far under 1e-3
 BOUNDS = {"bf16": 2e-2, "fp32": 1e-4}

@@ -3,8 +3,7 @@
 # full-size kernel accuracy, the kernel and training-step benchmarks, host syncs of the dual loop.
 # Each step has its own time limit and a failure does not stop the later ones; a table of
 # step → status closes the log, and the exit status is 1 if any step failed. Results land in
-# benchmarks/results/ (and, when OUT is set, a
-# tarball of them plus the log in $OUT).
+# benchmarks/results/ (and, when OUT is set, a tarball of them plus the log in $OUT).
 #     bash benchmarks/gpu_check.sh [warm steps for the training-step benchmark, default 30]
 # On an H100 its first version (without msign-shapes, mhc-mixing and eigh-options) took 212 s with 30 warm steps;
 # give the whole script 10 minutes.

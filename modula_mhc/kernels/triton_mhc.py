@@ -314,10 +314,6 @@ def _rows_by_columns(M, C):
     return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_C"]))
 
 
-def _tiles(names, shipped, candidates):
-    return [({names[0]: a, names[1]: b}, w, st) for a, b, w, st in candidates], dict(zip(names, shipped))
-
-
 _MK, _MC = ("BLOCK_M", "BLOCK_K"), ("BLOCK_M", "BLOCK_C")
 _K_LOOP = [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (32, 256, 4, 3), (64, 256, 8, 3), (128, 64, 8, 3)]
 _K_TILE = [(32, 128, 4, 1), (64, 128, 4, 1), (64, 256, 8, 1), (128, 128, 8, 1), (32, 256, 4, 1)]
@@ -325,16 +321,12 @@ _C_TILE = [(16, 128, 4, 1), (32, 128, 4, 1), (16, 256, 4, 1), (32, 256, 8, 1), (
 _C_LOOP = [(16, 128, 4, 2), (32, 64, 4, 2), (32, 128, 8, 2), (16, 256, 8, 2), (64, 64, 8, 2)]
 
 
-def _tiled(kernel, names, candidates, key, shipped=(16, 64)):
-    cands, first = _tiles(names, shipped, candidates)
-    return Tiled(kernel, first, cands, key)
-
-
-_COEFF_FWD = _tiled(_coeff_fwd_kernel, _MK, _K_LOOP, ["M", "K", "m"])
-_COEFF_BWD = _tiled(_coeff_bwd_kernel, _MK, _K_TILE, ["M", "K", "m"])
-_COEFF_DPHI = _tiled(_coeff_dphi_kernel, _MK, [(64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3), (256, 32, 8, 3), (32, 16, 4, 3)],
-                     ["M", "K", "m"], shipped=(64, 32))
-_PRE_FWD = _tiled(_pre_fwd_kernel, _MC, _C_TILE, ["M", "n", "C"])
-_PRE_BWD = _tiled(_pre_bwd_kernel, _MC, _C_LOOP, ["M", "n", "C"])
-_POST_RES_FWD = _tiled(_post_res_fwd_kernel, _MC, _C_TILE, ["M", "n", "C"])
-_POST_RES_BWD = _tiled(_post_res_bwd_kernel, _MC, _C_LOOP, ["M", "n", "C"])
+_SHIPPED = (16, 64)
+_COEFF_FWD = Tiled(_coeff_fwd_kernel, _MK, _SHIPPED, _K_LOOP, ["M", "K", "m"])
+_COEFF_BWD = Tiled(_coeff_bwd_kernel, _MK, _SHIPPED, _K_TILE, ["M", "K", "m"])
+_COEFF_DPHI = Tiled(_coeff_dphi_kernel, _MK, (64, 32),
+                    [(64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3), (256, 32, 8, 3), (32, 16, 4, 3)], ["M", "K", "m"])
+_PRE_FWD = Tiled(_pre_fwd_kernel, _MC, _SHIPPED, _C_TILE, ["M", "n", "C"])
+_PRE_BWD = Tiled(_pre_bwd_kernel, _MC, _SHIPPED, _C_LOOP, ["M", "n", "C"])
+_POST_RES_FWD = Tiled(_post_res_fwd_kernel, _MC, _SHIPPED, _C_TILE, ["M", "n", "C"])
+_POST_RES_BWD = Tiled(_post_res_bwd_kernel, _MC, _SHIPPED, _C_LOOP, ["M", "n", "C"])

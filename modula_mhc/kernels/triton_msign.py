@@ -78,9 +78,8 @@ def _syrk_kernel(X_ptr, C_ptr, S_ptr, M, K, alpha, beta,
 
 #: the symmetric product's tiles: the shipped 64×32 with 4 warps ran msign of a 4096² bf16 matrix
 #: at 0.75× torch's own Polar Express on an H100; tuned over these, 1.17–1.24×
-_SYRK = Tiled(_syrk_kernel, {"BLOCK_M": 64, "BLOCK_K": 32},
-              [({"BLOCK_M": bm, "BLOCK_K": bk}, w, st) for bm, bk, w, st in
-               [(64, 64, 4, 4), (128, 32, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 128, 4, 3)]],
+_SYRK = Tiled(_syrk_kernel, ("BLOCK_M", "BLOCK_K"), (64, 32),
+              [(64, 64, 4, 4), (128, 32, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 128, 4, 3)],
               key=["M", "K", "HAS_C", "UPCAST"])
 
 

@@ -51,14 +51,16 @@ def force_config(index: int):
 
 
 class Tiled:
-    """A Triton kernel with its shipped tile meta-parameters ``fixed`` and more ``candidates``
-    ((meta, num_warps, num_stages) triples), autotuned over all of them on a GPU per ``key``."""
+    """A Triton kernel with two tile meta-parameters ``names``: its ``shipped`` values and more
+    ``candidates`` ((first, second, num_warps, num_stages) tuples), autotuned over all of them on
+    a GPU per ``key``."""
 
-    def __init__(self, kernel, fixed: dict, candidates: list[tuple[dict, int, int]], key: list[str]):
+    def __init__(self, kernel, names: tuple[str, str], shipped: tuple[int, int],
+                 candidates: list[tuple[int, int, int, int]], key: list[str]):
         self.kernel = kernel
-        self.fixed = dict(fixed)
-        self.configs = [triton.Config(dict(fixed), num_warps=4, num_stages=3)] + \
-            [triton.Config(dict(meta), num_warps=w, num_stages=s) for meta, w, s in candidates]
+        self.fixed = dict(zip(names, shipped))
+        self.configs = [triton.Config(dict(self.fixed), num_warps=4, num_stages=3)] + \
+            [triton.Config(dict(zip(names, (a, b))), num_warps=w, num_stages=s) for a, b, w, s in candidates]
         self._tuned = triton.autotune(configs=self.configs, key=key)(kernel)
 
     def launch(self, grid: Callable[[dict], tuple], *args, shipped: dict | None = None, **kwargs) -> None:

@@ -48,13 +48,19 @@ def make(method, cfg, vocab, device):
     return gpt, optim.DualizeRetract(gpt, lr=0.2)
 
 
-def train_step(gpt, opt, x, y):
+def backward(gpt, x, y):
+    """Forward and backward of the next-character loss; the loss, detached."""
     logits = gpt(x)
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
     loss.backward()
+    return loss.detach()
+
+
+def train_step(gpt, opt, x, y):
+    loss = backward(gpt, x, y)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return loss.detach()
+    return loss
 
 
 def timed(fn, device):

@@ -15,13 +15,12 @@ import sys
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from modula_mhc import compounds, optim  # noqa: E402
 from modula_mhc.data import CharCorpus, default_corpus  # noqa: E402
 from modula_mhc.manifolds import dual_ascent  # noqa: E402
-from modula_mhc.optim.presets import PRESETS  # noqa: E402
+
+from bench_train_step import PRESETS, backward, make  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -34,19 +33,14 @@ def main():
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_sync_check.py needs CUDA")
     dev = args.device
-    torch.manual_seed(0)
-    corpus = CharCorpus.from_text(default_corpus(), 64)
-    attn, mlp = PRESETS["hetero"][:2]
-    gpt = compounds.GPT(vocab_size=corpus.vocab_size, context=64, width=128, depth=4, heads=4,
-                        attn_manifold=attn, mlp_manifold=mlp).to(dev)
-    opt = optim.DualizeRetract(gpt, lr=0.2)
+    cfg = PRESETS["anchor"]
+    corpus = CharCorpus.from_text(default_corpus(), cfg["context"])
+    gpt, opt = make("hetero", cfg, corpus.vocab_size, dev)
     g = torch.Generator().manual_seed(1)
 
     def loss_and_grad():
-        x, y = (t.to(dev) for t in corpus.batch("train", 12, 64, generator=g))
-        logits = gpt(x)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-        loss.backward()
+        x, y = (t.to(dev) for t in corpus.batch("train", cfg["batch"], cfg["context"], generator=g))
+        backward(gpt, x, y)
 
     for _ in range(args.warm_steps):
         loss_and_grad()

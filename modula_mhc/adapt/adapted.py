@@ -278,10 +278,10 @@ def _view_of(model, info, tied_head, split_heads):
         cls = TiedEmbedView if (tied_head == "max" and _tied_to_head(model, info)) else EmbedView
         v = cls(info.module, info.param_name, info.name, info.role)
     elif info.kind == "matrix":
-        seg = info.segments if info.role == "attn_qkv" else None
+        seg = info.segments if info.role == "attn_qkv" and info.groups == 1 else None
         hd = info.head_dim if (split_heads and info.role.startswith("attn") and info.role != "attn_o") else None
         v = MatrixView(info.module, info.param_name, info.name, info.role, layout=info.layout, segments=seg,
-                       head_dim=hd)
+                       head_dim=hd, groups=info.groups)
     elif info.kind == "gain":
         v = GainView(info.module, info.param_name, info.name, info.role)
     else:

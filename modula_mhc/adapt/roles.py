@@ -50,6 +50,11 @@ def is_norm_module(m: nn.Module) -> bool:
     return re.search(r"norm(\d?d)?$", type(m).__name__.lower()) is not None
 
 
+_CONV_TRANSPOSES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+#: weights stored (out, in/groups, k…), or (in, out/groups, k…) for the transposed ones
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d) + _CONV_TRANSPOSES
+
+
 @dataclass
 class ParamInfo:
     """What adapt knows about one parameter."""
@@ -60,8 +65,9 @@ class ParamInfo:
     param_name: str           # attribute on the owner
     kind: str                 # matrix | embed | gain | vector
     role: str
-    layout: str = "oi"        # for matrices: "oi" (torch) or "io" (HF Conv1D)
+    layout: str = "oi"        # for matrices: "oi" (torch) or "io" (HF Conv1D, ConvTranspose)
     segments: tuple | None = None
+    groups: int = 1           # a grouped convolution's blocks
     head_dim: int | None = None
     heads: int | None = None
     tied: list = field(default_factory=list)  # other names of the same tensor
@@ -125,10 +131,10 @@ def _fused_segments(rows, model, attn, fan_in):
 
 
 def _matrix_shape(module, W, layout):
-    """(rows, fan_in) of the matrix a weight acts as."""
-    if layout == "io":
-        return W.shape[1], W.shape[0]
-    return W.shape[0], W[0].numel()
+    """(rows, fan_in) of the matrix a weight acts as (all groups of a grouped convolution)."""
+    groups = getattr(module, "groups", 1) if isinstance(module, _CONVS) else 1
+    rows = groups * W.shape[1] if layout == "io" else W.shape[0]
+    return rows, W.numel() // rows * groups
 
 
 def infer(model: nn.Module) -> list[ParamInfo]:
@@ -185,7 +191,10 @@ def _classify_matrix(info, model, modules_by_name, p, head_name, conv1d):
     leaf = parts[-1] if parts else ""
     info.kind = "matrix"
     is_conv1d_hf = conv1d is not None and isinstance(mod, conv1d) and pname == "weight"
-    info.layout = "io" if is_conv1d_hf else "oi"
+    transposed = isinstance(mod, _CONV_TRANSPOSES) and pname == "weight"
+    info.layout = "io" if is_conv1d_hf or transposed else "oi"
+    if isinstance(mod, _CONVS) and pname == "weight":
+        info.groups = int(mod.groups)
     rows, fan_in = _matrix_shape(mod, p, info.layout)
     types = _ancestor_types(modules_by_name, mname)
     attn_owner = isinstance(mod, nn.MultiheadAttention) or _ATTN_CONTAINER.search(leaf or "") is not None
@@ -210,7 +219,7 @@ def _classify_matrix(info, model, modules_by_name, p, head_name, conv1d):
             info.role = "mlp_out"
         else:  # an expansion reads in, a contraction writes out
             info.role = "mlp_in" if rows >= fan_in else "mlp_out"
-    elif isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+    elif isinstance(mod, _CONVS):
         info.role = "conv"
     else:
         info.role = "matrix"

@@ -81,27 +81,36 @@ class MatrixView(AtomView):
     """MatrixView(owner, param_name, name, role, layout="oi", segments=None, head_dim=None, manifold=...).
 
     ``layout``: "oi" (torch Linear/Conv: rows are outputs, the rest flattened is fan-in) or "io"
-    (Hugging Face Conv1D: (in, out), read transposed). ``segments``: row counts of the fused
-    projections along the output dimension (e.g. (C, C, C) for GPT-2's c_attn); ``head_dim``: also
-    split every segment into heads of that many rows."""
+    (Hugging Face Conv1D (in, out) and ConvTranspose (in, out/groups, k…): read transposed).
+    ``segments``: row counts of the fused projections along the output dimension (e.g. (C, C, C)
+    for GPT-2's c_attn); ``head_dim``: also split every segment into heads of that many rows.
+    ``groups``: a grouped convolution is block-diagonal, so it is read as ``groups`` matrices of
+    rows/groups rows each (the norm is the largest block's: for unit-norm blocks the whole map has
+    RMS→RMS gain 1, so its sensitivity stays 1, unlike fused projections)."""
 
     allowed_manifolds = None
 
     def __init__(self, owner, param_name, name, role, layout="oi", segments=None, head_dim=None,
-                 manifold="euclidean", mass=1.0):
+                 manifold="euclidean", mass=1.0, groups=1):
         if layout not in ("oi", "io"):
             raise ValueError(f"MatrixView: layout must be 'oi' or 'io', got {layout!r}")
         self.layout = layout
         W = getattr(owner, param_name)
         if W.ndim < 2:
             raise ValueError(f"MatrixView: {name} has shape {tuple(W.shape)}; a matrix view needs >= 2 dims")
-        rows = W.shape[1] if layout == "io" else W.shape[0]
-        fan_in = W.shape[0] if layout == "io" else W[0].numel()
+        lead = W.shape[0]  # outputs ("oi") or inputs ("io") of all groups together
+        if not (isinstance(groups, int) and groups >= 1 and lead % groups == 0):
+            raise ValueError(f"MatrixView: groups must be a positive int dividing {lead} for {name}, got {groups!r}")
+        if groups > 1 and segments:
+            raise ValueError(f"MatrixView: {name} cannot have both segments and groups")
+        self.groups = groups
+        rows = groups * W.shape[1] if layout == "io" else W.shape[0]
+        fan_in = W.numel() // rows  # per block: in/groups·k… inputs
         segments = tuple(int(s) for s in segments) if segments else (rows,)
         if sum(segments) != rows or any(s < 1 for s in segments):
             raise ValueError(f"MatrixView: segments {segments} do not add up to the {rows} output rows of {name}")
-        pieces = []
-        for s in segments:
+        pieces = [rows // groups] * groups if groups > 1 else []
+        for s in segments if groups == 1 else ():
             if head_dim and s % head_dim == 0 and s > head_dim:
                 pieces += [head_dim] * (s // head_dim)
             else:
@@ -115,10 +124,17 @@ class MatrixView(AtomView):
 
     # -- (rows, fan_in) matrix <-> stored layout
     def _matrix(self, W):
-        return W.mT if self.layout == "io" else W.reshape(W.shape[0], -1)
+        if self.layout == "oi":
+            return W.reshape(W.shape[0], -1)
+        # (in, out/g, k…) → g blocks (out/g, in/g·k…) stacked: block j maps group j's inputs
+        g = self.groups
+        return W.reshape(g, W.shape[0] // g, W.shape[1], -1).transpose(1, 2).reshape(self.rows, -1)
 
     def _unmatrix(self, M, like):
-        return M.mT if self.layout == "io" else M.reshape(like.shape)
+        if self.layout == "oi":
+            return M.reshape(like.shape)
+        g = self.groups
+        return M.reshape(g, like.shape[1], like.shape[0] // g, -1).transpose(1, 2).reshape(like.shape)
 
     def _split(self, M):
         """Unit-scale pieces: a (k, p, fan_in) batch when all pieces have p rows, else a list."""

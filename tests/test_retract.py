@@ -54,3 +54,34 @@ def test_gram_polar_matches_polar_express_and_maps_zero_to_zero():
     assert torch.equal(gram_polar(torch.zeros(6, 3)), torch.zeros(6, 3))
     Xw = X.mT.contiguous()
     assert torch.allclose(gram_polar(Xw), gram_polar(X).mT, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,scales", [(torch.float32, (1e-22, 1e-21, 1e19)), (torch.float64, (1e-150, 1e-35, 1e155))])
+def test_column_manifolds_retract_at_extreme_scales(dtype, scales):
+    """Oblique and DGram normalise columns without squaring raw entries: before, a 1e-35 float64
+    column came back at norm 3e-5 (a clamp at 1e-30), 1e19 float32 input gave NaN (DGram) or zeros
+    (Oblique), and DGram refused 1e-23 float32 columns as zero."""
+    from modula_mhc.manifolds import Oblique
+    g = torch.Generator().manual_seed(0)
+    Y = torch.randn(12, 5, generator=g, dtype=torch.float64)
+    for s in scales:
+        Ys = (Y * s).to(dtype)
+        O = Oblique().retract(Ys)
+        assert Oblique().contains(O), s
+        D = DGram().retract(Ys)
+        assert torch.isfinite(D).all() and DGram().contains(D), s
+        norms = torch.linalg.vector_norm(D.double() / s, dim=0)  # DGram keeps the column norms
+        assert torch.allclose(norms, torch.linalg.vector_norm(Ys.double() / s, dim=0), rtol=1e-5)
+
+
+def test_dgram_point_with_huge_columns_is_recognised_and_dualized():
+    """A float32 DGram point with 1e20 column norms (representable): contains, retract and dualize
+    all work (before: contains False, NaN retract, LinAlgError in dualize)."""
+    g = torch.Generator().manual_seed(1)
+    W = (Stiefel().random((12, 5), generator=g, dtype=torch.float64) * 1e20).float()
+    assert DGram().contains(W)
+    assert torch.isfinite(DGram().retract(W)).all()
+    st = {}
+    A = DGram().dualize(W, torch.randn(12, 5, generator=g), st)
+    assert torch.isfinite(A).all() and st["certified"]
+    assert float(torch.linalg.matrix_norm(A.double(), 2)) == pytest.approx(1.0, abs=1e-4)

@@ -177,6 +177,16 @@ def unit_max_scale(X: torch.Tensor, dims=(-2, -1)):
     return X / safe, amax
 
 
+def unit_columns(X: torch.Tensor):
+    """(X with each column divided by its ℓ2 norm, the norms), columns of zeros left at zero. Each
+    column is first divided by its largest entry, so norms of 1e-35 or 1e30 columns neither
+    underflow nor overflow when squared (a clamp at 1e-30 left 1e-35 columns at norm 3e-5)."""
+    Xu, amax = unit_max_scale(X, dims=(-2,))
+    n = torch.linalg.vector_norm(Xu, dim=-2, keepdim=True)
+    unit = torch.where(n > 0, Xu / torch.where(n > 0, n, torch.ones_like(n)), torch.zeros_like(Xu))
+    return unit, (n * amax).squeeze(-2)
+
+
 def fro(X: torch.Tensor) -> torch.Tensor:
     """Frobenius norm per matrix, shape (..., 1, 1)."""
     return torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)

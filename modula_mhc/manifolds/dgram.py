@@ -10,14 +10,24 @@ import math
 
 import torch
 
-from .base import as_tall, check_tensor, compute_dtype, from_tall, is_wide, polar, spectral_norm
+from .base import (
+    as_tall,
+    check_tensor,
+    compute_dtype,
+    from_tall,
+    is_wide,
+    polar,
+    spectral_norm,
+    unit_columns,
+    unit_max_scale,
+)
 from .dual_ascent import off_diagonal
 from .gram import GAP_TOL, MAX_ITERS, GramManifold
 
 
 def column_norms(Wt: torch.Tensor) -> torch.Tensor:
-    """ℓ2 norm of each column of a tall (..., m, n) matrix, shape (..., n)."""
-    return torch.linalg.vector_norm(Wt, dim=-2)
+    """ℓ2 norm of each column of a tall (..., m, n) matrix, shape (..., n), without overflow."""
+    return unit_columns(Wt)[1]
 
 
 class DGram(GramManifold):
@@ -46,25 +56,25 @@ class DGram(GramManifold):
         return f"max_scale={self.max_scale}, " + super()._settings()
 
     def _normalise(self, Wt):
-        scale = torch.linalg.vector_norm(Wt, dim=(-2, -1), keepdim=True) / math.sqrt(Wt.size(-1))
-        return Wt / scale.clamp_min(1e-30)
+        Wu, _ = unit_max_scale(Wt)  # no overflow of the norm for 1e20 columns in float32
+        scale = torch.linalg.vector_norm(Wu, dim=(-2, -1), keepdim=True) / math.sqrt(Wt.size(-1))
+        return Wu / scale.clamp_min(1e-30)
 
     def retract(self, Y):
         wide = is_wide(Y)
         Yt = as_tall(Y.to(compute_dtype(Y)), wide)
-        s = column_norms(Yt)
+        unit, s = unit_columns(Yt)
         if bool((s == 0).any()):
             raise ValueError("DGram.retract: a zero column has no direction; cannot retract onto DGram")
-        Q = polar(Yt / s.unsqueeze(-2))
+        Q = polar(unit)
         scales = s if self.max_scale is None else s.clamp_max(self.max_scale)
         return from_tall(Q * scales.unsqueeze(-2), wide).to(Y.dtype)
 
     def contains(self, W, tol=1e-4):
         check_tensor(W, "DGram.contains")
         Wt = as_tall(W.to(compute_dtype(W)), is_wide(W))
-        s = column_norms(Wt)
-        outer = (s.unsqueeze(-1) * s.unsqueeze(-2)).clamp_min(1e-30)
-        ok = (off_diagonal(Wt.mT @ Wt).abs() / outer <= tol).all()
+        unit, s = unit_columns(Wt)  # the cosines between columns, computed without overflow
+        ok = (off_diagonal(unit.mT @ unit).abs() <= tol).all()
         if self.max_scale is not None:
             ok = ok & (s <= self.max_scale * (1 + tol)).all()
         return bool(ok)
@@ -72,10 +82,9 @@ class DGram(GramManifold):
     def diagnostics(self, W):
         W = W.detach()
         Wt = as_tall(W.to(compute_dtype(W)), is_wide(W))
-        s = column_norms(Wt)
+        unit, s = unit_columns(Wt)
         smin, smax = float(s.min()), float(s.max())
-        outer = (s.unsqueeze(-1) * s.unsqueeze(-2)).clamp_min(1e-30)
         return {"top_singular_value": float(spectral_norm(W).max()),
                 "column_norm_max": smax, "column_norm_min": smin,
                 "column_norm_spread": smax / smin if smin > 0 else math.inf,
-                "off_diagonal_gram": float((off_diagonal(Wt.mT @ Wt).abs() / outer).max())}
+                "off_diagonal_gram": float(off_diagonal(unit.mT @ unit).abs().max())}

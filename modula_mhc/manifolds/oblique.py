@@ -11,13 +11,9 @@ from .base import (
     compute_dtype,
     from_tall,
     is_wide,
+    unit_columns,
     unit_max_scale,
 )
-
-
-def _normalise_columns(X):
-    n = torch.linalg.vector_norm(X, dim=-2, keepdim=True)
-    return torch.where(n > 0, X / n.clamp_min(1e-30), torch.zeros_like(X)), n
 
 
 class Oblique(Manifold):
@@ -34,9 +30,9 @@ class Oblique(Manifold):
         dt, wide = compute_dtype(G), is_wide(W)
         Wt = as_tall(W.to(dt), wide)
         Gt, _ = unit_max_scale(as_tall(G.to(dt), wide))
-        Wu, _ = _normalise_columns(Wt)
+        Wu, _ = unit_columns(Wt)
         T = Gt - Wu * (Wu * Gt).sum(dim=-2, keepdim=True)
-        A, _ = _normalise_columns(T)
+        A, _ = unit_columns(T)
         # a column whose gradient is (numerically) normal to w has no tangent direction
         gn = torch.linalg.vector_norm(Gt, dim=-2, keepdim=True)
         A = torch.where(torch.linalg.vector_norm(T, dim=-2, keepdim=True) > 1e-6 * gn, A, torch.zeros_like(A))
@@ -48,7 +44,7 @@ class Oblique(Manifold):
     def retract(self, Y):
         wide = is_wide(Y)
         Yt = as_tall(Y.to(compute_dtype(Y)), wide)
-        W, n = _normalise_columns(Yt)
+        W, n = unit_columns(Yt)
         if bool((n == 0).any()):
             raise ValueError("Oblique.retract: a column is exactly zero, it has no nearest unit vector")
         return from_tall(W, wide).to(Y.dtype)

@@ -275,3 +275,111 @@ def test_static_mhc_mix_atoms_are_in_domain_at_init():
     gpt = _gpt("mhc", dynamic=False).double()
     cert = claims.certify(gpt, torch.randint(0, 16, (1, 4)))
     assert not any("Mix" in v for v in cert.violations)
+
+
+# --------------------------------------------------------------------------- audit: Conv2d, Mix, Gate; bad input
+def _cnn_case():
+    """Linear @ Flatten @ (0.2·Conv2d) on images of per-pixel RMS 5 (the audit measured κ 1.36–1.40
+    against a certified 1 while certify said in_domain)."""
+    from modula_mhc import atoms, bonds
+    net = atoms.Linear(8 * 6 * 6, 10) @ bonds.Flatten() @ (0.2 * atoms.Conv2d(3, 8, 3, padding=1))
+    x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return net, 5 * x / x.pow(2).mean(1, keepdim=True).sqrt()
+
+
+def _atom_case(name):
+    from modula_mhc import atoms
+    if name == "conv2d":
+        return _cnn_case()
+    if name == "mix":  # streams of RMS 5: measured κ 4.04 against a certified 1
+        return atoms.Mix(3), 5 * _x((2, 3, 8))
+    return atoms.Gate([4, 4], scale=0.5), 5 * _x((3, 8))  # measured κ 2.5 against a certified 1
+
+
+@pytest.mark.parametrize("name", ["conv2d", "mix", "gate"])
+def test_large_inputs_of_conv_mix_gate_are_reported_and_certified(name):
+    """Their weight effect ‖ΔW x‖ ≤ ‖ΔW‖‖x‖ assumes inputs of size ≤ 1 (Conv2d: per-pixel RMS over
+    channels); larger ones are named and the certified κ covers the measured one."""
+    torch.manual_seed(0)
+    net, x = _atom_case(name)
+    net = net.double()
+    w = claims.measure_weight_gain(net, x, restarts=2, steps=10)
+    cert = claims.certify(net, x)
+    assert w.value > cert.claimed["weight_gain"] * 1.3          # the declared κ does not apply here…
+    assert not cert.in_domain and any("input RMS 5 > 1" in v for v in cert.violations), cert.violations
+    assert w.value <= cert.certified["weight_gain"] * SLACK     # …and the certified one holds
+    inside = claims.certify(net, x / 5)                          # the same atoms at unit-size inputs
+    assert inside.in_domain, inside.violations
+    assert inside.certified["weight_gain"] == pytest.approx(inside.claimed["weight_gain"])
+
+
+def _off_domain(name):
+    from modula_mhc import atoms
+    if name == "mix":  # unit row sums, one entry −1: ‖W‖_{∞→∞} = 3 (the audit: certified 1, measured 3)
+        m = atoms.Mix(3).double()
+        w, x = [[1.0, 1.0, -1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], _x((2, 3, 8))
+    else:  # scale·‖g‖_∞ = 5 (the audit: certified 0.5, measured 5)
+        m = atoms.Gate([4, 4], scale=0.5).double()
+        w, x = [10.0, -3.0], _x((3, 8))
+    with torch.no_grad():
+        m.weight.copy_(torch.tensor(w))
+    return (atoms.Linear(8, 8).double() @ m if name == "linear@gate" else m), x
+
+
+@pytest.mark.parametrize("name", ["gate", "mix", "linear@gate"])
+def test_off_domain_gate_and_mix_weights_are_certified_with_their_norms(name):
+    net, x = _off_domain(name)
+    m = claims.measure_sensitivity(net, x, restarts=2, steps=10, move_input=False)
+    cert = claims.certify(net, x)
+    assert not cert.in_domain
+    assert m.value > 2 * cert.claimed["sensitivity"]
+    assert m.value <= cert.certified["sensitivity"] * SLACK, (m.value, cert.certified)
+
+
+def test_gate_scale_above_one_weight_gain_is_declared():
+    """y = scale·g ⊙ z moves by scale·‖Δg‖_∞ at unit inputs: κ = scale (2 measured against the old 1)."""
+    from modula_mhc import atoms
+    gate, x = atoms.Gate([4, 4], scale=2.0).double(), _x((3, 8))
+    w, cert = _assert_weight_gain(gate, x, restarts=1, steps=5)
+    assert cert.in_domain and w.value > 1.9
+
+
+def _nan_x():
+    x = _x((3, 8))
+    x[0, 0] = math.nan
+    return x
+
+
+def _nan_weight_net():
+    net = compounds.ResMLP(8, 4, 8, 2).double()
+    with torch.no_grad():
+        net.atoms()[0].weight[0, 0] = math.nan
+    return net
+
+
+BAD_CALLS = {
+    "certify-nan-x": (lambda net: claims.certify(net, _nan_x()), "x has non-finite"),
+    "check_claims-nan-x": (lambda net: claims.check_claims(net, _nan_x(), restarts=1, steps=2), "x has non-finite"),
+    "sensitivity-nan-x": (lambda net: claims.measure_sensitivity(net, _nan_x()), "x has non-finite"),
+    "sensitivity-inf-x": (lambda net: claims.measure_sensitivity(net, _x((3, 8)) * math.inf), "x has non-finite"),
+    "weight_gain-nan-x": (lambda net: claims.measure_weight_gain(net, _nan_x()), "x has non-finite"),
+    "sharpness-nan-x": (lambda net: claims.measure_sharpness(net, _nan_x(), "beta"), "x has non-finite"),
+    "restarts=0": (lambda net: claims.measure_sensitivity(net, _x((3, 8)), restarts=0), "restarts must be"),
+    "steps=0": (lambda net: claims.measure_sensitivity(net, _x((3, 8)), steps=0), "steps must be"),
+    "weight_gain-restarts=-1": (lambda net: claims.measure_weight_gain(net, _x((3, 8)), restarts=-1),
+                                "restarts must be"),
+    "check_claims-steps=0": (lambda net: claims.check_claims(net, _x((3, 8)), steps=0), "steps must be"),
+    "certify-nan-weight": (lambda net: claims.certify(_nan_weight_net(), _x((3, 8))), "weight 'layers.0.weight'"),
+    "weight_gain-nan-weight": (lambda net: claims.measure_weight_gain(_nan_weight_net(), _x((3, 8))),
+                               "weight 'layers.0.weight'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+def test_bad_input_is_an_error_not_a_silent_answer(case):
+    """NaN/inf inputs used to certify as in-domain and measure 0 (check_claims ok=True); zero restarts
+    or steps measured 0; a NaN weight failed inside an SVD. Each is now a ValueError naming it."""
+    torch.manual_seed(0)
+    call, message = BAD_CALLS[case]
+    with pytest.raises(ValueError, match=message):
+        call(compounds.ResMLP(8, 4, 8, 2).double())

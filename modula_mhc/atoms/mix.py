@@ -65,7 +65,8 @@ class Mix(Atom):
 
     def dualize_weight(self, G, target=1.0, state=None):
         return target * self.manifold._dualize(self.weight, G, state)
-    # sensitivity 1 and sharpness (0, 1, 0) are the Atom defaults: x ↦ W x is bilinear in (W, x)
+    # sensitivity 1 and sharpness (0, 1, 0) are the Atom defaults: x ↦ W x is bilinear in (W, x);
+    # under claims.certify the sensitivity is max(1, ‖W‖_{∞→∞}), the weight gain max(1, stream RMS)
 
 
 class Gate(MaxAbsAtom):
@@ -74,7 +75,9 @@ class Gate(MaxAbsAtom):
 
     The weight g is initialised to 1, so the gates start at ``scale`` (0.01 in mHC). Natural norm
     ‖g‖_∞; dualize t·sign(G). At ‖g‖_∞ ≤ 1 the map z ↦ y has Lipschitz constant ``scale``
-    (sensitivity), and sharpness (0, scale, 0) (bilinear in g and z)."""
+    (sensitivity), and sharpness (0, scale, 0) (bilinear in g and z). The weight effect
+    scale·‖Δg ⊙ z‖ ≤ scale·‖Δg‖_∞·RMS(z) gives weight gain max(1, scale) at inputs of RMS ≤ 1.
+    Under ``claims.certify`` both use the recorded ‖g‖_∞ and input RMS (the Atom rules, times scale)."""
 
     def __init__(self, sizes, scale=0.01, mass=1.0, role="gate"):
         sizes = tuple(int(s) for s in sizes)
@@ -99,7 +102,11 @@ class Gate(MaxAbsAtom):
 
     @property
     def sensitivity(self):
-        return self.scale
+        return self.scale * super().sensitivity  # Atom: 1, or max(1, ‖g‖_∞) under claims.certify
+
+    @property
+    def weight_gain(self):
+        return max(1.0, self.scale * super().weight_gain)  # Atom: 1, or max(1, input RMS) under certify
 
     @property
     def sharpness(self):

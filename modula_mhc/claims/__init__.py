@@ -17,10 +17,12 @@ the norms they share).
 
 * **Certify** (:func:`certify`, :func:`check_claims`): every declared constant holds on a stated
   domain — RMSNorm inputs of RMS ≥ 1, attention q, k, v of RMS ≤ 1, HC/mHC streams of unit RMS,
-  atoms with natural norm ≤ 1 (Mix: row-stochastic, ≥ 0), inputs of Linear atoms of RMS ≤ 1.
+  atoms with natural norm ≤ 1 (Mix: row-stochastic, ≥ 0), inputs of Linear, Gain, Mix and Gate
+  atoms of RMS ≤ 1 and of Conv2d atoms of per-pixel RMS ≤ 1.
   ``certify(model, x)`` runs the model once on x, records those statistics, says which conditions
   fail, and recomputes sensitivity, sharpness and weight gain with the *local* constants at x
-  (RMSNorm 1/r, ‖W‖ for a Linear, the actual mixing coefficients of an HC layer, …). The local
+  (RMSNorm 1/r, ‖W‖ for a Linear, ‖W‖_{∞→∞} for a Mix, scale·‖g‖_∞ for a Gate, the actual mixing
+  coefficients of an HC layer, …). Non-finite x or weights are a ValueError. The local
   constants are true at every input of the batch, for the current weights; inside the domain they
   equal the declared ones. docs/algebra.md ("Certified domain") has the rules.
 

@@ -14,16 +14,18 @@ import torch
 
 from .. import kernels
 from ..algebra import Compose
+from ..atoms._free import MaxAbsAtom
 from ..atoms.bias import Bias
 from ..atoms.conv2d import Conv2d
 from ..atoms.embed import Embed
 from ..atoms.gain import Gain
 from ..atoms.linear import Linear
-from ..atoms.mix import Mix, StaticCoefficients
+from ..atoms.mix import Gate, Mix, StaticCoefficients
 from ..bonds.attention import AttentionCore
 from ..bonds.norms import RMSNorm
 from ..compounds.hyper import HyperConnections
 from ..module import Atom, Module, static_constants
+from ._checks import check_finite
 
 __all__ = ["Certificate", "certify", "input_part"]
 
@@ -39,8 +41,32 @@ def _merge_stat(module, key, value, how):
     st[key] = value if key not in st else how(st[key], value)
 
 
-def _linear_like(m):
-    return isinstance(m, (Linear, Gain, Conv2d, Embed))
+def _certified_atom(m):
+    """Atoms whose local constants read their weight's norm (sensitivity) and input size (weight
+    gain), as ``Atom.sensitivity`` / ``Atom.weight_gain`` do."""
+    return isinstance(m, (Linear, Gain, Conv2d, Embed, Mix, Gate))
+
+
+def _input_size(m, x) -> float:
+    """Largest size of x in the norm m's weight-effect bound ‖ΔW x‖ ≤ ‖ΔW‖‖x‖ takes: per-pixel RMS
+    over channels for Conv2d (a k×k patch of such pixels has RMS ≤ their max), per-token RMS over
+    the last dim otherwise (Mix: per stream, Gate: per coefficient vector)."""
+    if isinstance(m, Conv2d):
+        return float(x.detach().double().pow(2).mean(dim=-3).sqrt().max())
+    return float(_rms_tokens(x).max())
+
+
+def _operator_norm(a) -> float:
+    """The norm a's sensitivity bound acts with. Mix: ‖W‖_{∞→∞} (max absolute row sum, the stream
+    norm's operator norm), not the Birkhoff norm, which also counts columns and so exceeds 1 at
+    row-stochastic weights. Gain, Gate: max|w| exactly (their weight_norm rounds to
+    float32). Others: the natural norm."""
+    W = a.weight.detach()
+    if isinstance(a, Mix):
+        return float(W.double().abs().sum(-1).max())
+    if isinstance(a, MaxAbsAtom):
+        return float(W.double().abs().max())
+    return float(a.weight_norm().detach())
 
 
 def _record_hooks(model):
@@ -56,8 +82,8 @@ def _record_hooks(model):
 
     def atom_hook(m, inp, out):
         x = inp[0]
-        if torch.is_tensor(x) and x.is_floating_point() and not isinstance(m, Conv2d):
-            _merge_stat(m, "input_rms", float(_rms_tokens(x).max()), max)
+        if torch.is_tensor(x) and x.is_floating_point():
+            _merge_stat(m, "input_rms", _input_size(m, x), max)
 
     def hyper_hook(m, inp, out):
         x = inp[0]
@@ -78,8 +104,9 @@ def _record_hooks(model):
             ratio = torch.where(ru > 0, h_pre.abs().sum(-1).double() / ru.clamp_min(1e-300), math.inf)
             _merge_stat(m, "u_ratio", float(ratio.max()), max)
             if m.dynamic:
-                _merge_stat(m, "gate_max", float(m.gate.weight.detach().abs().max()), max)
-                _merge_stat(m, "phi_norm", float(m.phi.weight_norm()), max)
+                # the same norms a standalone Gate / Linear certifies with (compounds/hyper_bounds.py)
+                _merge_stat(m, "gate_max", _operator_norm(m.gate), max)
+                _merge_stat(m, "phi_norm", _operator_norm(m.phi), max)
 
     for m in model.modules():
         if isinstance(m, RMSNorm):
@@ -88,7 +115,7 @@ def _record_hooks(model):
             handles.append(m.register_forward_hook(core_hook))
         elif isinstance(m, HyperConnections):
             handles.append(m.register_forward_hook(hyper_hook))
-        elif isinstance(m, Atom) and _linear_like(m):
+        elif isinstance(m, Atom) and _certified_atom(m):
             handles.append(m.register_forward_hook(atom_hook))
     return handles
 
@@ -137,7 +164,8 @@ def _input_violations(model) -> list:
                 out.append(f"{name}: HC streams not unit-RMS (max stream RMS {st['stream_max']:.4g}, "
                            f"RMS of the flattened stream {st['flat_min']:.4g})")
         elif isinstance(m, Atom) and st.get("input_rms", 0) > 1 + _TOL:
-            out.append(f"{name}: {type(m).__name__} input RMS {st['input_rms']:.4g} > 1")
+            what = "per-pixel input RMS" if isinstance(m, Conv2d) else "input RMS"
+            out.append(f"{name}: {type(m).__name__} {what} {st['input_rms']:.4g} > 1")
     return out
 
 
@@ -172,8 +200,8 @@ def _recorded(model, x):
             h.remove()
         handles = []
         for a in model.atoms():
-            if _linear_like(a) and a.weight is not None:
-                _merge_stat(a, "weight_norm", float(a.weight_norm().detach()), max)
+            if _certified_atom(a) and a.weight is not None:
+                _merge_stat(a, "weight_norm", _operator_norm(a), max)
         yield
     finally:
         for h in handles:
@@ -186,9 +214,11 @@ def certify(model: Module, x) -> Certificate:
 
     Returns the declared constants (``claimed``), the domain conditions that fail
     (``violations``: RMSNorm inputs of RMS < 1, attention inputs of RMS > 1, HC streams not of unit
-    RMS, atoms of natural norm > 1 or Mix weights off the row-stochastic set, Linear inputs of
-    RMS > 1), and the constants recomputed with the local values at x (``certified``: true for
-    every input of the batch at the current weights)."""
+    RMS, atoms of natural norm > 1 or Mix weights off the row-stochastic set, inputs of RMS > 1 to
+    Linear, Gain, Mix and Gate atoms and of per-pixel RMS > 1 to Conv2d), and the constants
+    recomputed with the local values at x (``certified``: true for every input of the batch at the
+    current weights). Raises ValueError when x or a weight has a NaN or inf entry."""
+    check_finite("certify", model, x)
     with static_constants():
         claimed = _constants(model)
     with _recorded(model, x):

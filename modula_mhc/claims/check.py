@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..module import Module
+from ._checks import check_counts
 from .certificate import certify, input_part
 from .measurement import measure_sensitivity, measure_sharpness, measure_weight_gain
 
@@ -12,7 +13,10 @@ def check_claims(model: Module, x, measure=True, restarts=3, steps=20, sharpness
     """The runtime check: :func:`certify` at x, and (``measure=True``) adversarial measurements
     (input sensitivity of the part after any embedding, starting at x; weight gain at x; with
     ``sharpness=True`` also γ). ``ok`` is True when every measurement is ≤ its certified value.
-    Input ascent moves x, so the certificate is re-evaluated at the worst input found."""
+    Input ascent moves x, so the certificate is re-evaluated at the worst input found. Raises
+    ValueError for a NaN or inf in x or a weight, and for restarts or steps that are not positive ints."""
+    if measure:  # before the certificate's forward pass, not after it
+        check_counts("check_claims", restarts=restarts, steps=steps)
     cert = certify(model, x)
     report = cert.as_dict()
     if not measure:

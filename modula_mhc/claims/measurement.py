@@ -13,7 +13,8 @@ import torch
 from torch.func import functional_call
 
 from ..module import Module
-from .norms import _FD, _FD2, _check_float, _dual, _soft_norm, seq_norm, unit_rms
+from ._checks import check_measurement
+from .norms import _FD, _FD2, _dual, _soft_norm, seq_norm, unit_rms
 
 __all__ = ["Measurement", "measure_sensitivity", "measure_weight_gain", "measure_sharpness"]
 
@@ -55,7 +56,7 @@ def measure_sensitivity(f, x, restarts=3, steps=30, lr=0.1, move_input=True, see
     ``move_input`` (else x stays fixed and only the direction is optimised). Each step: the
     direction takes a power-iteration step v ← dual(∇_v ‖J v‖), the input a normalised gradient step
     of size ``lr`` (decaying) back onto the unit-RMS sphere."""
-    _check_float(x, "measure_sensitivity")
+    check_measurement("measure_sensitivity", f, x, restarts, steps)
     best = Measurement(0.0)
     xs, g = _restart_inputs(x, restarts, seed, move_input)
     for x0 in xs:
@@ -108,6 +109,7 @@ def measure_weight_gain(model: Module, x, restarts=3, steps=15, seed=0) -> Measu
     """max ‖J_w f·Δw‖ / ‖Δw‖_M over directions Δw, at the current weights and input x (any input
     the model takes, token ids included). A power iteration in the modular norm:
     Δw ← dualize(∇_Δw ‖J_w f·Δw‖) (the steepest unit-norm direction, as the optimizer takes it)."""
+    check_measurement("measure_weight_gain", model, x, restarts, steps, float_x=False)
     names, ws = _weights(model)
     g = torch.Generator().manual_seed(seed)
     best = Measurement(0.0)
@@ -143,8 +145,10 @@ def measure_sharpness(f, x, which="gamma", restarts=2, steps=15, lr=0.1, move_in
     * ``"gamma"``: ‖D²_xx f[u, v]‖/(‖u‖‖v‖) (``f`` any callable, x float);
     * ``"alpha"``: ‖D²_ww f[Δw, Δw']‖/(‖Δw‖_M‖Δw'‖_M) and ``"beta"``: ‖D²_wx f[Δw, Δx]‖/(‖Δw‖_M‖Δx‖)
       (``f`` a Module at its current weights; alternating power steps in the modular norm)."""
+    if which not in ("alpha", "beta", "gamma"):
+        raise ValueError(f"which must be 'alpha', 'beta' or 'gamma', got {which!r}")
+    check_measurement(f"measure_sharpness({which})", f, x, restarts, steps, float_x=which != "alpha")
     if which == "gamma":
-        _check_float(x, "measure_sharpness")
         best = Measurement(0.0)
         xs, g = _restart_inputs(x, restarts, seed, move_input)
         for x0 in xs:
@@ -168,8 +172,6 @@ def measure_sharpness(f, x, which="gamma", restarts=2, steps=15, lr=0.1, move_in
                     xc = unit_rms(xc + lr * (1 - k / steps) * _dual(grads[0].detach()))
             best.per_restart.append(run_best)
         return best
-    if which not in ("alpha", "beta"):
-        raise ValueError(f"which must be 'alpha', 'beta' or 'gamma', got {which!r}")
     model = f
     names, ws = _weights(model)
     g = torch.Generator().manual_seed(seed)
@@ -180,7 +182,6 @@ def measure_sharpness(f, x, which="gamma", restarts=2, steps=15, lr=0.1, move_in
         if which == "alpha":
             b = _unit_dualized(model, [_randn(w.shape, g, w.dtype) for w in ws])
         else:
-            _check_float(x, "measure_sharpness(beta)")
             b = _dual(_randn(x.shape, g, x.dtype))
         run_best = 0.0
         for _ in range(steps):

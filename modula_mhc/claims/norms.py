@@ -28,7 +28,3 @@ def _dual(g: torch.Tensor) -> torch.Tensor:
     """argmax ⟨g, d⟩ over ‖d‖ ≤ 1 in the max-over-tokens RMS norm: d_t = g_t / RMS(g_t)."""
     return g / g.pow(2).mean(dim=-1, keepdim=True).sqrt().clamp_min(1e-300)
 
-
-def _check_float(x, what):
-    if not torch.is_tensor(x) or not x.is_floating_point():
-        raise TypeError(f"{what}: x must be a floating-point tensor (token ids: use claims.input_part(model, ids))")

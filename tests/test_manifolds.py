@@ -115,6 +115,29 @@ def test_bad_settings_and_shapes_raise():
         Stiefel().norm([[1.0]])
 
 
+@pytest.mark.parametrize("cls", [Euclidean, Stiefel, DGram, Oblique, Sphere, Birkhoff])
+def test_non_finite_input_is_an_error(cls):
+    """NaN or inf in the point, the gradient, the step direction or lr raises at the public
+    wrappers: before, dualize returned an exact 0 (as for a gradient without tangent part) on
+    Stiefel, DGram, Sphere and Birkhoff, NaN on Euclidean, and retract a zero column on Oblique."""
+    M = cls()
+    W = M.random((4, 4), generator=torch.Generator().manual_seed(0))
+    G = torch.randn(4, 4)
+    for bad in (math.nan, math.inf):
+        Gb, Wb = G.clone(), W.clone()
+        Gb[1, 2], Wb[0, 0] = bad, bad
+        with pytest.raises(ValueError, match="NaN or inf"):
+            M.dualize(W, Gb)
+        with pytest.raises(ValueError, match="NaN or inf"):
+            M.dualize(Wb, G)
+        with pytest.raises(ValueError, match="NaN or inf"):
+            M.retract(Wb)
+        with pytest.raises(ValueError, match="NaN or inf"):
+            M.step(W, Gb, 0.1)
+        with pytest.raises(ValueError, match="lr"):
+            M.step(W, G, bad)
+
+
 # ---------------------------------------------------------------------------- membership
 @pytest.mark.parametrize("name", ["euclidean", "stiefel", "dgram", "oblique", "sphere"])
 @pytest.mark.parametrize("shape", MATRIX_SHAPES)

@@ -105,13 +105,21 @@ class Manifold:
 def _checked(public: str, body: Callable) -> Callable:
     """``body`` behind the input checks of ``public`` (dualize(W, G, state), retract(Y), step(W, A, lr))."""
     def checked_point(self, Y):
-        self.check_input(Y, f"{type(self).__name__}.{public}")
+        what = f"{type(self).__name__}.{public}"
+        self.check_input(Y, what)
+        check_finite(Y, what)
         return body(self, Y)
 
     def checked_pair(self, W, X, *args, **kwargs):
         what = f"{type(self).__name__}.{public}"
         check_same_shape(W, X, what)
         self.check_input(X, what)
+        check_finite(W, what, "point")
+        check_finite(X, what, "gradient" if public == "dualize" else "direction")
+        if public == "step":
+            lr = args[0] if args else kwargs.get("lr")
+            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr):
+                raise ValueError(f"{what}: lr must be a finite number, got {lr!r}")
         return body(self, W, X, *args, **kwargs)
     checked = checked_point if public == "retract" else checked_pair
     functools.update_wrapper(checked, body)
@@ -142,6 +150,13 @@ def check_tensor(X, what: str, min_ndim: int = 2) -> None:
     if X.ndim < min_ndim:
         raise ValueError(f"{what}: expected a tensor with at least {min_ndim} dims (..., out, in), "
                          f"got shape {tuple(X.shape)}")
+
+
+def check_finite(X: torch.Tensor, what: str, role: str = "input") -> None:
+    """A NaN or inf entry is an error at the public entry points (it made dualize return an exact
+    0, as for a gradient without tangent part, and retract a zero column)."""
+    if not bool(torch.isfinite(X).all()):
+        raise ValueError(f"{what}: the {role} has NaN or inf entries")
 
 
 def check_same_shape(W, G, what: str) -> None:

@@ -259,6 +259,11 @@ class Sum(_Branches):
         return out
 
 
+#: magnitudes a nonzero scale factor may have: norms scale by |a| and dual targets by 1/|a|, in
+#: float32 (1e40·M gave an infinite norm, 1e-40·M a LinAlgError and non-finite weights after a step)
+SCALE_RANGE = (1e-12, 1e12)
+
+
 class Scale(Module):
     """a · M: output scaled by the constant a (sensitivity |a|·ν, norm |a|·‖w‖)."""
 
@@ -270,6 +275,9 @@ class Scale(Module):
             raise TypeError(f"can only scale a modula_mhc Module, got {type(module).__name__}")
         if not (S.is_number(a) or S.is_symbolic(a)):
             raise TypeError(f"scale factor must be a finite number or a sympy expression, got {a!r}")
+        if S.is_number(a) and a != 0 and not (SCALE_RANGE[0] <= abs(float(a)) <= SCALE_RANGE[1]):
+            raise ValueError(f"scale factor must be 0 or of magnitude in [{SCALE_RANGE[0]:g}, {SCALE_RANGE[1]:g}], "
+                             f"got {a!r}: the float32 norms and dual targets of the scaled module overflow")
         self.a = a
         self.module = module
         self.in_dim, self.out_dim, self.preserves_dim = module.in_dim, module.out_dim, module.preserves_dim

@@ -34,6 +34,10 @@ BAD_CALLS = {
     "residual depth nan": lambda: mm.residual(atoms.Linear(4, 4), math.nan),
     "residual depth 10**400": lambda: mm.residual(atoms.Linear(4, 4), 10 ** 400),
     "inf * M": lambda: math.inf * atoms.Linear(4, 4),
+    # beyond float32's reach once norms scale by |a| and dual targets by 1/|a| (before: inf norms,
+    # a LinAlgError, non-finite weights after one step)
+    "1e40 * M": lambda: 1e40 * atoms.Linear(4, 4),
+    "1e-40 * M": lambda: 1e-40 * atoms.Linear(4, 4),
     "M / 0": lambda: atoms.Linear(4, 4) / 0,
     # calls with something that is not a suitable tensor
     "GPT(list)": lambda: compounds.GPT(11, 8, 8, 1, 2)([1, 2, 3]),

@@ -128,3 +128,66 @@ def test_static_mhc_streams_stop_being_copies():
     so the streams separate and the middle layers' Mix atoms get a tangent gradient."""
     assert _stream_spread_after_steps(equal_pre=True) < 1e-6
     assert _stream_spread_after_steps(equal_pre=False) > 1e-5  # measured 5e-5 (stiefel/dgram)
+
+
+
+def _exact_fisher_direction(W, G):
+    """The Fisher direction W ⊙ (G − α1ᵀ − 1βᵀ) at the given float entries, in exact rational arithmetic,
+    scaled to unit natural norm: the row/column-sum equations for α, β with β_{n−1} = 0 (removing the
+    null direction (1, −1)), solved by Gauss–Jordan elimination over fractions."""
+    from fractions import Fraction
+    n = W.size(-1)
+    w = [[Fraction(x) for x in row] for row in W.double().tolist()]
+    g = [[Fraction(x) for x in row] for row in G.double().tolist()]
+    M = [[sum(w[i]) if k == i else 0 for k in range(n)] + w[i][:-1] + [sum(a * b for a, b in zip(w[i], g[i]))]
+         for i in range(n)]  # Σ_j W_ij (α_i + β_j) = Σ_j W_ij G_ij
+    for j in range(n - 1):  # Σ_i W_ij (α_i + β_j) = Σ_i W_ij G_ij
+        col = [w[i][j] for i in range(n)]
+        M.append(col + [sum(col) if k == j else 0 for k in range(n - 1)] + [sum(w[i][j] * g[i][j] for i in range(n))])
+    for c in range(2 * n - 1):
+        p = next(r for r in range(c, 2 * n - 1) if M[r][c] != 0)
+        M[c], M[p] = M[p], M[c]
+        M = [row if r == c else [a - row[c] / M[c][c] * b for a, b in zip(row, M[c])] for r, row in enumerate(M)]
+    x = [M[k][-1] / M[k][k] for k in range(2 * n - 1)]
+    alpha, beta = x[:n], x[n:] + [0]
+    A = [[w[i][j] * (g[i][j] - alpha[i] - beta[j]) for j in range(n)] for i in range(n)]
+    norm = max(max(sum(abs(a) for a in A[i]) for i in range(n)), max(sum(abs(A[i][j]) for i in range(n)) for j in range(n)))
+    return torch.tensor([[float(a / norm) for a in row] for row in A], dtype=torch.float64)
+
+
+def _near_permutations(n, dtype, seed):
+    """W = (1 − (n−1)δ)P + δ(11ᵀ − P) for δ in NEAR_VERTEX (one random permutation P each), batched."""
+    g = torch.Generator().manual_seed(seed)
+    Ws = []
+    for delta in NEAR_VERTEX:
+        P = torch.eye(n, dtype=torch.float64)[torch.randperm(n, generator=g)]
+        Ws.append(P * (1 - (n - 1) * delta) + delta * (1 - P))
+    return torch.stack(Ws).to(dtype), torch.randn(len(Ws), n, n, generator=g, dtype=torch.float64).to(dtype)
+
+
+NEAR_VERTEX = (1e-3, 1e-6, 1e-8, 1e-12, 1e-20)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [3, 4, 8])
+def test_dualize_near_permutations_is_the_exact_fisher_direction(n, dtype):
+    """Near a permutation the α, β system has eigenvalues ~δ: its pseudo-inverse returned rows off by
+    7e-2 (δ = 1e-8) to 1.0 (δ ≤ 1e-12) and ⟨G, A⟩ < 0. The direction must be tangent to the storage
+    dtype's precision, an ascent direction, and the exact one (rational arithmetic) for every δ."""
+    W, G = _near_permutations(n, dtype, seed=n)
+    A = manifolds.Birkhoff().dualize(W, G)  # the whole batch at once, as the optimizer calls it
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    assert A.double().sum(-1).abs().max().item() < tol and A.double().sum(-2).abs().max().item() < tol
+    assert ((G.double() * A.double()).sum((-2, -1)) > 0).all()
+    for k, delta in enumerate(NEAR_VERTEX):
+        exact = _exact_fisher_direction(W[k], G[k])
+        assert (A[k].double() - exact).abs().max().item() < 10 * tol, delta
+
+
+def test_small_steps_from_near_permutations_descend_on_the_polytope():
+    """A small step along the (now exactly tangent) direction stays on the polytope and decreases ⟨G, W⟩."""
+    m = manifolds.Birkhoff()
+    W, G = _near_permutations(4, torch.float64, seed=7)
+    Wn = m.step(W, m.dualize(W, G), 1e-3)
+    assert _marginal_error(Wn) < 1e-12 and (Wn > 0).all()
+    assert ((G * (Wn - W)).sum((-2, -1)) < 0).all()

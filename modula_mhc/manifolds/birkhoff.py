@@ -5,7 +5,8 @@ One geometry throughout (docs/manifolds.md, "Birkhoff"):
 * natural norm ‖A‖_B = max(max row ℓ1, max column ℓ1) — the ℓ∞→ℓ∞ and ℓ1→ℓ1 operator norms,
   hence also ≥ ‖A‖₂. Every doubly-stochastic W has ‖W‖_B = 1.
 * dualize: the steepest direction of the Fisher metric (the metric of the multiplicative step),
-  A = W ⊙ (G − α1ᵀ − 1βᵀ) with α, β making the row and column sums of A zero, scaled to ‖A‖_B = 1.
+  A = W ⊙ (G − α1ᵀ − 1βᵀ) with α, β making the row and column sums of A zero, scaled to ‖A‖_B = 1;
+  computed in a spanning tree's cycle coordinates, so it stays exactly tangent next to a vertex.
 * step: the matching mirror (exponentiated-gradient) step Sinkhorn(W ⊙ exp(−lr·A ⊘ W)), then the
   move is limited to ‖ΔW‖_B ≤ lr·‖A‖_B along the chord (the polytope is convex) and the result is
   rounded onto the polytope exactly. In float64 internally: entries stay ≥ ``FLOOR``, row and
@@ -53,19 +54,61 @@ def operator_norm(A: torch.Tensor) -> torch.Tensor:
     return torch.maximum(rows, cols)[..., None, None]
 
 
+def _max_spanning_tree_parents(W: torch.Tensor) -> torch.Tensor:
+    """Prim's maximum spanning tree of the bipartite graph of W > 0 (rows 0…n−1, columns n…2n−1, edge
+    weights W_ij), rooted at row 0: each node's parent (the root's is itself), shape (..., 1, 2n).
+    Batched; 2n − 1 rounds of a few tensor ops, no host sync."""
+    zero = torch.zeros_like(W)  # no edges inside a side (W > 0: 0 never wins)
+    adj = torch.cat((torch.cat((zero, W), -1), torch.cat((W.mT, zero), -1)), -2)
+    best = adj[..., :1, :]  # the heaviest edge from each node into the tree
+    parent = torch.zeros(best.shape, dtype=torch.long, device=W.device)
+    tree = torch.zeros_like(best)  # −∞ on tree nodes: added, it takes them out of every comparison
+    tree[..., 0] = -torch.inf
+    for _ in range(adj.size(-1) - 1):
+        v = (best + tree).argmax(-1, keepdim=True)
+        tree = tree.scatter(-1, v, -torch.inf)
+        w = adj.gather(-2, v.expand_as(best)) + tree  # edges from v to the nodes outside
+        parent = torch.where(w > best, v, parent)
+        best = torch.maximum(w, best)
+    return parent
+
+
+def _tree_cycles(parent: torch.Tensor) -> torch.Tensor:
+    """N[..., u, (i, j)]: the flow on the tree edge (u, parent(u)), oriented row → column, of the cycle
+    "edge (i, j) from row i to column j, back through the tree"; shape (..., 2n, n²), 0 for the root.
+    With R[v, u] = [u is v or an ancestor of v], the way back is N[u, (i, j)] = ±(R[n+j, u] − R[i, u])."""
+    m = parent.size(-1)
+    n = m // 2
+    eye = torch.eye(m, dtype=torch.float64, device=parent.device)
+    R = eye + eye[parent[..., 0, :]]  # self and parent; squaring ⌈log₂ m⌉ times reaches every ancestor
+    for _ in range(max(1, (m - 1).bit_length())):
+        R = (R @ R).clamp_max_(1.0)
+    R[..., n:].neg_()  # an edge from a column node up to its parent row runs column → row
+    Rt = R.mT
+    return (Rt[..., :, None, n:] - Rt[..., :, :n, None]).flatten(-2)
+
+
 def fisher_projection(W: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-    """The Fisher-metric tangent projection W ⊙ (G − α1ᵀ − 1βᵀ) at W > 0 (Douik & Hassibi 2018):
-    α, β solve the row/column-sum equations, a (2n)×(2n) positive semi-definite system (null vector
-    (1, −1)) solved by pseudo-inverse in the dtype of W (use float64)."""
-    n = W.size(-1)
-    WG = W * G
-    rhs = torch.cat((WG.sum(-1), WG.sum(-2)), dim=-1).unsqueeze(-1)  # (..., 2n, 1)
-    top = torch.cat((torch.diag_embed(W.sum(-1)), W), dim=-1)
-    bottom = torch.cat((W.mT, torch.diag_embed(W.sum(-2))), dim=-1)
-    M = torch.cat((top, bottom), dim=-2)
-    ab = torch.linalg.pinv(M, hermitian=True) @ rhs
-    alpha, beta = ab[..., :n, :], ab[..., n:, :].mT
-    return W * (G - alpha - beta)
+    """The Fisher-metric tangent projection A = W ⊙ (G − α1ᵀ − 1βᵀ) at W > 0 (Douik & Hassibi 2018): the
+    A with A1 = 0, 1ᵀA = 0 minimising Σ (A_ij − W_ij G_ij)² / W_ij. W and G in float64.
+
+    Solved in the cycle coordinates of a maximum spanning tree T of W's bipartite graph: z = A off T,
+    A on T = N z, the tree flow that balances z (so A is tangent by construction, to rounding). With
+    D = diag(W off T), z = D^½ y, (I + QᵀQ) y = b := D^½ (G_off + Nᵀ G_T), Q = W_T^−½ N D^½, solved
+    as y = b − Qᵀ (I + QQᵀ)⁻¹ Q b (2n × 2n). W_T on the cycle of an off-tree edge is ≥ its weight,
+    so |Q| ≤ 1 and cond ≤ 1 + 2n³ however small W's entries: near a permutation (entries ~δ) the α, β
+    system of the pseudo-inverse it replaces has eigenvalues ~δ, and A lost tangency from δ ≈ 1e-6 down."""
+    N = _tree_cycles(_max_spanning_tree_parents(W))  # (..., 2n, n²)
+    # the way back from column j to row i is one edge, −1 on it, iff (i, j) ∈ T
+    T = ((N == -1.0) & ((N != 0).sum(-2, keepdim=True) == 1)).to(W.dtype)  # T[u]: where u's edge is
+    WG = torch.stack((W.flatten(-2), G.flatten(-2)), dim=-1)  # (..., n², 2)
+    on_tree = T @ WG
+    d = (WG[..., :1] * (1.0 - T.sum(-2).unsqueeze(-1))).sqrt_()  # √W off the tree, 0 on it
+    Q = N * d.mT * on_tree[..., :1].clamp_min(FLOOR).rsqrt()  # (the root's row of N is 0)
+    b = d * (WG[..., 1:] + N.mT @ on_tree[..., 1:])
+    S = torch.eye(Q.size(-2), dtype=W.dtype, device=W.device) + Q @ Q.mT
+    z = d * (b - Q.mT @ torch.cholesky_solve(Q @ b, torch.linalg.cholesky_ex(S)[0]))
+    return (z + T.mT @ (N @ z)).view_as(W)
 
 
 def round_to_polytope(F: torch.Tensor) -> torch.Tensor:

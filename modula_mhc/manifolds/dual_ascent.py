@@ -82,7 +82,10 @@ CHECK_EVERY = {"cpu": 1, "accelerator": 4}
 #: needed ~25 more iterations. 32 solves at steps 96–99: mean 27.3 (max 46) → 21.8 (max 38); the
 #: synthetic warm sequences above 1 249 / 1 366 / 1 531 → 1 192 / 1 275 / 1 526; the other
 #: recorded sets unchanged. Windows 25 / 40 / 60 / unbounded: 22.7 / 21.6 / 21.6 / 21.6 late, but
-#: 1 569 / 1 568 / 1 577 / 1 647 at 30% drift
+#: 1 569 / 1 568 / 1 577 / 1 647 at 30% drift. The synthetic totals move by ~3% with rounding alone
+#: (after DGram's column normalisation changed, the same code read 1 189 / 1 314 / 1 573); the
+#: recorded real solves did not move. Also tried since: smoothing c = 1.5, 2, 3.5 (2√2 kept), and
+#: holding μ until the gap rule moves it by 1.4× or 2× (mixed: 5% drift better, 30% worse)
 WARM_SMOOTHING = (30, 1.25)
 WARM_RELEASE = (8, 0.5)
 WARM_GAP_LIMIT = 0.5

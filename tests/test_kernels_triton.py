@@ -133,6 +133,42 @@ def test_sinkhorn_kernel_public_dispatch_batched_and_n1():
     assert Pb.dtype == torch.bfloat16 and (Pb.float() - R.sinkhorn(L.bfloat16()).float()).abs().max() < 1e-2
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_sinkhorn_kernel_error_is_that_of_the_returned_matrix(device, dtype):
+    """err is measured on P as stored: bf16 / fp16 rounding included (it was the fp32 registers'
+    error, 8e-6 against a bf16 result off by 3e-3), fp32 as before (the reference's)."""
+    torch.manual_seed(3)
+    L = torch.randn(70, 5, 5, device=device).to(dtype)
+    P, err = K.sinkhorn(L, iters=30, return_error=True)
+    Pd = P.double()
+    true = max((Pd.sum(-1) - 1).abs().max().item(), (Pd.sum(-2) - 1).abs().max().item())
+    assert abs(err.item() - true) <= 1e-6
+    _, err_ref = R.sinkhorn(L, iters=30, return_error=True)
+    assert abs(err.item() - err_ref.item()) <= (1e-6 if dtype == torch.float32 else torch.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sinkhorn_kernel_flags_non_finite_logits_with_nan(device, dtype):
+    """No exception without a host sync: each matrix with a NaN or ±inf logit comes back all NaN,
+    with a NaN gradient, and err is NaN; the other matrices match the reference (they used to be
+    NaN only for NaN/+inf, with -inf silently taken as a zero weight, and err could drop the NaN)."""
+    torch.manual_seed(4)
+    L = torch.randn(70, 3, 3, device=device)
+    L[3, 1, 2], L[5, 0, 0], L[69, 2, 2] = float("nan"), float("-inf"), float("inf")
+    bad = torch.zeros(70, dtype=torch.bool, device=device)
+    bad[[3, 5, 69]] = True
+    Lg = L.to(dtype).requires_grad_()
+    P, err = K.sinkhorn(Lg, return_error=True)
+    assert err.isnan() and P[bad].isnan().all() and not P[~bad].isnan().any()
+    assert torch.allclose(P[~bad].float(), R.sinkhorn(L[~bad].to(dtype)).float(), atol=1e-3)
+    P.backward(torch.randn_like(P))
+    assert Lg.grad[bad].isnan().all() and torch.isfinite(Lg.grad[~bad]).all()
+    with pytest.raises(ValueError, match="n >= 1"):  # n = 0: not the kernel's, a clear error
+        K.sinkhorn(torch.zeros(2, 0, 0, device=device))
+
+
 # ---------------------------------------------------------------------------- msign
 
 

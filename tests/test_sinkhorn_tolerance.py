@@ -49,7 +49,8 @@ def test_float32_tolerance_below_the_floor_is_refused(dtype):
         K.sinkhorn(L, tol=1e-9)
     with pytest.raises(ValueError, match="floor"):
         K.sinkhorn_project(torch.rand(8, 4, 4).to(dtype) + 0.1, tol=floor / 2)
-    K.sinkhorn(L, tol=1e-6)  # at/above the floor: accepted
+    # at/above the floor: accepted (a bf16/fp16 result then warns that its rounding misses tol)
+    K.sinkhorn(L, tol=1e-6, nonconvergence="ignore" if dtype != torch.float32 else "raise")
     # float64 has its own (much lower) floor
     assert K.sinkhorn_tol_floor(torch.float64) < 1e-14
     K.sinkhorn(L.double(), tol=1e-9)

@@ -54,8 +54,6 @@ POLAR_EXPRESS_COEFFS: tuple[tuple[float, float, float], ...] = tuple(
     (a / _SAFETY, b / _SAFETY**3, c / _SAFETY**5) for a, b, c in _POLAR_EXPRESS_RAW[:-1]
 ) + (_POLAR_EXPRESS_RAW[-1],)
 
-# Added to the Frobenius norm so that a zero matrix is divided by a positive number (0 -> 0).
-_MSIGN_TINY = 1e-7
 
 
 def polar_express_coeffs(steps: int) -> list[tuple[float, float, float]]:
@@ -87,26 +85,36 @@ def polar_express_gain(steps: int) -> float:
     return float(x.max())
 
 
+def _positive_or_one(t: torch.Tensor) -> torch.Tensor:
+    """t where positive, else 1: a zero matrix divided by it stays zero. No additive epsilon: a fixed
+    one swamped the norms of tiny inputs (‖X‖_F = 6e-19 gave singular values of 0.006-0.02)."""
+    return torch.where(t > 0, t, torch.ones_like(t))
+
+
 def msign_normalise(X: torch.Tensor) -> torch.Tensor:
-    """X / (1.01·‖X‖_F + tiny) per matrix, norm taken in fp32 (or fp64), result in X's dtype."""
+    """X / (1.01·‖X‖_F) per matrix (zero stays zero), in fp32 (or fp64), result in X's dtype.
+    X is first divided by its largest |entry|, so squaring it for the norm cannot overflow (fp32
+    entries of 1e18 gave 0) or underflow (entries of 1e-30)."""
     acc = torch.float64 if X.dtype == torch.float64 else torch.float32
     Xa = X.to(acc)
+    Xa = Xa / _positive_or_one(Xa.abs().amax(dim=(-2, -1), keepdim=True))
     norm = torch.linalg.vector_norm(Xa, dim=(-2, -1), keepdim=True)
-    return (Xa / (norm * _SAFETY + _MSIGN_TINY)).to(X.dtype)
+    return (Xa / _positive_or_one(norm * _SAFETY)).to(X.dtype)
 
 
 def msign_tighten(Y: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(Y, S) / (1.01·‖S‖_F^{1/2}, its square) for S = YYᵀ: then σ_max(Y) ≤ 1/1.01, since
-    ‖S‖_F = (Σσ⁴)^{1/2} ≥ σ_max², a much tighter bound than ‖Y‖_F that costs no extra product."""
+    ‖S‖_F = (Σσ⁴)^{1/2} ≥ σ_max², a much tighter bound than ‖Y‖_F that costs no extra product.
+    Y comes from ``msign_normalise`` (‖Y‖_F ≈ 1/1.01), so ‖S‖_F is in [1/rank, 1]: no overflow."""
     acc = torch.float64 if S.dtype == torch.float64 else torch.float32
-    scale = torch.linalg.vector_norm(S, dim=(-2, -1), keepdim=True, dtype=acc).sqrt() * _SAFETY + _MSIGN_TINY
+    scale = _positive_or_one(torch.linalg.vector_norm(S, dim=(-2, -1), keepdim=True, dtype=acc).sqrt() * _SAFETY)
     return Y / scale.to(Y.dtype), S / scale.square().to(S.dtype)
 
 
 def msign_start(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Y, S = YYᵀ) for a batched wide or square Y, scaled to σ_max ≤ 1/1.01: first by 1.01·‖Y‖_F
-    (keeps huge and tiny inputs in range), then ``msign_tighten`` (S is the first step's Gram
-    matrix anyway)."""
+    """(Y, S = YYᵀ) for a batched wide or square Y, scaled to σ_max ≤ 1/1.01: first by max|Y| and
+    1.01·‖Y‖_F (``msign_normalise``: any finite scale lands in range), then ``msign_tighten`` (S is
+    the first step's Gram matrix anyway)."""
     Y = msign_normalise(Y)
     return msign_tighten(Y, torch.bmm(Y, Y.mT))
 

@@ -68,12 +68,18 @@ def _from_batch_last(t: torch.Tensor, shape: torch.Size, dtype: torch.dtype) -> 
     return t.permute(2, 0, 1).to(dtype).contiguous().reshape(shape)
 
 
-def _row_spread(Lt: torch.Tensor) -> float:
-    """Largest max−min over rows; raises on non-finite logits (one host sync)."""
+def _spread_tensor(Lt: torch.Tensor) -> torch.Tensor:
+    """Largest max−min over rows as a 0-dim tensor (no host sync)."""
     if Lt.numel() == 0:
-        return 0.0
-    spread = float((Lt.amax(_ROW) - Lt.amin(_ROW)).amax())
-    if not math.isfinite(spread):
+        return Lt.new_zeros(())
+    return (Lt.amax(_ROW) - Lt.amin(_ROW)).amax()
+
+
+def _row_spread(Lt: torch.Tensor) -> float:
+    """Largest max−min over rows; raises on non-finite logits (one host sync). An infinite spread of
+    finite logits (±3e38 in float32) is only an overflow of max−min: it selects the log domain."""
+    spread = float(_spread_tensor(Lt))
+    if math.isnan(spread) or (math.isinf(spread) and not bool(torch.isfinite(Lt).all())):
         raise ValueError("sinkhorn: logits contain inf or NaN")
     return spread
 
@@ -85,6 +91,15 @@ def _marginal_error(Pt: torch.Tensor) -> torch.Tensor:
     row = (Pt.sum(_ROW) - 1).abs().amax()
     col = (Pt.sum(_COL) - 1).abs().amax()
     return torch.maximum(row, col)
+
+
+def _result_error(Pt: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``_marginal_error`` of the matrix as returned in ``dtype`` (no host sync). Rounding to bf16 /
+    fp16 moves each row sum by up to half that dtype's eps (3.9e-3 / 4.9e-4), far more than the
+    float32 iterate's error, so the iterate's error would overstate the result's accuracy."""
+    if Pt.dtype != dtype:
+        Pt = Pt.to(dtype).to(Pt.dtype)
+    return _marginal_error(Pt)
 
 
 def _first_row_step(Lt: torch.Tensor, log_domain: bool) -> torch.Tensor:
@@ -180,13 +195,6 @@ def _compiling() -> bool:
         return False
 
 
-def _spread_tensor(Lt: torch.Tensor) -> torch.Tensor:
-    """Largest max−min over rows as a 0-dim tensor (no host sync)."""
-    if Lt.numel() == 0:
-        return Lt.new_zeros(())
-    return (Lt.amax(_ROW) - Lt.amin(_ROW)).amax()
-
-
 class _SinkhornFunction(torch.autograd.Function):
     """Sinkhorn with an exact backward: the adjoint of every half-step, on iterates the forward kept
     (small batches) or recomputes from the stored logits."""
@@ -198,10 +206,12 @@ class _SinkhornFunction(torch.autograd.Function):
         states = None
         if tol is None and _compiling():
             # No host sync under torch.compile: both domains, the same batch-wide choice as eager
-            # (a 0-dim bool tensor), selected on the device; the non-finite check is skipped.
+            # (a 0-dim bool tensor), selected on the device; non-finite logits cannot raise here,
+            # so their matrices come back all NaN, as from the Triton kernel.
             log_domain = _spread_tensor(Lt) > _EXP_DOMAIN_MAX_SPREAD
             Pt = torch.where(log_domain, _iterates(Lt, iters, True, keep=False)[0],
                              _iterates(Lt, iters, False, keep=False)[0])
+            Pt = torch.where(torch.isfinite(Lt).all(_ROW).all(_COL), Pt, torch.nan)
             n_iters = iters
         elif tol is None:
             log_domain = _row_spread(Lt) > _EXP_DOMAIN_MAX_SPREAD
@@ -217,13 +227,16 @@ class _SinkhornFunction(torch.autograd.Function):
             ctx.save_for_backward(logits, states)
         ctx.n_iters = n_iters
         ctx.log_domain = log_domain
-        err = _marginal_error(Pt)
+        err = _result_error(Pt, logits.dtype)
         ctx.mark_non_differentiable(err)
-        return _from_batch_last(Pt, logits.shape, logits.dtype), err
+        # tolerance mode has synchronised every iteration: the iterate's own error (a float) tells
+        # non-convergence from rounding of a half-precision result
+        iterate_err = None if tol is None or Pt.dtype == logits.dtype else float(_marginal_error(Pt))
+        return _from_batch_last(Pt, logits.shape, logits.dtype), err, iterate_err
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_P, grad_err):
+    def backward(ctx, grad_P, grad_err, grad_iterate_err):
         logits, *kept = ctx.saved_tensors
         if grad_P is None:
             return None, None, None, None
@@ -270,17 +283,35 @@ def sinkhorn(logits: torch.Tensor, iters: int = 20, tol: float | None = None, ma
     the unrolled iteration (not the implicit fixed-point gradient): it runs the adjoint of every
     half-step, on iterates kept by the forward when they take ≤ 32 MiB, else recomputed from the
     stored logits. With ``return_error`` returns
-    (P, err), err = max over the batch of |row sum − 1| and |column sum − 1| (fp32/fp64 0-dim).
+    (P, err), err = max over the batch of |row sum − 1| and |column sum − 1| of P as returned
+    (fp32/fp64 0-dim): for bf16/fp16 logits that includes P's rounding (up to eps/2 of the dtype,
+    3.9e-3 / 4.9e-4), so such a result cannot meet a smaller tol and tolerance mode says so.
+    Non-finite logits raise ValueError in eager mode (one host sync; skipped under torch.compile).
     Its arguments are validated by ``modula_mhc.kernels.sinkhorn``, the public entry point.
     """
-    P, err = _SinkhornFunction.apply(logits, iters, tol, max_iters)
+    if logits.size(-1) == 0:  # else an obscure reshape error deep inside
+        raise ValueError(f"sinkhorn: expected n×n matrices with n >= 1, got shape {tuple(logits.shape)}")
+    P, err, iterate_err = _SinkhornFunction.apply(logits, iters, tol, max_iters)
     if tol is not None and nonconvergence != "ignore":
-        reached = float(err)  # tolerance mode has synchronised every iteration already
-        if not reached < tol:
-            msg = (f"sinkhorn: tolerance mode stopped at max_iters={max_iters} with marginal error "
-                   f"{reached:.3g} >= tol={tol:g} (logits too spread for this cap); raise max_iters, "
-                   "or pass return_error=True and check the error")
-            if nonconvergence == "raise":
-                raise RuntimeError(msg)
-            warnings.warn(msg, SinkhornConvergenceWarning, stacklevel=3)
+        _report_tolerance(float(err), iterate_err, tol, max_iters, logits.dtype, nonconvergence)
     return (P, err) if return_error else P
+
+
+def _report_tolerance(reached: float, iterate_err: float | None, tol: float, max_iters: int,
+                      dtype: torch.dtype, nonconvergence: str) -> None:
+    """Warn or raise when the returned matrix misses ``tol``, naming why: the iteration hit the cap,
+    or (bf16/fp16 logits) it converged but rounding the result to ``dtype`` costs more than tol."""
+    if reached < tol:
+        return
+    if iterate_err is not None and iterate_err < tol:
+        name = str(dtype).replace("torch.", "")
+        msg = (f"sinkhorn: the iteration converged, but rounding the result to {name} leaves marginal error "
+               f"{reached:.3g} >= tol={tol:g}; a {name} result carries up to {torch.finfo(dtype).eps / 2:.2g} "
+               "of rounding per row sum: use a larger tol or float32 logits")
+    else:
+        msg = (f"sinkhorn: tolerance mode stopped at max_iters={max_iters} with marginal error "
+               f"{reached:.3g} >= tol={tol:g} (logits too spread for this cap); raise max_iters, "
+               "or pass return_error=True and check the error")
+    if nonconvergence == "raise":
+        raise RuntimeError(msg)
+    warnings.warn(msg, SinkhornConvergenceWarning, stacklevel=4)

@@ -36,6 +36,16 @@ def _tile_offsets(pid, B, n, BLOCK_B: tl.constexpr, NP: tl.constexpr):
 
 
 @triton.jit
+def _nan_if_nonfinite(L, mask):
+    """Per matrix of the (BLOCK_B, NP, NP) tile: 0, or NaN when any logit is inf or NaN (L − L is 0
+    exactly for finite L, NaN otherwise; padding is masked, as NEG loads as −inf in fp16). Added to
+    the outputs it flags bad input without the host sync an exception would need; a sum, since a
+    max may drop NaN on the GPU."""
+    d = L - L
+    return tl.sum(tl.sum(tl.where(mask & (d != 0.0), d, 0.0), axis=2), axis=1)
+
+
+@triton.jit
 def _row_scaling(L, v, row_ok, NEG: tl.constexpr):
     """u = −logsumexp_j(L_ij + v_j) per row; padded rows get NEG."""
     X = L + v[:, None, :]
@@ -66,15 +76,18 @@ def _sinkhorn_fwd_kernel(L_ptr, P_ptr, err_ptr, B, n, iters,
     for _ in range(iters):
         u = _row_scaling(L, v, row_ok, NEG)
         v = _col_scaling(L, u, col_ok, NEG)
-    P = tl.exp(L + u[:, :, None] + v[:, None, :])
-    P = tl.where(mask, P, 0.0)
-    tl.store(P_ptr + offs, P.to(P_ptr.dtype.element_ty), mask=mask)
-    # Worst marginal error of this program's matrices (the host takes the max over programs).
+    bad = _nan_if_nonfinite(L, mask)
+    P = tl.exp(L + u[:, :, None] + v[:, None, :]) + bad[:, None, None]
+    P = tl.where(mask, P, 0.0).to(P_ptr.dtype.element_ty)
+    tl.store(P_ptr + offs, P, mask=mask)
+    # Worst marginal error of this program's matrices as stored (bf16/fp16 rounding included); the
+    # host takes the max over programs.
+    P = P.to(tl.float32)
     b_ok = (b < B)[:, None]
     row_err = tl.where(b_ok & row_ok, tl.abs(tl.sum(P, axis=2) - 1.0), 0.0)
     col_err = tl.where(b_ok & col_ok, tl.abs(tl.sum(P, axis=1) - 1.0), 0.0)
     tl.store(err_ptr + pid, tl.maximum(tl.max(tl.max(row_err, axis=1), axis=0),
-                                       tl.max(tl.max(col_err, axis=1), axis=0)))
+                                       tl.max(tl.max(col_err, axis=1), axis=0)) + tl.sum(bad, axis=0))
 
 
 @triton.jit
@@ -110,6 +123,7 @@ def _sinkhorn_bwd_kernel(L_ptr, dP_ptr, dL_ptr, V_ptr, B, n, iters,
         P_row = tl.exp(L + u[:, :, None] + v_prev[:, None, :])
         g = g - P_row * tl.sum(g, axis=2)[:, :, None]
         v_cur = v_prev
+    g = g + _nan_if_nonfinite(L, mask)[:, None, None]
     tl.store(dL_ptr + offs, g.to(dL_ptr.dtype.element_ty), mask=mask)
 
 
@@ -158,17 +172,18 @@ class _SinkhornTriton(torch.autograd.Function):
 
 def supports(logits: torch.Tensor, tol: float | None = None) -> bool:
     """Whether this kernel computes ``sinkhorn(logits, tol=tol)``: fixed-iteration mode (no tol),
-    square n ≤ MAX_N, fp32/bf16/fp16 logits (it computes in fp32 registers)."""
+    square 1 ≤ n ≤ MAX_N, fp32/bf16/fp16 logits (it computes in fp32 registers)."""
     return (tol is None and logits.dtype in _DTYPES and logits.ndim >= 2
-            and logits.size(-1) == logits.size(-2) <= MAX_N)
+            and 1 <= logits.size(-1) == logits.size(-2) <= MAX_N)
 
 
 def sinkhorn(logits: torch.Tensor, iters: int = 20, return_error: bool = False):
     """Sinkhorn–Knopp(exp(logits)) for (..., n, n), fixed ``iters``; exact backward.
 
     Same contract as the reference without tol mode: fp32 in registers, input dtype out,
-    ``return_error`` gives (P, max |row or column sum − 1|). Inputs are validated, and ``supports``
-    asked, by ``modula_mhc.kernels.sinkhorn``.
+    ``return_error`` gives (P, max |row or column sum − 1| of P as returned). Non-finite logits do
+    not raise (that needs a host sync): their matrices come back all NaN, and so does err.
+    Inputs are validated, and ``supports`` asked, by ``modula_mhc.kernels.sinkhorn``.
     """
     P, err = _SinkhornTriton.apply(logits, iters)
     return (P, err) if return_error else P

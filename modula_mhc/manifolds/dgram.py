@@ -25,11 +25,6 @@ from .dual_ascent import off_diagonal
 from .gram import GAP_TOL, MAX_ITERS, GramManifold
 
 
-def column_norms(Wt: torch.Tensor) -> torch.Tensor:
-    """ℓ2 norm of each column of a tall (..., m, n) matrix, shape (..., n), without overflow."""
-    return unit_columns(Wt)[1]
-
-
 class DGram(GramManifold):
     """DGram(max_scale=None, gap_tol=8e-3, max_iters=1000).
 

@@ -205,11 +205,11 @@ def _record(state: dict, dt: torch.dtype, gap: torch.Tensor, gap_tol: float, ite
     state["tangent_residual"] = residual.detach().to(dt)
 
 
-def _no_tangent(W: torch.Tensor, state: dict | None, dt: torch.dtype) -> torch.Tensor:
+def _no_tangent(W: torch.Tensor, state: dict | None, dt: torch.dtype, kept: torch.dtype) -> torch.Tensor:
     """The answer when no member's gradient has a tangent part: A = 0, exactly optimal. The warm
     start of the previous solve is kept for the next."""
     if state is not None:
-        zero = torch.zeros((), dtype=dt)
+        zero = torch.zeros((), dtype=kept)
         state.update(iterations=0, duality_gap=zero, certified=True, warm_start=False, tangent_residual=zero)
     return torch.zeros_like(W, dtype=dt)
 
@@ -225,17 +225,19 @@ def _gram_products(gram: torch.Tensor, gram_inv: torch.Tensor):
 
 
 def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dict | None,
-                     gap_tol: float, max_iters: int) -> torch.Tensor:
+                     gap_tol: float, max_iters: int, state_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Unit-spectral-norm tangent direction maximising ⟨G, A⟩ (W, G tall (..., m, n), same dtype).
 
     ``offdiag``: the constraint is Off(WᵀA + AᵀW) = 0 (DGram) instead of WᵀA + AᵀW = 0 (Stiefel).
     Stops when the certified relative gap is ≤ ``gap_tol`` or after ``max_iters`` iterations.
     Diagnostics written to ``state``: iterations, duality_gap (certified, relative), certified
     (gap ≤ gap_tol), tangent_residual, warm_start, certificate (the multiplier Λ of the best upper
-    bound, which also warm-starts the next call, with ``dual_step`` and ``dual_smoothing``).
+    bound, which also warm-starts the next call, with ``dual_step`` and ``dual_smoothing``), in
+    ``state_dtype`` (default W's): the weight's own dtype, which load_state_dict casts state to.
     """
     n = W.size(-1)
     dt = W.dtype
+    kept = dt if state_dtype is None else state_dtype
     plain_iters, smoothing = SCHEDULES[bool(offdiag)]
     # everything in float64, the m×n products too: a tangent part of 1e-3‖G‖ under a large normal
     # one is lost to fp32 rounding of WᵀG (measured: a square Stiefel gradient from training
@@ -276,7 +278,7 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
     tangent_sq = torch.diagonal(start_F, dim1=-2, dim2=-1).sum(-1)
     has_tangent = tangent_sq.sqrt() > 1e-6 * math.sqrt(n)
     if not bool(has_tangent.any()):
-        return _no_tangent(W, state, dt)
+        return _no_tangent(W, state, dt, kept)
     # the loop's step constants (first step 0.1, STEP_MIN, STEP_MAX) suit a tangent projection of
     # Ĝ's order (‖·‖_F ≥ TANGENT_FLOOR·√n): a smaller one is scaled up to that (a mostly-normal
     # gradient whose tangent part is ε‖G‖ otherwise takes steps 1/ε too long and stalls at the step
@@ -370,7 +372,7 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
         exact = torch.where(has_tangent, inner(Gn, A.to(sdt)), torch.zeros_like(best_lo))
         gap = torch.where(has_tangent, (best_hi - exact) / best_hi.abs().clamp_min(1e-300), torch.zeros_like(exact))
         WtA = (gram @ best_C) / top.clamp_min(1e-30)[..., None, None]
-        _record(state, dt, gap, gap_tol, iters, warm, step=alpha / sc,
+        _record(state, kept, gap, gap_tol, iters, warm, step=alpha / sc,
                 smoothing=mu2.sqrt() / scale if plain_iters == 0 else None, certificate=hi_lam / sc,
                 residual=(torch.linalg.vector_norm(project(WtA + WtA.mT), dim=(-2, -1)) / n).max())
     return A

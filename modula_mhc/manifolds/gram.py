@@ -60,7 +60,8 @@ class GramManifold(Manifold):
     def dualize(self, W, G, state=None):
         dt, wide = compute_dtype(G), is_wide(W)
         Wt, Gt = as_tall(W.to(dt), wide), as_tall(G.to(dt), wide)
-        A = steepest_tangent(self._normalise(Wt), Gt, self.offdiag, state, self.gap_tol, self.max_iters)
+        A = steepest_tangent(self._normalise(Wt), Gt, self.offdiag, state, self.gap_tol, self.max_iters,
+                             state_dtype=W.dtype)  # a bf16 weight keeps bf16 state: resumes are exact
         return from_tall(A, wide).to(G.dtype)
 
     def norm(self, A):

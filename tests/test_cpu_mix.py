@@ -1,8 +1,11 @@
 """The fused CPU mixing passes (kernels/cpu_mix.c through ctypes): each pass against the batched
 torch products it replaces, the mHC layer with and without them, and the fallbacks (no compiler,
 float64, MODULA_MHC_KERNELS=reference, torch.compile)."""
+import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -63,6 +66,94 @@ def test_empty_batch_is_a_no_op():
     x = torch.zeros(0, 4, 8)
     u, r = cpu_mix.pre_res(x, torch.zeros(0, 4), torch.zeros(0, 4, 4))
     assert u.shape == (0, 8) and r.shape == (0, 4, 8)
+
+
+@needs_compiler
+def test_the_c_passes_refuse_tensors_that_do_not_match_the_stream():
+    """Shape, dtype and layout are checked at the ctypes boundary: the C loops index every tensor as
+    (tokens, ...). The bad tensors here are larger than the pass would read, so a missing check fails
+    the test instead of corrupting memory (too-small ones run in a subprocess, below)."""
+    a = _inputs((3, 5), 4, 8)
+    x, p, H, du, dr, f, q = (a[k] for k in "x p H du dr f q".split())
+    bad = {"f": [torch.randn(3, 6, 8), f.double(), torch.randn(3, 5, 16)[..., ::2]], "q": [torch.randn(16, 4)]}
+    for name, tensors in bad.items():
+        for t in tensors:
+            args = {"q": q, "f": f, name: t}
+            with pytest.raises(ValueError, match=f"{name} must be a contiguous float32"):
+                cpu_mix.add_post_(dr.clone(), args["q"], args["f"])
+            with pytest.raises(ValueError, match=f"{name} must be a contiguous float32"):
+                cpu_mix.add_post_backward(dr, args["q"], args["f"])
+    with pytest.raises(ValueError, match="H must be"):
+        cpu_mix.pre_res(x, p, torch.randn(16, 4, 4))
+    with pytest.raises(ValueError, match="du must be"):
+        cpu_mix.pre_res_backward(x, p, H, torch.randn(3, 6, 8), dr)
+    with pytest.raises(ValueError, match="x must be"):
+        cpu_mix.pre_res(x.transpose(0, 1), p, H)
+
+
+# Run in a child process: before the fix the float32 passes read and wrote past the end of a
+# broadcasting F(u) and the backward aborted the interpreter ("double free or corruption").
+_BROADCAST_SCRIPT = r"""
+import json, torch
+from modula_mhc import kernels
+from modula_mhc.compounds import HyperConnections
+from modula_mhc.kernels import cpu_mix
+torch.set_num_threads(1)
+n, C = 4, 5
+
+class Pool(torch.nn.Module):  # (B, T, C) -> (B, 1, C): global context, broadcast over the tokens
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(C, C)
+    def forward(self, u):
+        return self.lin(u.mean(-2, keepdim=True))
+
+def bias_layer(dtype):  # kernels.mhc_layer around F(u) = b, shape (C,)
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in ((64, n, C), 2 * n + n * n, C))
+    w, b = w.requires_grad_(), b.requires_grad_()
+    coeffs = lambda raw, sumsq, w: (w[:n], w[n:2 * n], w[2 * n:].view(n, n))
+    return lambda x: kernels.mhc_layer(x, lambda u: b, coeffs, None, (w,)), x, [w, b]
+
+def pool_layer(dtype):  # the compound around a pooling branch
+    torch.manual_seed(0)
+    hc = HyperConnections(Pool(), streams=n, width=C).double().to(dtype)
+    x = torch.randn(2, 32, n, C, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    return hc, x, list(hc.parameters())
+
+def run(make, dtype):
+    layer, x, params = make(dtype)
+    x = x.requires_grad_()
+    out = layer(x)
+    out.backward(torch.ones_like(out))
+    with torch.no_grad():
+        inference = layer(x)
+    return [t.double() for t in (out.detach(), inference, x.grad, *(p.grad for p in params))]
+
+errors = {}
+for name, make in (("bias", bias_layer), ("pool", pool_layer)):
+    f32, f64 = run(make, torch.float32), run(make, torch.float64)
+    errors[name] = [float((a - b).abs().max() / b.abs().max().clamp_min(1e-12)) for a, b in zip(f32, f64)]
+try:  # F(u) too small for the stream, straight at the C boundary
+    cpu_mix.add_post_backward(torch.randn(64, n, C), torch.randn(64, n), torch.randn(C))
+    errors["too small accepted"] = [1.0]
+except ValueError:
+    pass
+print(json.dumps(errors))
+"""
+
+
+@needs_compiler
+def test_branches_that_broadcast_match_float64_without_touching_memory_past_them():
+    """F(u) of shape (C,) or (B, 1, C) broadcasts as in a plain residual: float32 (C passes) output,
+    no-grad output and every gradient agree with float64 (PyTorch reference) to float32 rounding."""
+    assert cpu_mix.usable(torch.zeros(1)), cpu_mix.unavailable_reason()
+    done = subprocess.run([sys.executable, "-c", _BROADCAST_SCRIPT], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "MODULA_MHC_KERNELS": ""})
+    assert done.returncode == 0, done.stderr[-2000:]
+    errors = json.loads(done.stdout.splitlines()[-1])
+    for name, errs in errors.items():
+        assert max(errs) < 1e-5, (name, errs)  # before: 1e26 (bias), NaN (pool), or the process aborted
 
 
 def _layer(static=False, dtype=torch.float32):

@@ -82,14 +82,50 @@ def test_streams_one_is_a_plain_residual():
     hc = HyperConnections(_branch(), streams=1, depth=None).double()
     _randomise_coefficients(hc, seed=3)
     x = _x((2, 6, 1, 8))
-    # hand-written: h̃ = α·(x̃ φ) + b; h_pre = σ, h_post = 2σ, H_res = Sinkhorn(1×1) = 1
+    # hand-written: h̃ = α·(x̃ φ) + b; h_pre = 1 (one stream: no pre-mix), h_post = 2σ, H_res = Sinkhorn(1×1) = 1
     xt = x[..., 0, :] / x[..., 0, :].pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
     z = (xt @ hc.phi.weight.T) * hc.phi.gain
     h = hc.gate.scale * hc.gate.weight[hc.gate.index] * z + hc.static.weight
-    h_pre, h_post = torch.sigmoid(h[..., 0:1]), 2 * torch.sigmoid(h[..., 1:2])
-    expected = x[..., 0, :] + h_post * hc.branch(h_pre * x[..., 0, :])
+    h_post = 2 * torch.sigmoid(h[..., 1:2])
+    expected = x[..., 0, :] + h_post * hc.branch(x[..., 0, :])
     torch.testing.assert_close(hc(x)[..., 0, :], expected)
     assert torch.allclose(hc.coefficients(x)[2], torch.ones(1, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_streams_one_mhc_starts_as_exactly_the_plain_residual(dynamic):
+    """A branch that is not scale-invariant (a plain Linear): h_pre = σ(0) = 1/2 gave x + F(x/2),
+    wrong by 1.2–1.7 here; with one stream h_pre ≡ 1 (docs/mhc.md) and the layer is x + F(x)."""
+    torch.manual_seed(0)
+    hc = HyperConnections(atoms.Linear(8, 8), streams=1, dynamic=dynamic).double()
+    if dynamic:
+        with torch.no_grad():
+            hc.gate.weight.zero_()
+    x = _x((5, 8), seed=2)
+    xs = ExpandStreams(1)(x)
+    assert torch.equal(hc.coefficients(xs)[0], torch.ones(5, 1, dtype=torch.float64))
+    torch.testing.assert_close(CollapseStreams(1)(hc(xs)), x + hc.branch(x), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("constrained", [True, False])
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_frozen_coefficients_still_give_x_and_branch_gradients(constrained, dynamic):
+    """With every coefficient parameter frozen (requires_grad=False) the backward still reaches x and
+    the branch (before: RuntimeError from autograd.grad with no inputs, for static HC and mHC)."""
+    torch.manual_seed(0)
+    hc = _randomise_coefficients(HyperConnections(_branch(), streams=3, constrained=constrained,
+                                                  dynamic=dynamic, depth=4).double())
+    grads = []
+    for freeze in (False, True):
+        for name, p in hc.named_parameters():
+            p.grad = None
+            p.requires_grad_(not (freeze and not name.startswith("branch")))
+        x = _x((2, 5, 3, 8)).requires_grad_()
+        hc(x).square().sum().backward()
+        grads.append([x.grad] + [p.grad for name, p in hc.named_parameters() if name.startswith("branch")])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    assert all(p.grad is None for name, p in hc.named_parameters() if not name.startswith("branch"))
 
 
 def test_init_is_near_identity_and_network_starts_as_plain_residual():

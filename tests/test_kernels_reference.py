@@ -355,6 +355,47 @@ def test_mixing_shape_errors():
         K.mhc_coeff_input(torch.randn(2, 8), torch.randn(7, 3))
 
 
+def test_mixing_kernels_refuse_integer_and_bool_tensors():
+    """They compute in the inputs' dtype: an int64 x with h_pre = 0.25 used to give zeros."""
+    x, xb = torch.arange(24).reshape(2, 4, 3), torch.ones(2, 4, 3, dtype=torch.bool)
+    h, H = torch.full((2, 4), 0.25), torch.full((2, 4, 4), 0.25)
+    calls = {"mhc_pre": [lambda: K.mhc_pre(x, h), lambda: K.mhc_pre(xb, h), lambda: K.mhc_pre(x.float(), h.long())],
+             "mhc_post_res": [lambda: K.mhc_post_res(x, torch.ones(2, 3), H, h),
+                              lambda: K.mhc_post_res(x.float(), torch.ones(2, 3, dtype=torch.int32), H, h)],
+             "mhc_coeff_input": [lambda: K.mhc_coeff_input(x.flatten(-2), torch.ones(12, 2))],
+             "mhc_layer": [lambda: K.mhc_layer(x, lambda u: u, lambda raw, ss: (h, h, H))]}
+    for name, fns in calls.items():
+        for fn in fns:
+            with pytest.raises(TypeError, match=f"{name}: expected a floating-point"):
+                fn()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("weights", ["none", "frozen", "trained"])
+def test_mhc_layer_backward_with_coefficients_that_need_no_gradient(dtype, weights):
+    """With the defaults (phi=None, weights=()) or frozen coefficient weights nothing in the
+    coefficient map wants a gradient; x and the branch still get theirs (before: RuntimeError
+    "inputs argument to grad() cannot be empty"). Outputs that depend on no weight (h_post, h_res
+    here) are fine next to one that does ("trained"; before: "element 1 of tensors does not require grad")."""
+    n, C = 4, 8
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, n, C, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    W = torch.randn(C, C, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    w = torch.full((1,), 0.1, dtype=dtype, requires_grad=weights == "trained")
+    const = dict(dtype=dtype)
+    coeffs = lambda raw, sumsq, *ws: (torch.full((n,), 1.0 / n, **const) + sum(ws), torch.ones(n, **const),
+                                      torch.eye(n, **const))
+    out = K.mhc_layer(x, lambda u: u @ W, coeffs, None, () if weights == "none" else (w,))
+    out.square().sum().backward()
+    xr, Wr, wr = (t.detach().requires_grad_() for t in (x, W, w))
+    p = 1.0 / n + (0 if weights == "none" else wr)  # h_post = 1, H_res = I: out_i = x_i + F(Σ_j p x_j)
+    (xr + ((p * xr).sum(-2) @ Wr).unsqueeze(-2)).square().sum().backward()
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else {}
+    for got, want in [(x.grad, xr.grad), (W.grad, Wr.grad)] + ([(w.grad, wr.grad)] if weights == "trained" else []):
+        torch.testing.assert_close(got, want, **tol)
+    assert (w.grad is None) == (weights != "trained")
+
+
 # ---------------------------------------------------------------------------- dispatch
 
 

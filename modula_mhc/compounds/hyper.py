@@ -86,7 +86,8 @@ def _static_init(n: int, constrained: bool, use_mix: bool, res_init_diagonal: fl
     if not constrained:
         return [1.0 / n] * n + [1.0] * n + torch.eye(n, dtype=torch.float64).flatten().tolist()
     tau = residual_init_logit(n, res_init_diagonal)
-    init = [-math.log(max(n - 1, 1))] * n + [0.0] * n
+    # σ(b_pre) = 1/n; n = 1 would need b_pre = +∞ and uses h_pre = 1 instead (_coefficients_from), b_pre unused
+    init = [-math.log(n - 1) if n > 1 else 0.0] * n + [0.0] * n
     if use_mix and n > 1:  # static mHC: h_pre = (1.5 − i/(n−1))/n, Σ = 1 (same function while the
         # streams are copies) — equal h_pre keep the streams copies forever and every Mix gradient's
         # tangent part exactly 0 (docs/mhc.md, "Static (Birkhoff Mix) vs dynamic path")
@@ -212,7 +213,10 @@ class HyperConnections(Module):
         pre, post = h[..., :n], h[..., n:2 * n]
         if not self.constrained:
             return pre, post, h[..., 2 * n:].unflatten(-1, (n, n))
-        pre, post = torch.sigmoid(pre), 2.0 * torch.sigmoid(post)
+        # one stream: nothing to mix, and σ < 1 could never give Σ h_pre = 1 (the plain residual at
+        # init, docs/mhc.md), so the pre-mix is the identity; h_post stays learned
+        pre = torch.sigmoid(pre) if n > 1 else torch.ones_like(pre)
+        post = 2.0 * torch.sigmoid(post)
         if not self.dynamic:
             return pre, post, w.to(cdt)
         res, err = self.project_residual(h[..., 2 * n:].unflatten(-1, (n, n)), return_error=True)

@@ -78,19 +78,32 @@ def _check_sinkhorn(logits: torch.Tensor, iters: int, tol, max_iters: int, nonco
         raise ValueError(f"sinkhorn: nonconvergence must be one of {NONCONVERGENCE}, got {nonconvergence!r}")
 
 
+def _check_floating(fn: str, **tensors) -> None:
+    """The mixing kernels compute in the inputs' dtype: integer or bool tensors would truncate the
+    coefficients (an int64 x with h_pre = 0.25 gave zeros), so they are refused, not cast."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: expected {name} to be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{fn}: expected a floating-point {name}, got {t.dtype}")
+
+
 def _check_coeff_input(x_flat: torch.Tensor, phi: torch.Tensor) -> None:
+    _check_floating("mhc_coeff_input", x_flat=x_flat, phi=phi)
     if x_flat.ndim < 1 or phi.ndim != 2 or x_flat.size(-1) != phi.size(0):
         raise ValueError(f"mhc_coeff_input: expected x (..., K) and phi (K, m), got "
                          f"{tuple(x_flat.shape)} and {tuple(phi.shape)}")
 
 
 def _check_pre(x: torch.Tensor, h_pre: torch.Tensor) -> None:
+    _check_floating("mhc_pre", x=x, h_pre=h_pre)
     if x.ndim < 2 or h_pre.shape != x.shape[:-1]:
         raise ValueError(f"mhc_pre: expected x (..., n, C) and h_pre (..., n), got "
                          f"{tuple(x.shape)} and {tuple(h_pre.shape)}")
 
 
 def _check_post_res(x: torch.Tensor, f_out: torch.Tensor, h_res: torch.Tensor, h_post: torch.Tensor) -> None:
+    _check_floating("mhc_post_res", x=x, f_out=f_out, h_res=h_res, h_post=h_post)
     if x.ndim < 2:
         raise ValueError(f"mhc_post_res: expected x (..., n, C), got {tuple(x.shape)}")
     lead, n, C = x.shape[:-2], x.size(-2), x.size(-1)
@@ -181,6 +194,7 @@ def mhc_layer(x: torch.Tensor, branch, coefficients, phi: torch.Tensor | None = 
     traces; ``recompute`` checkpoints the coefficient map); in eager mode on the reference backend
     it runs the equivalent fused layer (``mhc_reference.mhc_layer``), which allocates a third of
     the stream-sized buffers."""
+    _check_floating("mhc_layer", x=x)
     if x.ndim < 2:
         raise ValueError(f"mhc_layer: expected a stream tensor x (..., n, C), got {tuple(x.shape)}")
     if phi is not None:
@@ -196,4 +210,5 @@ def mhc_layer(x: torch.Tensor, branch, coefficients, phi: torch.Tensor | None = 
         h_pre, h_post, h_res = coefficients(raw, sumsq, *weights)
     lead, n = x.shape[:-2], x.size(-2)
     h_pre, h_post, h_res = h_pre.expand(*lead, n), h_post.expand(*lead, n), h_res.expand(*lead, n, n)
-    return mhc_post_res(x, branch(mhc_pre(x, h_pre)), h_res, h_post)
+    u = mhc_pre(x, h_pre)
+    return mhc_post_res(x, mhc_reference.branch_output(branch(u), u), h_res, h_post)

@@ -138,10 +138,32 @@ def _tokens(x: torch.Tensor) -> tuple[int, int, int]:
     return x.numel() // (n * C) if x.numel() else 0, n, C
 
 
+def _require(fn: str, **expected) -> None:
+    """Each name=(tensor or None, shape): the C loops index every tensor by its documented layout, so
+    its exact shape, dtype, device and contiguity are checked here (metadata only, no host sync) and
+    memory safety never depends on the caller."""
+    for name, (t, shape) in expected.items():
+        if t is not None and (t.shape != shape or t.dtype != torch.float32 or t.device.type != "cpu"
+                              or not t.is_contiguous()):
+            layout = "" if t.is_contiguous() else ", not contiguous"
+            raise ValueError(f"cpu_mix.{fn}: {name} must be a contiguous float32 CPU tensor of shape "
+                             f"{tuple(shape)}, got {t.dtype} {tuple(t.shape)} on {t.device}{layout}")
+
+
+def _layouts(fn: str, x: torch.Tensor, **tensors) -> tuple[int, int, int]:
+    """(T, n, C) of the stream x (..., n, C), after checking x and ``tensors`` against it: names
+    q/p (T, n), H (T, n, n), f/u (..., C), dr/x-like (..., n, C)."""
+    T, n, C = _tokens(x)
+    lead = x.shape[:-2]
+    shapes = {"p": (T, n), "q": (T, n), "H": (T, n, n), "f": lead + (C,), "du": lead + (C,), "dr": x.shape}
+    _require(fn, x=(x, x.shape), **{name: (t, torch.Size(shapes[name])) for name, t in tensors.items()})
+    return T, n, C
+
+
 def pre_res(x: torch.Tensor, p: torch.Tensor | None, H: torch.Tensor | None):
     """(u, r): the pre-mix u = Σ_i p_i x_i (..., C) and the residual mix r = H x (..., n, C), each
     None when its coefficients are; x (..., n, C), p (tokens, n), H (tokens, n, n), contiguous float32."""
-    T, n, C = _tokens(x)
+    T, n, C = _layouts("pre_res", x, p=p, H=H)
     u = None if p is None else x.new_empty(x.shape[:-2] + (C,))
     r = None if H is None else torch.empty_like(x)
     if T:
@@ -151,7 +173,7 @@ def pre_res(x: torch.Tensor, p: torch.Tensor | None, H: torch.Tensor | None):
 
 def pre_res_backward(x, p, H, du, dr):
     """(dx, dp, dH): dx_j = p_j du + Σ_i H_ij dr_i, dp_i = ⟨x_i, du⟩, dH_ij = ⟨dr_i, x_j⟩ (over C)."""
-    T, n, C = _tokens(x)
+    T, n, C = _layouts("pre_res_backward", x, p=p, H=H, du=du, dr=dr)
     dx, dp, dH = torch.empty_like(x), x.new_empty((T, n)), x.new_empty((T, n, n))
     if T:
         _library().mix_pre_res_backward(T, n, C, _ptr(x), _ptr(p), _ptr(H), _ptr(du), _ptr(dr),
@@ -166,7 +188,7 @@ def tokens_major(h: torch.Tensor, lead: torch.Size, *tail: int) -> torch.Tensor:
 
 def add_post_(out: torch.Tensor, q: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     """out_i += q_i f in place: out (..., n, C), q (tokens, n), f (..., C), all contiguous float32."""
-    T, n, C = _tokens(out)
+    T, n, C = _layouts("add_post_", out, q=q, f=f)
     if T:
         _library().mix_add_post(T, n, C, _ptr(out), _ptr(q), _ptr(f), _threads(T, n, C))
     return out
@@ -174,8 +196,8 @@ def add_post_(out: torch.Tensor, q: torch.Tensor, f: torch.Tensor) -> torch.Tens
 
 def add_post_backward(dout: torch.Tensor, q: torch.Tensor, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(df, dq): df = Σ_i q_i dout_i (..., C), dq_i = ⟨f, dout_i⟩ (tokens, n)."""
-    T, n, C = _tokens(dout)
-    df, dq = f.new_empty(f.shape), dout.new_empty((T, n))
+    T, n, C = _layouts("add_post_backward", dout, q=q, f=f)
+    df, dq = torch.empty_like(f), dout.new_empty((T, n))
     if T:
         _library().mix_add_post_backward(T, n, C, _ptr(dout), _ptr(q), _ptr(f), _ptr(df), _ptr(dq),
                                          _threads(T, n, C))

@@ -157,6 +157,20 @@ def _coefficient_graph(coefficients, raw, sumsq, weights, needs):
         return leaves, coefficients(*leaves)
 
 
+def _leaf_grads(leaves, h, grad_h):
+    """Gradients of the coefficient map's leaves (None for those that want none). Only outputs that
+    depend on a leaf enter ``autograd.grad``, and it is skipped when nothing does: constant
+    coefficients, or frozen weights without φ, are valid maps with nothing to differentiate."""
+    wanted = [t for t in leaves if t is not None and t.requires_grad]
+    pairs = [(t, g) for t, g in zip(h, grad_h) if t.requires_grad]
+    if not wanted or not pairs:
+        return [None] * len(leaves)
+    outs, grads = zip(*pairs)
+    # zeros (not None) for a leaf the map does not use: x φ and Σx² are consumed together below
+    found = iter(torch.autograd.grad(outs, wanted, grads, retain_graph=True, materialize_grads=True))
+    return [next(found) if t is not None and t.requires_grad else None for t in leaves]
+
+
 class _PreRes(torch.autograd.Function):
     """u = h_pre x and r = h_res x with (h_pre, h_post, h_res) = coefficients(x φ, Σx², *weights)
     computed inside. The backward writes dx once: h_pre ⊗ du, then += h_resᵀ dr, += dH̃ φᵀ and
@@ -200,12 +214,9 @@ class _PreRes(torch.autograd.Function):
             dx.view(-1, n, C).baddbmm_(Ht, dr.reshape(-1, n, C))
             grad_h = ((du.unsqueeze(-2) @ x.mT).squeeze(-2), dq, dr @ x.mT)  # dh_pre, dh_post, dH per token
         grad_h = [g.to(t.dtype).sum_to_size(t.shape) for g, t in zip(grad_h, h)]  # static coefficients: summed
-        wanted = [t for t in leaves if t is not None and t.requires_grad]
-        found = iter(torch.autograd.grad(h, wanted, grad_h, allow_unused=True, retain_graph=True))
-        grads = [next(found) if t is not None and t.requires_grad else None for t in leaves]
-        d_raw, d_sumsq, d_weights = grads[0], grads[1], grads[2:]
+        d_raw, d_sumsq, *d_weights = _leaf_grads(leaves, h, grad_h)
         dphi = None
-        if X is not None:
+        if d_raw is not None:  # a map that ignores x φ and Σx² leaves φ without gradient
             dphi = _coeff_backward(X, P, d_raw, d_sumsq, dx.view(-1, X.size(1)))[1].mT.to(ctx.phi_dtype)
         return (dx, dphi, None, None, *(None if g is None else g.to(w.dtype) for g, w in zip(d_weights, weights)))
 
@@ -240,6 +251,23 @@ class _AddPost(torch.autograd.Function):
         return d_out, df, dq
 
 
+def branch_output(f_out: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """F(u) at u's full shape (..., C). A branch may return a tensor that broadcasts against u (a
+    bias, a pooled (B, 1, C)), as in a plain residual u + F(u); the mixing passes read one row per
+    token, so it is expanded here, outside their autograd nodes: autograd then sums the gradient back
+    over the broadcast dims. A view, no copy; shapes only."""
+    if f_out.shape == u.shape:
+        return f_out
+    try:
+        ok = torch.broadcast_shapes(f_out.shape, u.shape) == u.shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"mhc_layer: the branch maps u {tuple(u.shape)} to {tuple(f_out.shape)}, which does "
+                         "not broadcast to u's shape (a hyper-connection branch maps C to C)")
+    return f_out.expand(u.shape)
+
+
 def mhc_layer(x: torch.Tensor, branch, coefficients, phi: torch.Tensor | None = None, weights=(),
               recompute: bool = False) -> torch.Tensor:
     """out = h_res x + h_post ⊗ branch(h_pre x) with (h_pre, h_post, h_res) = coefficients(x φ, Σx²,
@@ -250,4 +278,4 @@ def mhc_layer(x: torch.Tensor, branch, coefficients, phi: torch.Tensor | None = 
     two stream-sized tensors (output, gradient) instead of four. ``recompute`` rebuilds the small
     coefficient graph in the backward instead of keeping it."""
     u, r, h_post = _PreRes.apply(x, phi, coefficients, recompute, *weights)
-    return _AddPost.apply(r, branch(u), h_post)
+    return _AddPost.apply(r, branch_output(branch(u), u), h_post)

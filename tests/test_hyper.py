@@ -508,3 +508,24 @@ def test_norm_at_init_gives_mhc_the_plain_residual_step_sizes():
         assert net.norm(upd).item() == pytest.approx(0.5, rel=1e-3)
     with pytest.raises(ValueError, match="norm_at"):
         compounds.HyperConnections(atoms.Linear(8, 8), streams=2, norm_at="typical")
+
+
+@pytest.mark.parametrize("residual", ["hc", "mhc"])
+def test_autocast_bf16_forward_and_backward(residual):
+    """Under CPU autocast (the CLI's --dtype bfloat16) the branch outputs are bf16 while the streams
+    stay float32: the post-mix backward multiplied the two and raised a dtype error. Gradients now
+    flow and stay near the float32 ones."""
+    from modula_mhc import compounds
+    torch.manual_seed(0)
+    gpt = compounds.GPT(vocab_size=20, context=8, width=16, depth=2, heads=2, residual=residual, streams=2)
+    x = torch.randint(0, 20, (2, 8))
+    gpt(x).float().square().mean().backward()
+    exact = [p.grad.clone() for p in gpt.parameters()]
+    gpt.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gpt(x)
+    out.float().square().mean().backward()
+    got = torch.cat([p.grad.flatten() for p in gpt.parameters()])
+    want = torch.cat([g.flatten() for g in exact])
+    assert torch.isfinite(got).all()
+    assert float((got - want).norm()) <= 0.05 * float(want.norm())

@@ -246,8 +246,9 @@ class _AddPost(torch.autograd.Function):
         if ctx.fused:
             df, dq = cpu_mix.add_post_backward(d_out.contiguous(), q, f)
             return d_out, df, dq.view(d_out.shape[:-1]).to(ctx.q_dtype)
-        df = (q.unsqueeze(-2) @ d_out).squeeze(-2)
-        dq = (f.unsqueeze(-2) @ d_out.mT).squeeze(-2).to(ctx.q_dtype)
+        # under autocast f (the branch's output) may be bf16 while the stream is float32
+        df = (q.unsqueeze(-2) @ d_out).squeeze(-2).to(f.dtype)
+        dq = (f.to(d_out.dtype).unsqueeze(-2) @ d_out.mT).squeeze(-2).to(ctx.q_dtype)
         return d_out, df, dq
 
 

@@ -45,12 +45,12 @@ class Euclidean(Manifold):
 
     def dualize(self, W, G, state=None):
         dt = compute_dtype(G)
-        Gu, _ = unit_max_scale(G.to(dt), dims=tuple(range(-min(G.ndim, 2), 0)))
         if G.ndim == 1:
+            Gu, _ = unit_max_scale(G.to(dt), dims=(-1,))
             norm = torch.linalg.vector_norm(Gu)
             A = Gu / norm if norm > 0 else torch.zeros_like(Gu)
-        else:
-            A = msign(Gu, self.msign_steps)
+        else:  # msign scales each matrix by its max |entry| itself: 1e-30 and 1e30 gradients are safe
+            A = msign(G.to(dt), self.msign_steps)
             gain = polar_express_gain(self.msign_steps)  # cached per step count
             if gain > 1:
                 A = A / gain

@@ -382,6 +382,136 @@ def test_dualize_adamw_split_and_scheduler(chars):
     opt.load_state_dict(sd)
 
 
+# ------------------------------------------------------------------------------------ DualizeAdamW as a torch optimizer
+def _emb_mlp(seed=0):
+    """A tiny model with both kinds of parameters: a matrix (DualizeRetract) and embed/head/biases (AdamW)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Embedding(20, 16), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 20))
+
+
+def _train_step(model, opt, step):
+    idx = torch.randint(0, 20, (16,), generator=torch.Generator().manual_seed(step))
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(idx), idx).backward()
+    opt.step()
+
+
+def test_dualize_adamw_add_param_group_routes_like_the_constructor():
+    model = _emb_mlp()
+    opt = DualizeAdamW(mm.adapt(model), momentum=0.9, adamw_betas=(0.8, 0.95))
+    block = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    block_net = mm.adapt(block)  # noqa: F841 — the views (the parameters' atoms) must stay alive
+    extra = nn.Parameter(torch.randn(3))
+    opt.add_param_group({"params": [block[0].weight], "lr": 0.05})  # role "matrix"
+    opt.add_param_group({"params": block[0].bias, "momentum": 0.7})  # role "bias"; momentum = beta1
+    opt.add_param_group({"params": [extra]})  # no atom: AdamW's "the rest"
+    dual, adam = opt.dualize_retract.param_groups, opt.adamw.param_groups
+    assert [g["params"] for g in dual[1:]] == [[block[0].weight]] and dual[1]["lr"] == 0.05
+    assert dual[1]["momentum"] == 0.9
+    assert adam[1]["params"] == [block[0].bias] and adam[1]["betas"] == (0.7, 0.95) and adam[1]["momentum"] == 0.7
+    assert adam[2]["params"] == [extra] and adam[2]["betas"] == (0.8, 0.95) and adam[2]["lr"] == 3e-3
+    assert len(opt.param_groups) == 5
+    with pytest.raises(ValueError, match="two groups"):
+        opt.add_param_group({"params": [block[2].weight, nn.Parameter(torch.randn(2))]})
+    with pytest.raises(ValueError, match="more than one"):
+        opt.add_param_group({"params": [model[1].weight]})
+    before = [p.detach().clone() for p in (block[0].weight, block[0].bias, extra)]
+    for p in (block[0].weight, block[0].bias, extra):
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert not any(torch.equal(b, p) for b, p in zip(before, (block[0].weight, block[0].bias, extra)))
+    # an optimizer the constructor did not need is created by the first group that needs it
+    only_adam = DualizeAdamW(mm.adapt(nn.Sequential(nn.Embedding(5, 4))))
+    assert only_adam.dualize_retract is None
+    only_adam.add_param_group({"params": [block[0].weight]})
+    assert only_adam.dualize_retract.param_groups[0]["params"] == [block[0].weight]
+
+
+_SCHEDULERS = {
+    "OneCycleLR": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=[0.2, 0.01], total_steps=8),
+    "CosineAnnealingLR": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=6),
+    "LambdaLR": lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (1 + s)),
+    "LinearLR": lambda o: torch.optim.lr_scheduler.LinearLR(o, start_factor=0.25, total_iters=4),
+    "SequentialLR": lambda o: torch.optim.lr_scheduler.SequentialLR(
+        o, [torch.optim.lr_scheduler.LinearLR(o, start_factor=0.1, total_iters=2),
+            torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=5)], milestones=[2]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_SCHEDULERS))
+def test_dualize_adamw_schedulers_drive_both_inner_optimizers(name):
+    """The lr and momentum each inner optimizer applies at every step (read by its own step hook) are
+    what the same scheduler gives an SGD with the same groups (AdamW's momentum is its beta1)."""
+    model = _emb_mlp()
+    opt = DualizeAdamW(mm.adapt(model), lr=0.1, adamw_lr=3e-3, momentum=0.95, adamw_betas=(0.9, 0.99))
+    assert [(g["lr"], g["momentum"]) for g in opt.param_groups] == [(0.1, 0.95), (3e-3, 0.9)]
+    ref = torch.optim.SGD([{"params": [nn.Parameter(torch.zeros(1))], "lr": g["lr"], "momentum": g["momentum"]}
+                           for g in opt.param_groups])
+    applied = {"dual": [], "adamw": []}
+    opt.dualize_retract.register_step_pre_hook(
+        lambda o, *_: applied["dual"].append((o.param_groups[0]["lr"], o.param_groups[0]["momentum"])))
+    opt.adamw.register_step_pre_hook(
+        lambda o, *_: applied["adamw"].append((o.param_groups[0]["lr"], o.param_groups[0]["betas"][0])))
+    sched, ref_sched, expected = _SCHEDULERS[name](opt), _SCHEDULERS[name](ref), []
+    for step in range(7):
+        expected.append([(g["lr"], g["momentum"]) for g in ref.param_groups])
+        _train_step(model, opt, step)
+        ref.step()
+        sched.step()
+        ref_sched.step()
+    assert applied["dual"] == pytest.approx([e[0] for e in expected])
+    assert applied["adamw"] == pytest.approx([e[1] for e in expected])
+    assert len({e[0] for e in expected}) > 1  # the schedule did move
+    assert opt.adamw.param_groups[0]["betas"][1] == 0.99
+
+
+def test_dualize_adamw_step_and_state_dict_hooks_run_as_on_torch_optimizers():
+    model = _emb_mlp()
+    opt = DualizeAdamW(mm.adapt(model))
+    calls = []
+    pre = opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(("pre", o)))
+    opt.register_step_post_hook(lambda o, args, kwargs: calls.append(("post", o)))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "note": 1})
+    opt.register_load_state_dict_pre_hook(lambda o, sd: {k: v for k, v in sd.items() if k != "note"})
+    for step in range(2):
+        _train_step(model, opt, step)
+    assert calls == [("pre", opt), ("post", opt)] * 2
+    pre.remove()
+    _train_step(model, opt, 2)
+    assert calls[-2:] == [("post", opt), ("post", opt)]
+    sd = opt.state_dict()
+    assert sd["note"] == 1
+    opt.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("manifolds", ["muon", "hetero"])
+def test_dualize_adamw_state_dict_round_trip_continues_bit_identically(manifolds):
+    import copy
+    import io
+    import warnings
+
+    model = _emb_mlp()
+    opt = DualizeAdamW(mm.adapt(model, manifolds), weight_decay=0.01, adamw_weight_decay=0.01)
+    model(torch.tensor([1, 2])).sum().backward()
+    model[1].weight.grad[0, 0] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        opt.step()
+    for step in range(3):
+        _train_step(model, opt, step)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)  # as a checkpoint would: no tensors shared with opt
+    twin = copy.deepcopy(model)
+    opt2 = DualizeAdamW(mm.adapt(twin, manifolds), weight_decay=0.01, adamw_weight_decay=0.01)
+    opt2.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=False))
+    assert opt2.skipped_steps == opt.skipped_steps == 1
+    assert opt2.param_groups[1]["momentum"] == opt.param_groups[1]["momentum"]  # beta1 alias after the load
+    for step in range(3, 6):
+        _train_step(model, opt, step)
+        _train_step(twin, opt2, step)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
 # ------------------------------------------------------------------------------------ HC wrapper
 def test_hyper_connections_around_any_module_reduce_to_a_residual():
     torch.manual_seed(0)

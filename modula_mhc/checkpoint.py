@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import filecmp
 import glob
 import hashlib
 import os
@@ -151,11 +152,16 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 
 
 def find_checkpoint(resume, out) -> str:
-    """The checkpoint file that ``resume`` names: a file, a run directory, or (True) ``<out>/ckpt.pt``,
-    else the most recently written ``runs/*/ckpt.pt``."""
+    """The checkpoint file that ``resume`` names: a file, a run directory, or (True) ``<out>/ckpt.pt``
+    when the run directory is known (``--out`` or ``--name``), else the most recently written
+    ``runs/*/ckpt.pt``."""
     if resume is True:
         if out is not None:
-            return os.path.join(out, "ckpt.pt")
+            path = os.path.join(out, "ckpt.pt")
+            if not os.path.isfile(path):  # never fall back to another run: the caller named this one
+                raise CheckpointError(f"--resume without a path continues {path!r}, which does not exist; "
+                                      "give the checkpoint's path, or start the run without --resume")
+            return path
         candidates = sorted((os.path.getmtime(p), p) for p in glob.glob(os.path.join("runs", "*", "ckpt.pt")))
         if not candidates:
             raise CheckpointError("--resume without a path found no runs/*/ckpt.pt; give the checkpoint path")
@@ -184,10 +190,11 @@ def set_rng_state(state: dict) -> None:
 class RunDirectory:
     """``out`` made ready for one run: created, locked against a second concurrent run (POSIX
     ``flock`` on ``out/.lock``, released when the process ends), and — for a fresh run — free of an
-    earlier run's outputs (``force=True`` deletes them). Raises :class:`ConfigError` (option
-    ``out``) with one line. Use as a context manager, or call :meth:`close`."""
+    earlier run's outputs (``force=True`` deletes them); when resuming the checkpoint file
+    ``resumes`` in its own directory, holding no outputs but that run's. Raises :class:`ConfigError`
+    (option ``out`` or ``resume``) with one line. Use as a context manager, or call :meth:`close`."""
 
-    def __init__(self, out, fresh: bool, force: bool = False):
+    def __init__(self, out, fresh: bool, force: bool = False, resumes=None):
         self.path, self._fd = os.fspath(out), None
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise ConfigError("out", f"{self.path!r} exists and is not a directory")
@@ -206,9 +213,22 @@ class RunDirectory:
             if fresh:
                 for f in earlier:
                     os.unlink(os.path.join(self.path, f))
+            elif resumes is not None and earlier and not self._holds(resumes):
+                raise ConfigError("resume", f"{os.fspath(resumes)!r} is not the run in {self.path!r}, which holds "
+                                            f"another run ({', '.join(earlier)}); pass --out DIR to continue it "
+                                            "in a new directory")
         except BaseException:
             self.close()
             raise
+
+    def _holds(self, checkpoint) -> bool:
+        """Whether this directory's outputs belong to ``checkpoint``: its ckpt.pt is that file or a
+        byte-identical copy. Anything else — another run, or another state of this one — would be
+        overwritten by resuming here."""
+        own = self.file("ckpt.pt")
+        if not os.path.isfile(own):
+            return False  # outputs without a checkpoint: another run's, as far as we can tell
+        return os.path.samefile(own, checkpoint) or filecmp.cmp(own, checkpoint, shallow=False)
 
     def _lock(self):
         try:

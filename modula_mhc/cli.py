@@ -76,7 +76,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                                                                       "baseline [dualize]")
     g.add_argument("--manifolds", metavar=_choices(MANIFOLD_PRESETS),
                    help="weight manifolds: muon = unconstrained (fastest); hetero = Stiefel attention + DGram MLP "
-                        "(certified dual solves: ~19x AdamW per step on a CPU, ~37x Muon on an H100) [muon]")
+                        "(certified dual solves: ~15x AdamW per step on a CPU, ~37x Muon on an H100) [muon]")
     g.add_argument("--lr", type=float,
                    help=f"peak learning rate [dualize {REFERENCE_LR:g}·min(1, √({REFERENCE_STEPS}/steps)): "
                         f"tiny {lr_for_steps(PRESETS['tiny']['steps']):.3g}, small {lr_for_steps(PRESETS['small']['steps']):.3g}; "
@@ -101,8 +101,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out", metavar="DIR", help="run directory [runs/<name or timestamp>]")
     g.add_argument("--name", help="run name for the default run directory")
     g.add_argument("--resume", nargs="?", const=True, metavar="PATH",
-                   help="continue from a checkpoint file or run directory; without PATH: <out>/ckpt.pt, "
-                        "else the newest runs/*/ckpt.pt")
+                   help="continue from a checkpoint file or run directory; without PATH: <out>/ckpt.pt "
+                        "(--out, or runs/<name> with --name), else the newest runs/*/ckpt.pt")
     g.add_argument("--force", action="store_true", help="replace the outputs of an earlier run in the run directory")
     g.add_argument("--quiet", action="store_true", help="no progress bar and no printing")
 

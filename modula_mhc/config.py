@@ -52,6 +52,9 @@ NONFINITE_POLICIES = ("skip", "raise")
 RESUMABLE_OVERRIDES = ("steps", "eval_every", "eval_batches", "sample_chars", "out", "device", "dtype",
                        "threads", "quiet", "resume", "name", "force")
 
+#: what an unset option of a checkpoint meant, for the resume error
+_UNSET = {"data": "the embedded corpus (no --data)", "nonfinite": "no --nonfinite policy (AdamW)"}
+
 #: defaults for options that are neither in a preset nor given (None = derived in resolve_config)
 BASE_DEFAULTS = dict(
     preset="tiny", model="gpt", ngram=8, data=None, residual="plain", streams=4, manifolds=None, optimizer="dualize",
@@ -65,6 +68,9 @@ _CHOICES = dict(preset=tuple(PRESETS), model=MODELS, residual=RESIDUALS, manifol
 _POSITIVE = ("width", "depth", "heads", "context", "batch", "steps", "streams", "eval_every", "eval_batches",
              "max_nonfinite", "ngram")
 _NONNEGATIVE = ("warmup", "sample_chars", "seed", "threads")
+#: the largest --lr: far above any useful rate, far below float32's 3.4e38, so the step sizes the
+#: optimizers derive from it (AdamW's lr / (1 - 0.9) at step 1) still fit the fp32 weights
+MAX_LR = 1e6
 
 
 @dataclass
@@ -132,7 +138,7 @@ _FIELD_RULES = {
     **{n: (lambda v: _is_int(v) and v >= 1, "must be a positive integer") for n in _POSITIVE},
     **{n: (lambda v: _is_int(v) and v >= 0, "must be a non-negative integer") for n in _NONNEGATIVE},
     "seed": (lambda v: _is_int(v) and 0 <= v < 2 ** 63, "must be a non-negative integer below 2**63"),
-    "lr": (lambda v: _is_number(v) and v > 0, "must be a positive finite number"),
+    "lr": (lambda v: _is_number(v) and 0 < v <= MAX_LR, f"must be a positive number at most {MAX_LR:g}"),
     "momentum": (lambda v: _is_number(v) and 0 <= v < 1, "must be in [0, 1)"),
     "weight_decay": (lambda v: _is_number(v) and v >= 0, "must be a non-negative finite number"),
     "data": (_is_path, "must be a non-empty path"),
@@ -183,9 +189,14 @@ def resolve_config(config: TrainConfig, checkpoint_config: dict | None = None) -
     merged = {}
     if checkpoint_config is not None:
         for k, v in given.items():
-            old = checkpoint_config.get(k)
-            if k not in RESUMABLE_OVERRIDES and k != "extra" and old is not None and v != old:
-                raise ConfigError(k, f"the checkpoint was trained with {old!r}, cannot resume with {v!r}")
+            # a field the checkpoint left unset (data: the embedded corpus) must stay unset; only a
+            # key an older checkpoint lacks is not compared
+            if k in RESUMABLE_OVERRIDES or k == "extra" or k not in checkpoint_config:
+                continue
+            old = checkpoint_config[k]
+            if v != old:
+                was = repr(old) if old is not None else _UNSET.get(k, "it unset")
+                raise ConfigError(k, f"the checkpoint was trained with {was}, cannot resume with {v!r}")
         merged.update({k: v for k, v in checkpoint_config.items() if k in given or v is not None})
         for k in ("resume", "force"):
             merged.pop(k, None)

@@ -99,6 +99,24 @@ class _StopOnSigint:
         return False
 
 
+def _resume(config: TrainConfig):
+    """(resolved config, checkpoint, its path) for ``config.resume``. The run directory is ``--out``,
+    else ``runs/<--name>`` (as for a new run), else the checkpoint's own directory."""
+    out = config.out or (os.path.join("runs", config.name) if config.name else None)
+    ckpt_path = find_checkpoint(config.resume, out)
+    ckpt = load_checkpoint(ckpt_path)
+    if ckpt.get("world_size", 1) != 1 or "torch" not in ckpt["rng"]:
+        raise CheckpointError(f"checkpoint {ckpt_path!r} comes from a {ckpt.get('world_size', '?')}-rank "
+                              "distributed run, which `train --resume` cannot continue; "
+                              f"`modula-mhc sample {ckpt_path}` samples from it")
+    out = out or os.path.dirname(os.path.abspath(ckpt_path))  # the run may have been moved
+    config = dataclasses.replace(resolve_config(config, ckpt["config"]), out=out)
+    if config.steps <= ckpt["step"]:
+        raise ConfigError("steps", f"checkpoint {ckpt_path!r} has done {ckpt['step']} steps already; "
+                                   f"pass --steps greater than {ckpt['step']} to continue it")
+    return config, ckpt, ckpt_path
+
+
 def train(config: TrainConfig | None = None, callback=None) -> dict:
     """Run (or resume) training and return the metrics dict that is also written to metrics.json.
 
@@ -111,17 +129,7 @@ def train(config: TrainConfig | None = None, callback=None) -> dict:
         raise TypeError(f"train() takes a TrainConfig, got {type(config).__name__}")
     ckpt = ckpt_path = None
     if config.resume:
-        ckpt_path = find_checkpoint(config.resume, config.out)
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt.get("world_size", 1) != 1 or "torch" not in ckpt["rng"]:
-            raise CheckpointError(f"checkpoint {ckpt_path!r} comes from a {ckpt.get('world_size', '?')}-rank "
-                                  "distributed run, which `train --resume` cannot continue; "
-                                  f"`modula-mhc sample {ckpt_path}` samples from it")
-        out = config.out or os.path.dirname(os.path.abspath(ckpt_path))  # the run may have been moved
-        config = dataclasses.replace(resolve_config(config, ckpt["config"]), out=out)
-        if config.steps <= ckpt["step"]:
-            raise ConfigError("steps", f"checkpoint {ckpt_path!r} has done {ckpt['step']} steps already; "
-                                       f"pass --steps greater than {ckpt['step']} to continue it")
+        config, ckpt, ckpt_path = _resume(config)
     else:
         config = resolve_config(config)
         if config.out is None:
@@ -130,7 +138,8 @@ def train(config: TrainConfig | None = None, callback=None) -> dict:
     previous_threads = torch.get_num_threads()
     # a resumed run continues in its own directory; another directory must not hold a run already
     own_dir = ckpt is not None and os.path.realpath(config.out) == os.path.realpath(os.path.dirname(ckpt_path) or ".")
-    with RunDirectory(config.out, fresh=not own_dir, force=config.force) as run_dir:
+    with RunDirectory(config.out, fresh=not own_dir, force=config.force,
+                      resumes=ckpt_path if own_dir else None) as run_dir:
         if config.threads and resolve_device(config.device).type == "cpu":
             torch.set_num_threads(config.threads)
         try:
@@ -172,10 +181,15 @@ class _Run:
 
     def announce(self, ckpt, ckpt_path) -> None:
         config, corpus = self.config, self.corpus
-        if ckpt is not None and ckpt["config"].get("threads") != config.threads:
-            self.progress.write(f"note: --threads {config.threads} (the checkpoint used "
-                                f"{ckpt['config'].get('threads')}): the continuation is correct but not "
-                                "bit-identical to an uninterrupted run")
+        if ckpt is not None:
+            # the checkpoint's device as it ran ("auto" may have meant cuda there); older ones lack it
+            was = {"threads": ckpt["config"].get("threads"), "dtype": ckpt["config"].get("dtype"),
+                   "device": ckpt.get("device") or str(resolve_device(ckpt["config"].get("device") or "auto"))}
+            now = {"threads": config.threads, "dtype": config.dtype, "device": str(self.device)}
+            changed = [f"--{k} {now[k]} (the checkpoint used {was[k]})" for k in was if was[k] != now[k]]
+            if changed:
+                self.progress.write(f"note: {', '.join(changed)}: the continuation is correct but not "
+                                    "bit-identical to an uninterrupted run")
         where = f"resumed from {ckpt_path} at step {self.step}" if ckpt else "new run"
         self.progress.write(f"modula-mhc train: {where}; {sum(p.numel() for p in self.model.parameters()):,} "
                             f"parameters, vocab {corpus.vocab_size} ({corpus.source}, "
@@ -223,7 +237,7 @@ class _Run:
             raise FloatingPointError(f"step {self.step}: the weights are no longer finite (training diverged; "
                                      f"try a smaller --lr or --weight-decay); {kept}")
         save_checkpoint(self.run_dir.file("ckpt.pt"), {
-            "config": self.config.to_dict(), "vocab": self.corpus.vocab, "step": self.step,
+            "config": self.config.to_dict(), "device": str(self.device), "vocab": self.corpus.vocab, "step": self.step,
             "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds,
             "skipped_steps": self.skipped_steps(), "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "rng": {**rng_state(), "data": self.data_gen.get_state()},

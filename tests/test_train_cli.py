@@ -137,6 +137,7 @@ def test_default_lr_follows_the_run_length():
     (dict(optimizer="adamw", manifolds="all-stiefel"), "manifolds"), (dict(resume=""), "resume"),
     (dict(out=""), "out"), (dict(name="a/b"), "name"), (dict(force=True, resume="x"), "force"),
     (dict(optimizer="adamw", nonfinite="skip"), "nonfinite"), (dict(weight_decay=float("inf")), "weight_decay"),
+    (dict(lr=1e39), "lr"), (dict(lr=1e7), "lr"),  # finite, but past float32 (or AdamW's lr/0.1 step)
 ])
 def test_bad_config_raises_at_construction(kwargs, option):
     with pytest.raises(ConfigError, match=f"^{option}: ") as e:
@@ -250,6 +251,7 @@ def test_cli_rejects_bad_data_files(tmp_path, capsys, content):
     (["--preset", "huge"], "--preset"), (["--manifolds", "banana"], "--manifolds"), (["--residual", "x"], "--residual"),
     (["--lr", "-1"], "--lr"), (["--lr", "abc"], "--lr"), (["--device", "tpu"], "--device"),
     (["--warmup", "50", "--steps", "10"], "--warmup"), (["--resume", "/nonexistent/ckpt.pt"], "/nonexistent/ckpt.pt"),
+    (["--lr", "1e39"], "--lr"), (["--optimizer", "adamw", "--lr", "3e38"], "--lr"),  # were tracebacks, exit 1
 ])
 def test_cli_rejects_nonsense_flags(tmp_path, capsys, flags, mentioned):
     try:
@@ -498,6 +500,94 @@ def test_changing_threads_on_resume_continues_but_is_not_promised_bitwise(tmp_pa
     resumed = train(TrainConfig(resume=str(tmp_path / "b"), steps=4, threads=2, quiet=True))
     assert resumed["config"]["threads"] == 2
     assert resumed["history"]["train_loss"] == pytest.approx(straight["history"]["train_loss"], rel=1e-4)
+
+
+def test_resume_compares_options_the_checkpoint_left_unset():
+    """An option at its unset default in the checkpoint (data: the embedded corpus) is compared too."""
+    embedded = resolve_config(TrainConfig(steps=4)).to_dict()
+    with pytest.raises(ConfigError, match="^data: the checkpoint was trained with the embedded corpus") as e:
+        resolve_config(TrainConfig(steps=8, data="other.txt"), checkpoint_config=embedded)
+    assert e.value.option == "data"
+    adamw = resolve_config(TrainConfig(steps=4, optimizer="adamw")).to_dict()
+    with pytest.raises(ConfigError, match="^nonfinite: "):
+        resolve_config(TrainConfig(steps=8, nonfinite="skip"), checkpoint_config=adamw)
+    assert resolve_config(TrainConfig(steps=8), checkpoint_config=embedded).data is None  # unchanged: fine
+    legacy = {k: v for k, v in embedded.items() if k != "ngram"}  # a key older checkpoints lack
+    assert resolve_config(TrainConfig(steps=8, ngram=3), checkpoint_config=legacy).ngram == 3
+
+
+def test_bare_resume_with_name_or_out_continues_exactly_that_run(tmp_path, capsys, monkeypatch, text_file):
+    """--resume without PATH: <out>/ckpt.pt, <out> = --out or runs/<--name>; never another run."""
+    monkeypatch.chdir(tmp_path)
+    flags = [*MINI_FLAGS, "--data", text_file]
+    assert cli.main(["train", *flags, "--name", "foo"]) == 0
+    assert cli.main(["train", *flags, "--name", "bar", "--seed", "1"]) == 0
+    os.utime("runs/bar/ckpt.pt", (2e9, 2e9))  # bar is the newest run
+    bar = {f: (tmp_path / "runs" / "bar" / f).read_bytes() for f in os.listdir("runs/bar")}
+    assert cli.main(["train", "--resume", "--name", "foo", "--steps", "6", "--quiet"]) == 0
+    foo = load_checkpoint("runs/foo/ckpt.pt")
+    assert foo["step"] == 6 and foo["config"]["name"] == "foo" and foo["config"]["seed"] == 0
+    assert cli.main(["train", "--resume", "--out", "runs/foo", "--steps", "8", "--quiet"]) == 0
+    assert load_checkpoint("runs/foo/ckpt.pt")["step"] == 8
+    for flag in (["--name", "nosuch"], ["--out", str(tmp_path / "nosuch")]):
+        err = cli_error(capsys, ["train", "--resume", *flag, "--steps", "10"])
+        assert "nosuch" in err and "does not exist" in err
+    assert {f: (tmp_path / "runs" / "bar" / f).read_bytes() for f in os.listdir("runs/bar")} == bar
+    assert not os.path.exists("runs/nosuch") and not os.path.exists(tmp_path / "nosuch")
+    assert cli.main(["train", "--resume", "--steps", "6", "--quiet"]) == 0  # bare: the newest run, bar
+    assert load_checkpoint("runs/bar/ckpt.pt")["step"] == 6
+
+
+def test_resume_by_path_never_writes_into_another_runs_directory(tmp_path, capsys, text_file):
+    """A checkpoint file kept in another run's directory is refused there; --out continues it elsewhere."""
+    flags = [*MINI_FLAGS, "--data", text_file]
+    a, b = tmp_path / "A", tmp_path / "B"
+    assert cli.main(["train", *flags, "--out", str(a)]) == 0
+    assert cli.main(["train", *flags, "--out", str(b), "--seed", "1"]) == 0
+    (a / "B_backup.pt").write_bytes((b / "ckpt.pt").read_bytes())
+    before = {f: (a / f).read_bytes() for f in os.listdir(a)}
+    err = cli_error(capsys, ["train", "--resume", str(a / "B_backup.pt"), "--steps", "6"])
+    assert err.startswith("modula-mhc train: error: --resume: ") and "another run" in err and "--out" in err
+    assert {f: (a / f).read_bytes() for f in os.listdir(a)} == before
+    assert cli.main(["train", "--resume", str(a / "B_backup.pt"), "--steps", "6", "--out", str(tmp_path / "C"),
+                     "--quiet"]) == 0
+    assert load_checkpoint(tmp_path / "C" / "ckpt.pt")["config"]["seed"] == 1
+    # a byte-identical copy of the directory's own checkpoint is that run: it continues in place
+    (a / "snapshot.pt").write_bytes((a / "ckpt.pt").read_bytes())
+    assert cli.main(["train", "--resume", str(a / "snapshot.pt"), "--steps", "6", "--quiet"]) == 0
+    assert load_checkpoint(a / "ckpt.pt")["step"] == 6
+    # now snapshot.pt is an older state of A: resuming it in place would drop A's steps 5-6
+    assert "another run" in cli_error(capsys, ["train", "--resume", str(a / "snapshot.pt"), "--steps", "8"])
+    assert load_checkpoint(a / "ckpt.pt")["step"] == 6
+
+
+@pytest.mark.parametrize("flags, note", [
+    (["--dtype", "bfloat16"], "--dtype bfloat16 (the checkpoint used float32)"),
+    (["--threads", "2"], "--threads 2 (the checkpoint used 1)"),
+    ([], "--device cpu (the checkpoint used cuda)"),  # the checkpoint below claims cuda
+])
+def test_changing_threads_dtype_or_device_on_resume_prints_a_note(tmp_path, capsys, text_file, flags, note):
+    """docs/training.md, Resuming: such a continuation is not bitwise, and the run says so."""
+    out = tmp_path / "run"
+    train(TrainConfig(**{**MINI, "steps": 2}, data=text_file, out=str(out)))
+    if not flags:  # a checkpoint written on a GPU: same content, device "cuda"
+        payload = load_checkpoint(out / "ckpt.pt")
+        save_checkpoint(out / "ckpt.pt", {k: v for k, v in payload.items() if k not in ("format", "checksum")}
+                        | {"device": "cuda"})
+    capsys.readouterr()
+    assert cli.main(["train", "--resume", str(out), "--steps", "4", "--device", "cpu", *flags]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1 and note in notes[0] and "not bit-identical" in notes[0], notes
+
+
+def test_quoted_hetero_cost_is_the_measured_one(capsys):
+    """README and --help quote docs/results.md section 6: 1 621 ms against AdamW's 106.5 ms = 15x."""
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "~15x AdamW per step on a CPU, ~37x Muon on an H100" in help_text
+    readme = " ".join(open(os.path.join(REPO, "README.md"), encoding="utf-8").read().split())
+    assert "15× AdamW on a CPU and 37× Muon on an H100" in readme
 
 
 # ------------------------------------------------------------------------------------------ layout (issue 15)

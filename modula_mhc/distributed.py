@@ -198,9 +198,12 @@ class DistributedDualizeRetract(DualizeRetract):
                 if self._targets[id(p)] != 0.0]
         has_grad = torch.tensor([float(p.grad is not None) for p, _ in work], device=self.device)
         if self.distributed and work:
-            agreed = has_grad.clone()
+            # the MIN and the MAX over ranks (as min(h) and −min(−h)), so every rank sees a
+            # disagreement and raises: with MIN alone a rank holding the minimum went on into the
+            # next collective and waited there for the rank that had raised
+            agreed = torch.cat([has_grad, -has_grad])
             dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self.group)
-            if not torch.equal(agreed, has_grad):
+            if not torch.equal(agreed[: len(work)], -agreed[len(work):]):
                 raise RuntimeError("DistributedDualizeRetract: ranks disagree on which parameters have gradients "
                                    "(every rank must run the same forward/backward graph)")
         work = [(p, g) for (p, g), h in zip(work, has_grad.tolist()) if h]

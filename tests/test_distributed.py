@@ -6,6 +6,7 @@ The models run in float64 so that the comparison measures the algorithm, not the
 additions in the all-reduce (float32 results: docs/distributed.md)."""
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import sys
@@ -73,12 +74,36 @@ def _worker(rank, world, port, outdir):
     each batch, save full weights and state (one spawn for all: process start-up dominates)."""
     import torch.distributed as dist
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # a timeout, so that a rank left waiting in a collective fails the test instead of hanging it
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         for kind, residual, nan_step in SCENARIOS:
             _scenario(rank, world, kind, residual, nan_step, outdir)
+        _gradient_mismatch(rank, world, outdir)  # last: it leaves the ranks out of step on failure
     finally:
         dist.destroy_process_group()
+
+
+def _gradient_mismatch(rank, world, outdir):
+    """The last rank has no gradient for one parameter: every rank must raise (with a MIN-only
+    agreement the other rank went on into the next collective and waited there)."""
+    import torch.distributed as dist
+    model = _model("plain")
+    opt = DistributedDualizeRetract(model, **HYPER)
+    seq = next(iter(_batches()))
+    per_rank = BATCH // world
+    _loss(model, seq[rank * per_rank:(rank + 1) * per_rank]).backward()
+    for p in model.parameters():  # the replicated layout's averaging, by hand
+        dist.all_reduce(p.grad)
+    if rank == world - 1:
+        list(model.parameters())[-1].grad = None
+    try:
+        opt.step()
+        outcome = "stepped"
+    except RuntimeError as e:
+        outcome = str(e)
+    torch.save(outcome, os.path.join(outdir, f"mismatch-rank{rank}.pt"))
 
 
 def _scenario(rank, world, kind, residual, nan_step, outdir):
@@ -121,8 +146,10 @@ def spawned(tmp_path_factory):
     before = torch.get_num_threads()
     mp.spawn(_worker, args=(WORLD, _free_port(), str(outdir)), nprocs=WORLD)
     torch.set_num_threads(before)
-    return {sc: [torch.load(outdir / f"{sc[0]}-{sc[1]}-{sc[2]}-rank{r}.pt", weights_only=False) for r in range(WORLD)]
-            for sc in SCENARIOS}
+    out = {sc: [torch.load(outdir / f"{sc[0]}-{sc[1]}-{sc[2]}-rank{r}.pt", weights_only=False) for r in range(WORLD)]
+           for sc in SCENARIOS}
+    out["mismatch"] = [torch.load(outdir / f"mismatch-rank{r}.pt") for r in range(WORLD)]
+    return out
 
 
 pytestmark = pytest.mark.distributed
@@ -181,6 +208,13 @@ def test_nonfinite_gradient_on_one_rank_skips_the_step_everywhere(spawned):
 
 
 # ------------------------------------------------------------------------------ single process
+
+def test_ranks_that_disagree_on_gradients_all_raise(spawned):
+    """docs/distributed.md: every rank must produce gradients for the same parameters, "checked; a
+    clear error otherwise" — on every rank, so that none is left waiting in a collective."""
+    for outcome in spawned["mismatch"]:
+        assert "ranks disagree on which parameters have gradients" in outcome
+
 
 def test_assign_owners_is_balanced_and_deterministic():
     shapes = [(64, 16), (16,), (16, 64), (16, 16), (4, 4), (11, 16)]

@@ -79,3 +79,19 @@ def test_hyper_connected_gpt_cannot_be_symbolic_and_says_why(residual):
     for kw in (dict(width=d, depth=2), dict(width=16, depth=L)):
         with pytest.raises(ValueError, match="cannot be built with symbolic .*numeric width and depth"):
             properties(compounds.GPT, vocab_size=11, context=8, heads=2, residual=residual, **kw)
+
+
+@pytest.mark.parametrize("a", [0.5, 2.0])
+def test_infinite_sharpness_stays_infinite_past_the_sampled_depths(a):
+    """(a·(Linear @ ReLU))**L: the closed form has ∞ terms that cancel to nan only once a depth is
+    substituted; the built network's sharpness is ∞ at every depth ≥ 2, and so must the formula be
+    (it gave nan at L ≥ 5)."""
+    from modula_mhc import atoms, bonds
+
+    def net(width, depth, a):
+        return (a * (atoms.Linear(width, width) @ bonds.ReLU())) ** depth
+    p = properties(net, width=d, depth=L, a=a)
+    for depth in (3, 5, 6, 50):
+        built = net(8, depth, a).sharpness
+        for k, b in zip(("alpha", "beta", "gamma"), built):
+            assert _same(evaluate(p["sharpness"][k], d=8, L=depth), float(b)), (k, depth)

@@ -146,10 +146,12 @@ def _patch(general, built: dict, symbol):
     a closed form that is undefined (nan/zoo) past the sampled depths takes the largest sampled
     depth's value when that is ∞ (the built networks' ∞)."""
     general = sympy.sympify(general)
-    if general.has(*_UNDEFINED):
-        last = built[max(built)]
-        if last == sympy.oo:
-            general = last
+    deepest = max(built)
+    # undefined beyond the sampled depths too when ∞ terms cancel to nan only once a depth is
+    # substituted (oo·f(L) − oo·g(L)): checked at a few larger depths
+    beyond = any(general.subs(symbol, v).has(*_UNDEFINED) for v in (deepest + 1, 2 * deepest + 1, 50))
+    if (general.has(*_UNDEFINED) or beyond) and built[deepest] == sympy.oo:
+        general = built[deepest]
     pieces = [(b, sympy.Eq(symbol, v)) for v, b in sorted(built.items()) if not _same(general.subs(symbol, v), b)]
     if not pieces:
         return general

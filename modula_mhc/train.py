@@ -135,6 +135,9 @@ def train(config: TrainConfig | None = None, callback=None) -> dict:
         if config.out is None:
             name = config.name or time.strftime("%Y%m%d-%H%M%S")
             config = dataclasses.replace(config, out=os.path.join("runs", name))
+    # the data is read before the run directory is touched: a mistyped --data with --force must not
+    # delete the old run and then fail
+    corpus = _load_corpus(config, vocab=ckpt["vocab"] if ckpt else None)
     previous_threads = torch.get_num_threads()
     # a resumed run continues in its own directory; another directory must not hold a run already
     own_dir = ckpt is not None and os.path.realpath(config.out) == os.path.realpath(os.path.dirname(ckpt_path) or ".")
@@ -143,7 +146,7 @@ def train(config: TrainConfig | None = None, callback=None) -> dict:
         if config.threads and resolve_device(config.device).type == "cpu":
             torch.set_num_threads(config.threads)
         try:
-            return _run(config, ckpt, ckpt_path, run_dir, callback)
+            return _run(config, corpus, ckpt, ckpt_path, run_dir, callback)
         finally:
             torch.set_num_threads(previous_threads)
 
@@ -152,11 +155,11 @@ class _Run:
     """The state of one run — data, model, optimizer, history, counters — and what it does besides
     stepping: evaluate, checkpoint, finish. Built from the seed; a checkpoint then overwrites it."""
 
-    def __init__(self, config: TrainConfig, ckpt, ckpt_path, run_dir: RunDirectory, callback):
+    def __init__(self, config: TrainConfig, corpus: CharCorpus, ckpt, ckpt_path, run_dir: RunDirectory, callback):
         self.config, self.run_dir, self.callback = config, run_dir, callback
         self.device = resolve_device(config.device)
         self.autocast_dtype = torch.bfloat16 if config.dtype == "bfloat16" else None
-        self.corpus = _load_corpus(config, vocab=ckpt["vocab"] if ckpt else None)
+        self.corpus = corpus
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         self.model = build_model(config, self.corpus.vocab_size).to(self.device)
@@ -287,10 +290,10 @@ class _Run:
         return metrics, sample_text
 
 
-def _run(config: TrainConfig, ckpt, ckpt_path, run_dir: RunDirectory, callback) -> dict:
-    """The loop of :func:`train` for a resolved config, a locked run directory and the checkpoint
-    it resumes (if any)."""
-    run = _Run(config, ckpt, ckpt_path, run_dir, callback)
+def _run(config: TrainConfig, corpus: CharCorpus, ckpt, ckpt_path, run_dir: RunDirectory, callback) -> dict:
+    """The loop of :func:`train` for a resolved config, its loaded corpus, a locked run directory
+    and the checkpoint it resumes (if any)."""
+    run = _Run(config, corpus, ckpt, ckpt_path, run_dir, callback)
     model, optimizer, corpus, device = run.model, run.optimizer, run.corpus, run.device
     run.announce(ckpt, ckpt_path)
     consecutive_skips, consistent = 0, True  # consistent: no step is half done (safe to checkpoint)

@@ -347,6 +347,10 @@ def test_a_run_is_never_overwritten_without_resume_or_force(tmp_path, capsys, te
     err = cli_error(capsys, ["train", *flags, "--seed", "1"])
     assert "--out" in err and "already holds a run" in err and "--force" in err
     assert {f: (out / f).read_bytes() for f in before} == before  # untouched
+    # --force with a data file that cannot be read fails before anything is deleted
+    bad = [*MINI_FLAGS, "--data", str(tmp_path / "no_such.txt"), "--out", str(out)]
+    assert "no_such.txt" in cli_error(capsys, ["train", *bad, "--seed", "1", "--force"])
+    assert {f: (out / f).read_bytes() for f in before} == before
     assert cli.main(["train", *flags, "--seed", "1", "--force"]) == 0
     assert load_checkpoint(out / "ckpt.pt")["config"]["seed"] == 1
     assert "--force" in cli_error(capsys, ["train", "--resume", str(out), "--force"])

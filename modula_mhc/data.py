@@ -79,6 +79,15 @@ def load_text(path) -> str:
                         f"give a UTF-8 text file") from None
 
 
+def _shortest(need: int, val_fraction: float) -> int:
+    """The fewest characters whose split (validation int(n·f), training the rest) gives both parts
+    ``need``: searched, as int(n·f) rounds (need / f itself is off by one in floating point)."""
+    n = max(2 * need, int(need / val_fraction) - 1)
+    while int(n * val_fraction) < need or n - int(n * val_fraction) < need:
+        n += 1
+    return n
+
+
 @dataclass
 class CharCorpus:
     """A tokenised corpus: ``vocab`` (sorted distinct characters), ``train`` and ``val`` id tensors."""
@@ -111,7 +120,7 @@ class CharCorpus:
         need = context + 1
         if n_val < need or len(text) - n_val < need:
             raise DataError(f"{where} is too short: {len(text)} characters; with context {context} it needs "
-                            f"at least {int(need / val_fraction) + 1} so that the {int(val_fraction * 100)}% "
+                            f"at least {_shortest(need, val_fraction)} so that the {int(val_fraction * 100)}% "
                             f"validation split holds one window of {need}")
         table = {ch: i for i, ch in enumerate(vocab)}
         ids = torch.tensor([table[ch] for ch in text], dtype=torch.long)

@@ -18,7 +18,10 @@ def generate(model, prompt: torch.Tensor, n: int, context: int, generator: torch
     model.eval()
     ids = prompt.reshape(1, -1)
     for _ in range(n):
-        logits = model(ids[:, -context:])[0, -1].float() / temperature
+        logits = model(ids[:, -context:])[0, -1].float()
+        # shifted to max 0 first: a tiny temperature then sends the others to −inf (greedy), never
+        # overflows to ±inf and a NaN softmax
+        logits = (logits - logits.max()) / max(temperature, 1e-30)  # float32 holds 1e-30 (1e-300 is 0)
         probs = torch.softmax(logits, dim=-1).cpu()
         nxt = torch.multinomial(probs, 1, generator=generator).to(ids.device)
         ids = torch.cat([ids, nxt.reshape(1, 1)], dim=1)

@@ -94,6 +94,20 @@ def test_too_short_text_is_rejected():
         CharCorpus.from_text("abcdefgh" * 10, context=64, source="x.txt")
 
 
+@pytest.mark.parametrize("context", [1, 7, 64, 299])
+def test_too_short_message_gives_the_exact_minimum(context):
+    """The length the message asks for is accepted and one character less is not (it said one more
+    than needed for every context from 1 to 299)."""
+    import re
+    with pytest.raises(DataError) as e:
+        CharCorpus.from_text("ab" * 3, context=context, source="x.txt")
+    need = int(re.search(r"at least (\d+)", str(e.value)).group(1))
+    text = ("abcdefg" * (need // 7 + 1))[:need]
+    CharCorpus.from_text(text, context=context, source="x.txt")
+    with pytest.raises(DataError, match="too short"):
+        CharCorpus.from_text(text[:-1], context=context, source="x.txt")
+
+
 # ------------------------------------------------------------------------------------------ config
 
 def test_presets_and_defaults_resolve():
@@ -489,6 +503,12 @@ def test_sample_subcommand_and_version(tmp_path, capsys, text_file):
     assert cli.main(["generate", str(out / "ckpt.pt"), "--chars", "30", "--seed", "3", "--prompt", "def"]) == 0
     assert len(capsys.readouterr().out) == 31
     assert "--temperature" in cli_error(capsys, ["sample", str(out), "--temperature", "0"], "sample")
+    # tiny temperatures are greedy sampling (1e-40 and 1e-300 overflowed float32 into a NaN softmax)
+    greedy = []
+    for t in ("1e-30", "1e-40", "1e-300"):
+        assert cli.main(["sample", str(out), "--chars", "20", "--seed", t[-2:], "--temperature", t]) == 0
+        greedy.append(capsys.readouterr().out)
+    assert greedy[0] == greedy[1] == greedy[2]
     assert "--prompt" in cli_error(capsys, ["sample", str(out), "--prompt", "\u2603"], "sample")
     assert "does not exist" in cli_error(capsys, ["sample", str(tmp_path / "nope")], "sample")
     with pytest.raises(SystemExit) as e:

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from modula_mhc import bonds
+from modula_mhc import atoms, bonds
 from modula_mhc.bonds.attention import attention_reference
 
 
@@ -69,6 +69,35 @@ def test_split_merge_heads_round_trip():
         bonds.SplitHeads(5)(x)
     with pytest.raises(ValueError):
         bonds.SplitHeads(0)
+
+
+@pytest.mark.parametrize("W,H", [(1, 1), (3, 1), (5, 1), (12, 4), (6, 2)])
+def test_attention_core_rope_refuses_odd_head_width(W, H):
+    """Rope pairs the halves of each head: an odd head width is no rotation (width 3 came out 4
+    wide, width 1 scaled q by cos θ, width 5 failed with a broadcasting error)."""
+    from modula_mhc.algebra import Parallel
+    from modula_mhc.bonds.attention import apply_rope, rope_tables
+
+    x = torch.randn(2, 4, W)
+    with pytest.raises(ValueError, match="even head width"):
+        bonds.AttentionCore(H)((x, x, x))
+    with pytest.raises(ValueError, match="even head width"):   # width known at composition
+        bonds.AttentionCore(H) @ Parallel(*(atoms.Linear(W, W) for _ in range(3)))
+    with pytest.raises(ValueError, match="even"):
+        rope_tables(4, W // H, 10000.0, x.device, x.dtype)
+    with pytest.raises(ValueError, match="even"):
+        apply_rope(torch.randn(4, W // H), torch.ones(4, 1), torch.zeros(4, 1))
+    assert bonds.AttentionCore(H, rope=False)((x, x, x)).shape == x.shape   # no rope: any width
+    with pytest.raises(ValueError, match="not divisible"):
+        bonds.AttentionCore(H + 1 if W % (H + 1) else H + 2, rope=False)((x, x, x))
+
+
+def test_attention_core_docstring_states_its_constants():
+    doc = " ".join(bonds.AttentionCore.__doc__.split())
+    assert "max(√H, τH)" in doc and "6·H^(5/2)·max(1, τ)²" in doc and "max(1, τ) and" not in doc
+    c = bonds.AttentionCore(8, temperature=2.0)
+    assert float(c.sensitivity) == 16.0
+    assert float(c.sharpness.gamma) == pytest.approx(6 * 8 ** 2.5 * 4)
 
 
 @pytest.mark.parametrize("bond,f", [(bonds.GELU, torch.nn.functional.gelu), (bonds.SiLU, torch.nn.functional.silu)])

@@ -40,6 +40,8 @@ CASES = {
     "attention-core-hot": (lambda: bonds.AttentionCore(heads=2, temperature=4.0), lambda: _qkv((2, 7, 16))),
     "attention-core-1head": (lambda: bonds.AttentionCore(heads=1, rope=False), lambda: _qkv((2, 7, 8))),
     "merge-split": (lambda: bonds.MergeHeads() @ bonds.SplitHeads(2), lambda: _x((2, 7, 16))),
+    "split-heads": (lambda: bonds.SplitHeads(4), lambda: _x((2, 7, 16))),
+    "rope-split": (lambda: bonds.Rope() @ bonds.SplitHeads(4), lambda: _x((2, 7, 16))),
     "mlp": (lambda: compounds.MLP(24, 12, 32, 3), lambda: _x((5, 24))),
     "mlp-depth1": (lambda: compounds.MLP(24, 12, 32, 1), lambda: _x((5, 24))),
     "resmlp": (lambda: compounds.ResMLP(24, 12, 32, 3), lambda: _x((5, 24))),
@@ -111,6 +113,48 @@ def test_sharpness_bounds_hessian_vector_products(name):
         for dw, dx in zip(dws, dxs):
             v = seq_norm(mixed_second(net, x, dw, dx)).item()
             assert v <= beta * net.norm(dw).item() * seq_norm(dx).item() * SLACK + 1e-12, f"beta {v} > {beta}"
+
+
+@pytest.mark.parametrize("H", [1, 2, 4, 16])
+def test_split_heads_sensitivity_is_sqrt_heads_in_per_head_rows(H):
+    """The split tensor (…, H, T, d) is measured in per-head rows (max over heads and tokens of the
+    RMS over d): a token change living in one head grows by √H, and nothing grows more."""
+    from modula_mhc.claims import measure_sensitivity
+
+    d = 4
+    sh = bonds.SplitHeads(H).double()
+    assert float(sh.sensitivity) == pytest.approx(math.sqrt(H))
+    dx = torch.zeros(2, 5, H * d, dtype=torch.float64)
+    dx[..., :d] = torch.randn(2, 5, d, generator=torch.Generator().manual_seed(H), dtype=torch.float64)
+    worst = float(seq_norm(input_jvp(sh, _x((2, 5, H * d)), dx)) / seq_norm(dx))
+    assert worst == pytest.approx(math.sqrt(H))
+    for f in (sh, (bonds.Rope() @ bonds.SplitHeads(H)).double()):
+        m = float(measure_sensitivity(f, _x((2, 5, H * d), seed=H), restarts=2, steps=15, seed=H))
+        assert math.sqrt(H) * (1 - 1e-6) <= m <= float(f.sensitivity) * SLACK, (H, m, float(f.sensitivity))
+
+
+@pytest.mark.parametrize("H,tau", [(1, 1.0), (2, 1.0), (4, 1.0), (8, 1.0), (16, 1.0), (4, 4.0)])
+def test_head_split_attention_chain_within_its_constants(H, tau):
+    """MergeHeads @ AttentionCore(1) @ (SplitHeads(H) ×3) is self-attention with H heads. The
+    one-head core on split rows (RMS up to √H) is off its declared domain: its certified local
+    constant times SplitHeads' √H bounds the chain, and the fused core's constant is unchanged."""
+    from modula_mhc.claims import certify, measure_sensitivity
+
+    d = 4
+    chain = (bonds.MergeHeads() @ bonds.AttentionCore(1, causal=False, temperature=tau)
+             @ Parallel(*(bonds.SplitHeads(H) for _ in range(3)))).double()
+    core = bonds.AttentionCore(H, causal=False, temperature=tau)
+    assert float(core.sensitivity) == max(math.sqrt(H), tau * H)
+    assert float(compounds.Attention(2 * H * d, H).sensitivity) == pytest.approx(H)
+    x = _x((2, 5, H * d), seed=H)
+    torch.testing.assert_close(chain(x), core((x, x, x)))
+    cert = certify(chain, x)
+    m_fixed = float(measure_sensitivity(chain, x, restarts=2, steps=25, move_input=False, seed=1))
+    assert m_fixed <= cert.certified["sensitivity"] * SLACK, (m_fixed, cert.certified)
+    # over every unit-RMS input the split rows have RMS ≤ √H: chain ≤ 3·√H·max(1, τH)
+    m = float(measure_sensitivity(chain, x, restarts=3, steps=40, seed=0))
+    assert m <= 3 * math.sqrt(H) * max(1.0, tau * H) * SLACK
+    assert m <= 3 * float(core.sensitivity) * SLACK, (m, float(core.sensitivity))
 
 
 def test_gpt_well_normed_and_dualize_target():

@@ -18,8 +18,16 @@ from .. import scalars as S
 from ..module import Bond, Sharpness
 
 
+def _check_rope_width(d, who):
+    """An odd width has an unpaired coordinate: the halves would not line up, and the "rotation"
+    would change the width and norm (or fail with a broadcasting error) instead of rotating."""
+    if d % 2:
+        raise ValueError(f"{who}: rotary embedding needs an even (head) width, got {d}")
+
+
 def rope_tables(T: int, d: int, base: float, device, dtype):
-    """cos/sin tables (T, d/2) for angles θ_{t,i} = t · base^(−2i/d)."""
+    """cos/sin tables (T, d/2) for angles θ_{t,i} = t · base^(−2i/d); d must be even."""
+    _check_rope_width(d, "rope_tables")
     inv = base ** (-torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
     ang = torch.arange(T, device=device, dtype=torch.float32)[:, None] * inv[None, :]
     return ang.cos().to(dtype), ang.sin().to(dtype)
@@ -27,7 +35,8 @@ def rope_tables(T: int, d: int, base: float, device, dtype):
 
 def apply_rope(x, cos, sin):
     """Rotate each pair (x1_i, x2_i) (first and second half of the last dim) by θ:
-    (x1 cos θ − x2 sin θ, x1 sin θ + x2 cos θ)."""
+    (x1 cos θ − x2 sin θ, x1 sin θ + x2 cos θ). The last dim must be even."""
+    _check_rope_width(x.shape[-1], "apply_rope")
     d = x.shape[-1] // 2
     x1, x2 = x[..., :d], x[..., d:]
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
@@ -55,8 +64,7 @@ class Rope(Bond):
 
     def forward(self, x):
         T, d = x.shape[-2], x.shape[-1]
-        if d % 2:
-            raise ValueError(f"Rope needs an even feature size, got {d}")
+        _check_rope_width(d, "Rope")
         cos, sin = rope_tables(T, d, self.base, x.device, x.dtype)
         return apply_rope(x, cos, sin)
 
@@ -102,8 +110,10 @@ class AttentionCore(Bond):
     """(q, k, v) ↦ softmax(τ·q kᵀ / d + mask) v per head, heads merged; q, k, v are (…, T, H·d).
 
     τ/d scaling (d = head width, temperature τ = 1 by default), optional causal mask and rotary
-    embedding of q and k. The logits' derivatives scale with τ, so the sensitivity is max(1, τ)
-    and γ = 6·max(1, τ)² in the tuple norm (module docstring; τ = 1 gives 1 and 6)."""
+    embedding of q and k (``rope=True`` needs an even head width d: a ValueError when the width is
+    bound by composition, else at the first call). In the tuple norm ‖q‖+‖k‖+‖v‖ (per-token RMS
+    over the full width H·d) the sensitivity is max(√H, τH) and γ = 6·H^(5/2)·max(1, τ)² (module
+    docstring; H = τ = 1 gives Modula's 1 and 6); ``norm_sensitivity`` is the per-head max(1, τ)."""
 
     def __init__(self, heads: int, causal: bool = True, rope: bool = True, rope_base: float = 10000.0,
                  temperature: float = 1.0):
@@ -114,6 +124,23 @@ class AttentionCore(Bond):
             raise ValueError(f"temperature must be a positive number, got {temperature!r}")
         self.heads, self.causal, self.rope, self.rope_base = heads, causal, rope, rope_base
         self.temperature = temperature
+
+    def bind_input_dims(self, dims):
+        """Check the (q, k, v) widths when a composition fixes them (e.g. after three Linears)."""
+        if dims and all(d is not None and S.is_number(d) for d in dims):
+            for W in dims:
+                self._head_width(W)
+
+    def _head_width(self, W):
+        H = self.heads
+        if S.is_symbolic(H):
+            return W // H
+        if W % H:
+            raise ValueError(f"AttentionCore: width {W} is not divisible by heads {H}")
+        if self.rope and (W // H) % 2:
+            raise ValueError(f"AttentionCore: rotary embedding needs an even head width, got {W}/{H} = {W // H} "
+                             f"(use rope=False or another width or number of heads)")
+        return W // H
 
     def _input_scale(self, which="qkv"):
         """max(1, largest per-token RMS of the named inputs) seen under ``claims.certify`` (1 otherwise)."""
@@ -143,9 +170,7 @@ class AttentionCore(Bond):
         q, k, v = qkv
         *lead, T, W = q.shape
         H = self.heads
-        if W % H:
-            raise ValueError(f"width {W} is not divisible by heads {H}")
-        d = W // H
+        d = self._head_width(W)
         q, k, v = (t.reshape(*lead, T, H, d).transpose(-3, -2) for t in (q, k, v))
         if self.rope:
             cos, sin = rope_tables(T, d, self.rope_base, q.device, q.dtype)

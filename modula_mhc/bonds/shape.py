@@ -31,13 +31,20 @@ class Mean(Bond):
 
 
 class SplitHeads(Bond):
-    """(…, T, H·d) ↦ (…, H, T, d). Norm convention: per-head RMS (Modula's); see docs/algebra.md."""
+    """(…, T, H·d) ↦ (…, H, T, d). Norm on the output: per-head rows (Modula's convention), the max
+    over heads and tokens of the RMS over d, which is what ``claims`` measures on a (…, H, T, d)
+    tensor. A token change that lies in one head has a per-head RMS √H times its full-width RMS, so
+    the sensitivity is √H (MergeHeads, the way back, is 1); see docs/algebra.md."""
 
     def __init__(self, heads: int):
         super().__init__()
         if not S.is_symbolic(heads) and not (S.is_number(heads) and int(heads) == heads and heads >= 1):
             raise ValueError(f"heads must be a positive integer, got {heads!r}")
         self.heads = heads
+
+    @property
+    def sensitivity(self):
+        return S.sqrt(self.heads)
 
     def forward(self, x):
         check_input(x, f"SplitHeads({self.heads})", min_dim=2)

@@ -23,7 +23,7 @@ REPO = os.path.dirname(HERE)
 if REPO not in sys.path:  # run as `python examples/x.py` from a checkout without installing
     sys.path.insert(0, REPO)
 
-from modula_mhc.data import CharCorpus, default_corpus, load_text  # noqa: E402
+from modula_mhc.data import CharCorpus, DataError, default_corpus, load_text  # noqa: E402
 from modula_mhc.loop import loss_of, train_steps  # noqa: E402
 
 #: development data set (never copied into the repository)
@@ -248,13 +248,37 @@ def add_gpt_study_arguments(p, depth: int, steps: int, eval_every: int):
 
 
 def check_gpt_study_arguments(p, args, positive=()):
-    """Reject non-positive sizes (the shared ones and ``positive``), a non-positive lr, and heads
-    that do not divide the width, with argparse's error message."""
+    """Reject non-positive sizes (the shared ones and ``positive``), a non-positive lr, heads that
+    do not divide the width or leave an odd head width, and an unusable --data, with argparse's
+    error message."""
     for name in ("width", "depth", "heads", "context", "batch", "steps", "eval_every", "val_batches", "threads",
                  *positive):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not args.lr > 0:
         p.error(f"--lr must be > 0, got {args.lr}")
-    if args.width % args.heads:
-        p.error(f"--heads ({args.heads}) must divide --width ({args.width})")
+    check_heads(p, args.width, args.heads)
+    check_data(p, args.data, args.context)
+
+
+def check_heads(p, width, heads):
+    """argparse's error unless --heads divides --width into an even head width (the rotary
+    embedding of the library's GPT needs one)."""
+    if width % heads:
+        p.error(f"--heads ({heads}) must divide --width ({width})")
+    if (width // heads) % 2:
+        p.error(f"the head width --width/--heads = {width}/{heads} = {width // heads} must be even "
+                f"(rotary embedding)")
+
+
+def check_data(p, path, context=None):
+    """argparse's error unless ``path`` (None: the embedded corpus) is a readable UTF-8 text file,
+    long enough for ``context`` when given: the checks ``load_corpus`` makes, before any training."""
+    if path is None:
+        return
+    try:
+        text = load_text(path)
+        if context is not None:
+            CharCorpus.from_text(text, context, source=os.path.basename(path))
+    except DataError as e:
+        p.error(f"--data: {e}")

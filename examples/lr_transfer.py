@@ -76,7 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--progress", action="store_true", help="tqdm bar per run")
     args = p.parse_args(argv)
-    for name in ("steps", "seeds", "batch", "context", "ngram", "val_batches", "threads"):
+    for name in ("steps", "seeds", "batch", "context", "ngram", "val_batches", "threads", "fixed_depth",
+                 "fixed_width"):
         v = getattr(args, name)
         if v is not None and v < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
@@ -84,10 +85,26 @@ def parse_args(argv=None):
         v = getattr(args, name)
         if v is not None and min(v) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {v}")
+    if "gpt" in args.model:  # GPT heads = width / HEAD_WIDTH: every GPT width must split into them
+        for sweep in args.sweep:
+            flag = "--widths" if sweep == "width" else "--fixed-width"
+            for width in sorted({w for w, _ in sweep_sizes("gpt", sweep, args)[0]}):
+                heads = gpt_heads(width)
+                if width % heads:
+                    p.error(f"{flag}: the GPT's {heads} heads (width // {HEAD_WIDTH}) must divide its width {width}")
+                if "dualize" in args.optimizer and (width // heads) % 2:  # the library's GPT: rotary embedding
+                    p.error(f"{flag}: the GPT's head width {width}/{heads} = {width // heads} must be even "
+                            f"(rotary embedding)")
+    C.check_data(p, args.data, args.context)
     return args
 
 
 # ------------------------------------------------------------------------------------------ models
+def gpt_heads(width):
+    """The GPT's number of heads at ``width``: head width HEAD_WIDTH (one head below it)."""
+    return max(1, width // HEAD_WIDTH)
+
+
 def build(model_kind, optimizer, width, depth, vocab, args):
     """(model, torch optimizer factory lr ↦ optimizer) for one run."""
     attn_m, mlp_m = MANIFOLD_PRESETS[args.manifolds][:2]
@@ -96,7 +113,7 @@ def build(model_kind, optimizer, width, depth, vocab, args):
         model = SPMLP(n_in, vocab, width, depth) if optimizer == "adamw" else \
             compounds.MLP(n_in, vocab, width, depth, manifold=mlp_m)
     else:
-        heads = max(1, width // HEAD_WIDTH)
+        heads = gpt_heads(width)
         model = SPGPT(vocab, args.context, width, depth, heads) if optimizer == "adamw" else \
             compounds.GPT(vocab, args.context, width, depth, heads, attn_manifold=attn_m, mlp_manifold=mlp_m)
     if optimizer == "adamw":

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from modula_mhc.config import PRESETS, ConfigError, resolve_config  # noqa: E402
 from modula_mhc.optim import lr_for_steps  # noqa: E402
 from modula_mhc.train import TrainConfig, train  # noqa: E402
 
@@ -39,27 +41,51 @@ def final_val(run_dir):
     return metrics["history"]["eval"][-1]["val"]
 
 
-def main(argv=None):
+def run_config(args, steps, factor, out=None):
+    """The CLI run of ``steps`` steps at ``factor`` × lr_for_steps(steps)."""
+    lr = float(f"{lr_for_steps(steps) * factor:.6g}")
+    return TrainConfig(preset=args.preset, data=args.data, steps=steps, lr=lr, seed=args.seed, threads=1,
+                       sample_chars=0, quiet=True, out=out, force=out is not None and os.path.exists(out))
+
+
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     ap.add_argument("--data", default=None, help="text file (default: the embedded corpus)")
     ap.add_argument("--steps", type=int, nargs="+", default=[150, 600, 2400])
     ap.add_argument("--factors", type=float, nargs="+", default=[0.5, 1.0, 2.0],
                     help="lr grid as multiples of lr_for_steps(steps)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--runs", default=os.path.join(C.OUT, "lr_vs_steps"), help="run directories")
-    ap.add_argument("--out", default=C.OUT)
+    ap.add_argument("--out", default=C.OUT, help="output folder (default runs/examples, git-ignored)")
     args = ap.parse_args(argv)
+    for steps in args.steps:
+        if steps < 1:
+            ap.error(f"--steps must be >= 1, got {steps}")
+    for factor in args.factors:
+        if not (math.isfinite(factor) and factor > 0):
+            ap.error(f"--factors must be positive, got {factor:g}")
+    C.check_data(ap, args.data, PRESETS[args.preset]["context"])
+    for steps in args.steps:  # every run's config as `modula-mhc train` checks it, before the first run
+        for factor in args.factors:
+            try:
+                resolve_config(run_config(args, steps, factor))
+            except ConfigError as e:  # the lr is --factors × lr_for_steps(steps)
+                option = "factors" if e.option == "lr" else e.option.replace("_", "-")
+                ap.error(f"--{option}: {e.reason}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     rows = []
     for steps in args.steps:
         for factor in args.factors:
-            lr = float(f"{lr_for_steps(steps) * factor:.6g}")
+            lr = run_config(args, steps, factor).lr
             run_dir = os.path.join(args.runs, f"s{steps}_lr{lr:g}")
             val = final_val(run_dir)
             if val is None:
-                metrics = train(TrainConfig(preset=args.preset, data=args.data, steps=steps, lr=lr, seed=args.seed,
-                                            threads=1, sample_chars=0, quiet=True, out=run_dir,
-                                            force=os.path.exists(run_dir)))
+                metrics = train(run_config(args, steps, factor, out=run_dir))
                 val = metrics["history"]["eval"][-1]["val"]
             rows.append(dict(steps=steps, lr=lr, rule_lr=lr_for_steps(steps), factor=factor, val=val))
             print(f"steps {steps:6d}  lr {lr:<9.4g} ({factor:g}× rule)  val {val:.4f}")

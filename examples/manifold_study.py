@@ -59,6 +59,8 @@ def parse_args(argv=None):
     C.check_gpt_study_arguments(p, args, positive=("seeds", "sv_every", "dual_max_iters"))
     if args.warmup < 0:
         p.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.warmup >= args.steps:  # as `modula-mhc train`: a warmup as long as the run never reaches the peak lr
+        p.error(f"--warmup must be smaller than --steps ({args.steps}), got {args.warmup}")
     if not args.dual_tol > 0:
         p.error(f"--dual-tol must be > 0, got {args.dual_tol}")
     if not args.attn_temperature > 0:

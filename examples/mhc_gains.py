@@ -6,13 +6,14 @@ Two settings:
   2. GPT(residual="hc") and GPT(residual="mhc") (width 64, depth 8), static logits perturbed by the
      same noise, measured on random tokens with ``stability_report``.
 Prints the numbers and writes runs/examples/mhc_gains.png (git-ignored); the committed figure is
-regenerated only when asked:
+regenerated only when asked (--out takes a folder, like the other examples, or a figure file):
 
-    python examples/mhc_gains.py [--out docs/figures/mhc_gains.png]
+    python examples/mhc_gains.py [--out docs/figures | --out docs/figures/mhc_gains.png]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 
 import torch
@@ -48,11 +49,37 @@ def perturbed_gpt(residual, noise=0.3, depth=8, seed=0):
     return gpt
 
 
-def main():
+#: the figure's file name when --out is a folder
+FIGURE = "mhc_gains.png"
+
+
+def figure_path(ap, out):
+    """The file --out names: a folder (one that exists, or a path ending in a separator or without a
+    suffix) gets FIGURE inside it; otherwise a figure file in a format matplotlib writes."""
+    path = pathlib.Path(out)
+    if path.exists() and not path.is_dir() and not path.suffix:
+        ap.error(f"--out {out!r} is a file without a suffix: give a folder or a figure file (.png, .pdf, …)")
+    if out.endswith(("/", os.sep)) or path.is_dir() or not path.suffix:
+        return path / FIGURE
+    from matplotlib.backend_bases import FigureCanvasBase
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        ap.error(f"--out {out!r}: neither a folder nor a figure file (.{', .'.join(sorted(formats))})")
+    return path
+
+
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parents[1] / "runs" / "examples" / "mhc_gains.png"),
-                    help="figure path (default runs/examples/mhc_gains.png, git-ignored)")
-    args = ap.parse_args()
+    ap.add_argument("--out", default=str(pathlib.Path(__file__).resolve().parents[1] / "runs" / "examples"),
+                    help=f"output folder, where {FIGURE} is written (default runs/examples, git-ignored; --out "
+                         f"docs/figures regenerates the committed figure), or a figure file (.png, .pdf, .svg, …)")
+    args = ap.parse_args(argv)
+    args.out = figure_path(ap, args.out)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
 
     curves = {}
     rep = stability_report(random_stack(True))
@@ -91,10 +118,12 @@ def main():
     axes[1].set_xlabel("hyper-connected branch")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
-    out = pathlib.Path(args.out)
+    out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=90)
+    plt.close(fig)
     print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KB)")
+    return out
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import pathlib
 import sys
 
 import pytest
@@ -160,3 +161,70 @@ def test_run_stops_at_divergence():
     rec = common.run(model, torch.optim.SGD(model.parameters(), lr=0.1), 5, batches, 0.1,
                      val_batches=[(torch.ones(1, 3), torch.tensor([0]))])
     assert rec["diverged"] and rec["val_loss"] == math.inf and len(rec["losses"]) == 1
+
+
+# ------------------------------------------------------------------------------------ bad arguments
+#: a GPT study at the smallest size (should a bad argument slip through, the run is still short)
+TINY_GPT = ["--steps", "2", "--width", "16", "--heads", "2", "--depth", "1", "--context", "8", "--batch", "4",
+            "--eval-every", "1", "--val-batches", "1"]
+MISSING = os.path.join(os.sep, "nonexistent", "data.txt")
+
+
+def _bad_arguments(tmp):
+    """(script, argv, part of the message): each is refused before any training."""
+    out = ["--out", str(tmp)]
+    lrt = ["--model", "gpt", "--sweep", "width", "--optimizer", "dualize", "--steps", "1", "--seeds", "1",
+           "--lrs", "0.1", "--context", "8", "--batch", "2", "--val-batches", "1"] + out
+    lvs = ["--steps", "2", "--factors", "1", "--runs", str(tmp / "runs")] + out
+    return [
+        ("manifold_study", TINY_GPT + ["--width", "12", "--heads", "4", "--presets", "muon"] + out, "must be even"),
+        ("mhc_study", TINY_GPT + ["--width", "12", "--heads", "4", "--residuals", "plain"] + out, "must be even"),
+        ("manifold_study", TINY_GPT + ["--data", MISSING, "--presets", "muon"] + out, "does not exist"),
+        ("mhc_study", TINY_GPT + ["--data", MISSING, "--residuals", "plain"] + out, "does not exist"),
+        ("manifold_study", TINY_GPT + ["--warmup", "5", "--presets", "muon"] + out, "--warmup must be smaller"),
+        ("lr_transfer", lrt + ["--widths", "16", "--data", MISSING], "does not exist"),
+        ("lr_transfer", lrt + ["--widths", "50"], "must divide its width 50"),
+        ("lr_transfer", lrt + ["--widths", "17"], "must be even"),
+        ("lr_transfer", lrt + ["--widths", "16", "--fixed-depth", "0"], "--fixed-depth must be >= 1"),
+        ("lr_vs_steps", lvs + ["--data", MISSING], "does not exist"),
+        ("lr_vs_steps", lvs + ["--steps", "0"], "--steps must be >= 1, got 0"),
+        ("lr_vs_steps", lvs + ["--factors", "-1"], "--factors must be positive"),
+        ("lr_vs_steps", lvs + ["--preset", "huge"], "invalid choice: 'huge'"),
+        ("lr_vs_steps", lvs + ["--seed", "-1"], "--seed:"),
+        ("mhc_gains", ["--out", str(tmp / "figure.foo")], "neither a folder nor a figure file"),
+    ]
+
+
+@pytest.mark.parametrize("case", [pytest.param(i, id=f"{c[0]}-{i}") for i, c in enumerate(_bad_arguments(pathlib.Path()))])
+def test_bad_arguments_are_one_line_argparse_errors(case, tiny_text, tmp_path, capsys, monkeypatch):
+    name, argv, message = _bad_arguments(tmp_path)[case]
+    if name not in ("lr_vs_steps", "mhc_gains") and "--data" not in argv:
+        argv = argv + ["--data", tiny_text]
+    module = load(name)
+    monkeypatch.setattr(sys, "argv", [f"{name}.py"])
+    with pytest.raises(SystemExit) as exc:
+        module.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and err.rstrip().endswith(errors[0]), err  # one line, argparse's last
+    assert message in errors[0], errors[0]
+    assert os.listdir(tmp_path) == []  # refused before anything was written
+
+
+def test_mhc_gains_out_is_a_folder_or_a_file(tmp_path, capsys, monkeypatch):
+    gains = load("mhc_gains")
+    stack, gpt = gains.random_stack, gains.perturbed_gpt
+    monkeypatch.setattr(gains, "random_stack", lambda constrained, **kw: stack(constrained, **{**kw, "layers": 3}))
+    monkeypatch.setattr(gains, "perturbed_gpt", lambda residual, **kw: gpt(residual, **{**kw, "depth": 1}))
+    folder = tmp_path / "figs"
+    folder.mkdir()
+    gains.main(["--out", str(folder)])
+    figure = folder / "mhc_gains.png"
+    assert figure.stat().st_size > 0 and sorted(os.listdir(tmp_path)) == ["figs"]
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith(f"wrote {figure} (")
+    gains.main(["--out", str(tmp_path / "new" / "gains.png")])  # a file path, as docs/results.md gives it
+    assert (tmp_path / "new" / "gains.png").stat().st_size > 0
+    assert sorted(os.listdir(tmp_path / "new")) == ["gains.png"]

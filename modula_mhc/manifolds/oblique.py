@@ -32,10 +32,10 @@ class Oblique(Manifold):
         Gt, _ = unit_max_scale(as_tall(G.to(dt), wide))
         Wu, _ = unit_columns(Wt)
         T = Gt - Wu * (Wu * Gt).sum(dim=-2, keepdim=True)
-        A, _ = unit_columns(T)
+        A, t_norm = unit_columns(T)
         # a column whose gradient is (numerically) normal to w has no tangent direction
-        gn = torch.linalg.vector_norm(Gt, dim=-2, keepdim=True)
-        A = torch.where(torch.linalg.vector_norm(T, dim=-2, keepdim=True) > 1e-6 * gn, A, torch.zeros_like(A))
+        gn = torch.linalg.vector_norm(Gt, dim=-2)
+        A = torch.where((t_norm > 1e-6 * gn).unsqueeze(-2), A, torch.zeros_like(A))
         if state is not None:
             state["iterations"] = 0
             state["tangent_residual"] = float((Wu * A).sum(dim=-2).abs().max()) if A.numel() else 0.0

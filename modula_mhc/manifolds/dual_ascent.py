@@ -274,7 +274,7 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
     # ‖M‖_F² at the start Λ₀ = ‖tangent projection of Ĝ‖_F²; a gradient without tangent part (to
     # rounding: ‖proj G‖ ≤ 1e-6‖G‖) has the zero direction as its answer, never rounding noise
     # blown up to unit norm, and needs no iteration
-    start_F = upper_bound(lam0)[1]
+    start_Z, start_F = upper_bound(lam0)
     tangent_sq = torch.diagonal(start_F, dim1=-2, dim2=-1).sum(-1)
     has_tangent = tangent_sq.sqrt() > 1e-6 * math.sqrt(n)
     if not bool(has_tangent.any()):
@@ -286,7 +286,8 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
     scale = (TANGENT_FLOOR * (n / tangent_sq.clamp_min(1e-300)).sqrt()).clamp_min(1.0)
     scale = torch.where(has_tangent, scale, torch.ones_like(scale))
     sc = scale[..., None, None]
-    Gn, P, E, EtE, lam0, start_F = Gn * sc, P * sc, E * sc, EtE * sc.square(), lam0 * sc, start_F * sc.square()
+    Gn, P, E, EtE, lam0 = Gn * sc, P * sc, E * sc, EtE * sc.square(), lam0 * sc
+    start_Z, start_F = start_Z * sc, start_F * sc.square()  # Z is linear in (P, Λ), F quadratic
     lam, alpha = lam0, torch.full(batch + (1, 1), 0.1, dtype=sdt, device=W.device)
     damping = torch.ones_like(alpha)
     mu2, warm_mu2, first_gap = torch.zeros(batch, dtype=sdt, device=W.device), None, None
@@ -314,7 +315,8 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
     near = False
     for k in range(1, max_iters + 1):
         iters = k
-        Z, F = upper_bound(lam)                        # WᵀM, MᵀM
+        # WᵀM, MᵀM (a cold start's first iterate is Λ₀, whose are known)
+        Z, F = (start_Z, start_F) if k == 1 and not warm else upper_bound(lam)
         e, V = torch.linalg.eigh(F + mu2[..., None, None] * torch.eye(n, dtype=sdt, device=W.device))
         sv2 = (e - mu2.unsqueeze(-1)).clamp_min(0)    # eigenvalues of F = MᵀM
         hi = sv2.sqrt().sum(-1)                        # ‖M‖_*: an upper bound

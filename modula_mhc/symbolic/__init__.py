@@ -148,9 +148,9 @@ def _patch(general, built: dict, symbol):
     general = sympy.sympify(general)
     deepest = max(built)
     # undefined beyond the sampled depths too when ∞ terms cancel to nan only once a depth is
-    # substituted (oo·f(L) − oo·g(L)): checked at a few larger depths
-    beyond = any(general.subs(symbol, v).has(*_UNDEFINED) for v in (deepest + 1, 2 * deepest + 1, 50))
-    if (general.has(*_UNDEFINED) or beyond) and built[deepest] == sympy.oo:
+    # substituted (oo·f(L) − oo·g(L)): checked at a few larger depths, only where it can matter
+    if built[deepest] == sympy.oo and (general.has(*_UNDEFINED) or any(
+            general.subs(symbol, v).has(*_UNDEFINED) for v in (deepest + 1, 2 * deepest + 1, 50))):
         general = built[deepest]
     pieces = [(b, sympy.Eq(symbol, v)) for v, b in sorted(built.items()) if not _same(general.subs(symbol, v), b)]
     if not pieces:

@@ -224,6 +224,19 @@ def _gram_products(gram: torch.Tensor, gram_inv: torch.Tensor):
     return False, (lambda X: gram @ X), (lambda X: gram_inv @ X)
 
 
+def _normal_solver(gram: torch.Tensor, denom: torch.Tensor, diagonal: bool, offdiag: bool, project):
+    """H ↦ X with P(ΓX + XΓ) = P(H): the multiplier of the tangent projection. Diagonal Γ (points on
+    Stiefel or DGram): X = P(H) ⊘ (Γᵢᵢ + Γⱼⱼ). Stiefel off the manifold: the same division in Γ's
+    eigenbasis, exact (the diagonal one left A_t off the tangent space by ~|Off(Γ)|). DGram has no
+    such closed form for P = Off; its points off the manifold (bf16 storage: cosines ~1e-3) keep
+    the diagonal solve, tangent to that accuracy."""
+    if diagonal or offdiag:
+        return lambda H: project(H) / denom
+    d, Q = torch.linalg.eigh(gram)
+    pair = d.unsqueeze(-1) + d.unsqueeze(-2)
+    return lambda H: Q @ ((Q.mT @ H @ Q) / pair) @ Q.mT
+
+
 def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dict | None,
                      gap_tol: float, max_iters: int, state_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Unit-spectral-norm tangent direction maximising ⟨G, A⟩ (W, G tall (..., m, n), same dtype).
@@ -266,9 +279,7 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
         Z = P + 2.0 * gram_mul(lam)
         return Z, Z.mT @ gram_inv_mul(Z) + EtE  # symmetric to rounding: eigh reads one triangle
 
-    def normal_solve(H):  # X with P(ΓX + XΓ) = H for diagonal Γ: the tangent projection's multiplier
-        return project(H) / denom
-
+    normal_solve = _normal_solver(gram, denom, diagonal, offdiag, project)
     lam0 = -0.5 * normal_solve(P + P.mT)
     batch = lam0.shape[:-2]
     # ‖M‖_F² at the start Λ₀ = ‖tangent projection of Ĝ‖_F²; a gradient without tangent part (to
@@ -324,7 +335,7 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
         R = (V * inv.unsqueeze(-2)) @ V.mT             # A_Λ = M·(MᵀM + μ²I)^(-1/2)
         Y = Z @ R                                      # WᵀA_Λ
         H = project(Y + Y.mT)                          # ∇f(Λ)
-        X = H / denom                                  # normal_solve(H), H already projected: A_t = A_Λ − W·X is tangent
+        X = normal_solve(H)                            # A_t = A_Λ − W·X is tangent
         if _lower_bound_due(k, near, max_iters):
             # lower bound ⟨G, A_t⟩/‖A_t‖₂ with ‖A_t‖₂² = λ_max(AᵀA − YᵀX − XᵀY + XᵀΓX), AᵀA = RFR
             score = (inv * sv2).sum(-1) - inner(Z, X)     # ⟨M, A_t⟩ = ⟨G, A_t⟩ for tangent A_t (⟨F, R⟩ = Σ sv2ᵢ·invᵢ)

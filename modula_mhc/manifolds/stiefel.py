@@ -5,6 +5,7 @@ import torch
 
 from .base import as_tall, check_tensor, compute_dtype, from_tall, is_wide, polar, spectral_norm
 from .gram import GramManifold
+from .orthogonal import orthogonal_dualize
 
 
 class Stiefel(GramManifold):
@@ -12,12 +13,21 @@ class Stiefel(GramManifold):
 
     Tangent space at W: {A : WᵀA + AᵀW = 0}; natural norm ‖A‖₂.
     dualize: argmax ⟨G, A⟩ over ‖A‖₂ ≤ 1 in the tangent space, certified to within ``gap_tol`` of
-    the optimum by a dual bound (square W: exact, A = W·msign(skew(WᵀG))).
+    the optimum by a dual bound (square W: closed form A ∝ W⁻ᵀ·msign(skew(W⁻¹G)), certified within
+    1 − σ_min(W)/σ_max(W), ``manifolds/orthogonal.py``; the iterative solver when that exceeds gap_tol).
     retract(Y) = polar factor of Y, exact (float64 Gram route); a rank-deficient Y raises ValueError.
     """
 
     name = "stiefel"
     offdiag = False
+
+    def dualize(self, W, G, state=None):
+        if W.size(-1) == W.size(-2):
+            dt = compute_dtype(G)
+            A = orthogonal_dualize(W.to(dt), G.to(dt), state, self.gap_tol, state_dtype=W.dtype)
+            if A is not None:
+                return A.to(G.dtype)
+        return GramManifold._dualize(self, W, G, state)
 
     def retract(self, Y):
         wide = is_wide(Y)

@@ -85,3 +85,33 @@ def test_dgram_point_with_huge_columns_is_recognised_and_dualized():
     A = DGram().dualize(W, torch.randn(12, 5, generator=g), st)
     assert torch.isfinite(A).all() and st["certified"]
     assert float(torch.linalg.matrix_norm(A.double(), 2)) == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["stiefel", "dgram", "oblique", "sphere", "birkhoff"])
+def test_half_precision_points_stay_on_their_manifold(name, dtype):
+    """A point stored in bf16/fp16 is on its manifold only to the rounding of its entries:
+    ``contains``'s default tolerance is that rounding (1.25·eps), so a fresh point and ten optimizer
+    steps read as contained (at 1e-4 even ``random`` was refused), and a point off by a few times the
+    rounding is still refused."""
+    from modula_mhc.manifolds import Birkhoff, Oblique, Sphere
+    M = {"stiefel": Stiefel(), "dgram": DGram(), "oblique": Oblique(), "sphere": Sphere(),
+         "birkhoff": Birkhoff()}[name]
+    shape = (4, 4) if name == "birkhoff" else (64, 32)
+    g = torch.Generator().manual_seed(3)
+    W = M.random(shape, generator=g, dtype=dtype)
+    assert M.contains(W)
+    for _ in range(10):
+        W = M.step(W, M.dualize(W, torch.randn(shape, generator=g).to(dtype)), 0.05)
+        assert W.dtype == dtype and M.contains(W)
+    off = W.float()
+    if name == "birkhoff":
+        off[0] = off[0] * 1.05                      # row sum 1.05
+    elif name == "dgram":
+        c, s = math.cos(0.05), math.sin(0.05)       # two columns 0.05 rad off orthogonal
+        off[:, 1] = c * off[:, 1] + s * off[:, 0] * (off[:, 1].norm() / off[:, 0].norm())
+    elif name == "sphere":
+        off = off * 1.05                            # the norm 5% long
+    else:
+        off[:, 0] = off[:, 0] * 1.05                # a column 5% long
+    assert not M.contains(off.to(dtype))

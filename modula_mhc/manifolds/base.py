@@ -79,7 +79,9 @@ class Manifold:
         the temporary)."""
         W.copy_(self._step(W, A, lr))
 
-    def contains(self, W: torch.Tensor, tol: float = 1e-4) -> bool:
+    def contains(self, W: torch.Tensor, tol: float | None = None) -> bool:
+        """Whether W lies on the manifold to ``tol`` (default ``containment_tol``: 1e-4, or the
+        rounding of half-precision storage)."""
         raise NotImplementedError
 
     def norm(self, A: torch.Tensor) -> torch.Tensor:
@@ -165,6 +167,21 @@ def check_same_shape(W, G, what: str) -> None:
     if W.shape != G.shape:
         raise ValueError(f"{what}: point of shape {tuple(W.shape)} and tangent/gradient of shape "
                          f"{tuple(G.shape)} differ")
+
+
+#: ``contains``'s default tolerance; points stored in half precision are on a manifold only to the
+#: rounding of their entries (u = eps/2 relative; a Gram entry of unit columns, a row sum or a norm
+#: moves by ≤ 2u), so theirs is HALF_TOL_EPS·eps: bf16 9.8e-3, fp16 1.2e-3
+CONTAINS_TOL, HALF_TOL_EPS = 1e-4, 1.25
+
+
+def containment_tol(W: torch.Tensor, tol: float | None) -> float:
+    """``tol`` if given, else CONTAINS_TOL, or HALF_TOL_EPS·eps for bf16/fp16 W (their own rounding)."""
+    if tol is not None:
+        return tol
+    if W.dtype in (torch.bfloat16, torch.float16):
+        return max(CONTAINS_TOL, HALF_TOL_EPS * torch.finfo(W.dtype).eps)
+    return CONTAINS_TOL
 
 
 def compute_dtype(X: torch.Tensor) -> torch.dtype:

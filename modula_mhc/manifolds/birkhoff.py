@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import sinkhorn
-from .base import Manifold, check_shape, check_tensor, unit_max_scale
+from .base import Manifold, check_shape, check_tensor, containment_tol, unit_max_scale
 
 #: marginal tolerance of the Sinkhorn projections used by retract/step (computed in float64)
 SINKHORN_TOL = 1e-12
@@ -207,8 +207,9 @@ class Birkhoff(Manifold):
         s = (budget / moved.clamp_min(1e-300)).clamp_(max=1.0)
         return round_to_polytope(Wd + s * D).clamp_min_(FLOOR).to(W.dtype)
 
-    def contains(self, W, tol=1e-4):
+    def contains(self, W, tol=None):
         _check_square(W, "Birkhoff.contains")
+        tol = containment_tol(W, tol)
         Wd = W.to(torch.float64)
         rows_ok = ((Wd.sum(dim=-1) - 1).abs() <= tol).all()
         cols_ok = ((Wd.sum(dim=-2) - 1).abs() <= tol).all()

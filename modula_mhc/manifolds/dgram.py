@@ -14,6 +14,7 @@ from .base import (
     as_tall,
     check_tensor,
     compute_dtype,
+    containment_tol,
     from_tall,
     is_wide,
     polar,
@@ -65,8 +66,9 @@ class DGram(GramManifold):
         scales = s if self.max_scale is None else s.clamp_max(self.max_scale)
         return from_tall(Q * scales.unsqueeze(-2), wide).to(Y.dtype)
 
-    def contains(self, W, tol=1e-4):
+    def contains(self, W, tol=None):
         check_tensor(W, "DGram.contains")
+        tol = containment_tol(W, tol)
         Wt = as_tall(W.to(compute_dtype(W)), is_wide(W))
         unit, s = unit_columns(Wt)  # the cosines between columns, computed without overflow
         ok = (off_diagonal(unit.mT @ unit).abs() <= tol).all()

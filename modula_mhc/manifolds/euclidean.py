@@ -68,7 +68,7 @@ class Euclidean(Manifold):
     def _step_(self, W, A, lr):
         W.add_(A, alpha=-lr)  # one pass, no temporary
 
-    def contains(self, W, tol=1e-4):
+    def contains(self, W, tol=None):
         check_tensor(W, "Euclidean.contains", min_ndim=1)
         return bool(torch.isfinite(W).all())
 

@@ -9,6 +9,7 @@ from .base import (
     check_shape,
     check_tensor,
     compute_dtype,
+    containment_tol,
     from_tall,
     is_wide,
     unit_columns,
@@ -49,8 +50,9 @@ class Oblique(Manifold):
             raise ValueError("Oblique.retract: a column is exactly zero, it has no nearest unit vector")
         return from_tall(W, wide).to(Y.dtype)
 
-    def contains(self, W, tol=1e-4):
+    def contains(self, W, tol=None):
         check_tensor(W, "Oblique.contains")
+        tol = containment_tol(W, tol)
         Wt = as_tall(W.to(compute_dtype(W)), is_wide(W))
         return bool(((torch.linalg.vector_norm(Wt, dim=-2) - 1).abs() <= tol).all())
 

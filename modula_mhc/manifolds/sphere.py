@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Manifold, check_shape, check_tensor, compute_dtype, unit_max_scale
+from .base import Manifold, check_shape, check_tensor, compute_dtype, containment_tol, unit_max_scale
 
 
 def _fro_all(X):
@@ -41,8 +41,9 @@ class Sphere(Manifold):
             raise ValueError("Sphere.retract: the zero tensor has no nearest point on the sphere")
         return (Yu / n).to(Y.dtype)
 
-    def contains(self, W, tol=1e-4):
+    def contains(self, W, tol=None):
         check_tensor(W, "Sphere.contains", min_ndim=1)
+        tol = containment_tol(W, tol)
         return bool((_fro_all(W.to(compute_dtype(W))) - 1).abs() <= tol)
 
     def norm(self, A):

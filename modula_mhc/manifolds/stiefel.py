@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import as_tall, check_tensor, compute_dtype, from_tall, is_wide, polar, spectral_norm
+from .base import as_tall, check_tensor, compute_dtype, containment_tol, from_tall, is_wide, polar, spectral_norm
 from .gram import GramManifold
 from .orthogonal import orthogonal_dualize
 
@@ -33,8 +33,9 @@ class Stiefel(GramManifold):
         wide = is_wide(Y)
         return from_tall(polar(as_tall(Y.to(compute_dtype(Y)), wide)), wide).to(Y.dtype)
 
-    def contains(self, W, tol=1e-4):
+    def contains(self, W, tol=None):
         check_tensor(W, "Stiefel.contains")
+        tol = containment_tol(W, tol)
         Wt = as_tall(W.to(compute_dtype(W)), is_wide(W))
         eye = torch.eye(Wt.size(-1), dtype=Wt.dtype, device=Wt.device)
         return bool(((Wt.mT @ Wt - eye).abs() <= tol).all())

@@ -46,10 +46,14 @@ class SymbolicRepeat(Module):
     @property
     def weight_gain(self):
         """κ·Σ_l (1/L)·r^(L−l) with r = ν/ν' (= κ when the norm uses the certified ν)."""
+        import sympy
         r = self.module.sensitivity / self.module.norm_sensitivity
-        if r == 1:
+        if _same(r, 1):
             return self.module.weight_gain
-        return self.module.weight_gain * (r ** self.depth - 1) / (self.depth * (r - 1))
+        # an explicit sum, not the geometric closed form (r^L − 1)/(L(r − 1)): that is 0/0 wherever r
+        # is 1 after substitution (heads H = 1, or a float 1.0 that sympy's == does not equal to 1)
+        j = sympy.Symbol("j_gain", positive=True, integer=True)
+        return self.module.weight_gain * sympy.Sum(r ** (self.depth - j), (j, 1, self.depth)) / self.depth
 
     @property
     def sharpness(self):
@@ -73,9 +77,10 @@ def layer_index_symbol():
 def _same(a, b) -> bool:
     """Structural equality (no sympy.simplify: it is slow on GPT-sized expressions; a false
     "different" only selects the general closed form, which is exact as well)."""
-    if S.is_symbolic(a) or S.is_symbolic(b):
+    if S._is_sympy(a) or S._is_sympy(b):
         import sympy
-        return sympy.sympify(a) - sympy.sympify(b) == 0
+        # .is_zero, not == 0: sympy ≥ 1.13 has Float(0.0) != 0, so a float 1.0 never equalled 1
+        return sympy.sympify(sympy.sympify(a) - sympy.sympify(b)).is_zero is True
     return a == b
 
 

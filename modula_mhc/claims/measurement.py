@@ -100,6 +100,18 @@ def _call(model, names, ws, x):
     return functional_call(model, dict(zip(names, ws)), (x,))
 
 
+def _step(base, ws, dirs) -> float:
+    """Finite-difference step for the weight direction ``dirs``: base·max(1, max|w|)/max|Δw|, so
+    that the perturbation h·Δw is ``base`` relative to the weights. A unit-modular-norm Δw can have
+    entries of 1e24 (an atom behind a 1e-6 scale has coefficient 1e-25), and the fixed step then
+    measured the cubic terms of a multilinear chain (κ 5e19 against a true 1/4); or of 1e-12 (behind
+    a 1e12 scale), and w ± h·Δw rounded to w."""
+    size = max((float(d.abs().max()) for d in dirs if d.numel()), default=0.0)
+    if not size > 0:
+        return base
+    return base * max([1.0] + [float(w.abs().max()) for w in ws if w.numel()]) / size
+
+
 def _unit_dualized(model, grads):
     clean = [torch.nan_to_num(gr.detach(), nan=0.0, posinf=0.0, neginf=0.0) for gr in grads]
     return [d.detach() for d in model.dualize(clean, target_norm=1.0)]
@@ -118,8 +130,9 @@ def measure_weight_gain(model: Module, x, restarts=3, steps=15, seed=0) -> Measu
         run_best = 0.0
         for _ in range(steps):
             dr = [d.clone().requires_grad_(True) for d in dw]
-            y = (_call(model, names, [w + _FD * d for w, d in zip(ws, dr)], x)
-                 - _call(model, names, [w - _FD * d for w, d in zip(ws, dr)], x)) / (2 * _FD)
+            h = _step(_FD, ws, dw)
+            y = (_call(model, names, [w + h * d for w, d in zip(ws, dr)], x)
+                 - _call(model, names, [w - h * d for w, d in zip(ws, dr)], x)) / (2 * h)
             out = _soft_norm(y)
             nrm = float(model.norm(dw))
             val = float(seq_norm(y.detach())) / nrm if nrm > 0 else 0.0
@@ -175,7 +188,6 @@ def measure_sharpness(f, x, which="gamma", restarts=2, steps=15, lr=0.1, move_in
     model = f
     names, ws = _weights(model)
     g = torch.Generator().manual_seed(seed)
-    h = _FD2
     best = Measurement(0.0)
     for _ in range(restarts):
         a = _unit_dualized(model, [_randn(w.shape, g, w.dtype) for w in ws])
@@ -186,17 +198,20 @@ def measure_sharpness(f, x, which="gamma", restarts=2, steps=15, lr=0.1, move_in
         run_best = 0.0
         for _ in range(steps):
             ar = [t.clone().requires_grad_(True) for t in a]
+            ha = _step(_FD2, ws, a)  # each direction its own step (see _step)
             if which == "alpha":
                 br = [t.clone().requires_grad_(True) for t in b]
+                hb = _step(_FD2, ws, b)
                 def at(sa, sb):
-                    return _call(model, names, [w + sa * h * p + sb * h * q for w, p, q in zip(ws, ar, br)], x)
+                    return _call(model, names, [w + sa * ha * p + sb * hb * q for w, p, q in zip(ws, ar, br)], x)
                 den = float(model.norm(a)) * float(model.norm(b))
             else:
                 br = b.clone().requires_grad_(True)
+                hb = _FD2
                 def at(sa, sb):
-                    return _call(model, names, [w + sa * h * p for w, p in zip(ws, ar)], x + sb * h * br)
+                    return _call(model, names, [w + sa * ha * p for w, p in zip(ws, ar)], x + sb * hb * br)
                 den = float(model.norm(a)) * float(seq_norm(b))
-            d2 = (at(1, 1) - at(1, -1) - at(-1, 1) + at(-1, -1)) / (4 * h * h)
+            d2 = (at(1, 1) - at(1, -1) - at(-1, 1) + at(-1, -1)) / (4 * ha * hb)
             out = _soft_norm(d2)
             val = float(seq_norm(d2.detach())) / den if den > 0 else 0.0
             run_best = max(run_best, val)

@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 
-class _CallableModule(type(__import__("sys"))):
+class _CallableModule(type(__import__("sys"))):  # type: ignore[misc]
     """``modula_mhc.adapt`` is this package and also the function: ``mm.adapt(model, "hetero")``
     calls :func:`adapted.adapt`, while ``mm.adapt.DualizeAdamW`` etc. stay reachable."""
 

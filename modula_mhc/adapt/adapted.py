@@ -72,13 +72,31 @@ class Adapted(Module):
 
     @property
     def sensitivity(self):
-        """The shadow compound's sensitivity when the structure was recovered (the model's own
-        residual read as the library's, norms and cores as 1-sensitive stand-ins: an estimate in
-        the library's conventions, not a certificate for the model); ∞ (no claim) when defaulted."""
+        """∞: no Lipschitz claim. A foreign model's norm layers, attention cores and activations are
+        only stand-ins in the shadow, and an adversary exceeds the shadow's value on real models
+        (``sensitivity_estimate`` keeps it for reading and for the modular norm)."""
+        return math.inf
+
+    @property
+    def sensitivity_estimate(self):
+        """The shadow compound's sensitivity when the structure was recovered (the model's residual
+        read as the library's, norms and cores 1-sensitive): an estimate, not a bound; ∞ when defaulted."""
         return self._shadow.sensitivity if self._shadow is not None else math.inf
 
+    @property
+    def norm_sensitivity(self):
+        # the ν an enclosing compound builds its norm coefficients with: the estimate, as native
+        # attention builds its norm from a smaller constant than the one it certifies
+        return self._shadow.norm_sensitivity if self._shadow is not None else math.inf
+
+    @property
+    def weight_gain(self):
+        """∞: ‖J_w f·Δw‖ ≤ κ‖Δw‖_M is not derived for a foreign model (its inputs, norms and cores
+        are not certified; the inherited κ = 1 was exceeded on the first model measured)."""
+        return math.inf
+
     def sensitivity_text(self):
-        s = S.to_number(self.sensitivity)
+        s = S.to_number(self.sensitivity_estimate)
         return "∞ (not derived: structure defaulted)" if s == S.INF else f"{s:.4g} (estimate, from the recovered structure)"
 
     @property
@@ -219,11 +237,8 @@ def adapt(model: nn.Module, manifolds="muon", *, roles=None, split_heads=False, 
         ordered.append(v)
         by_id[id(p)] = v
     shadow, placed, summary = _structure(structure, model, infos, by_id, masses)
-    for v, m in _resolve_manifolds(manifolds, views).items():
-        v.manifold = v._check_manifold(m)
-        if retract and m.name != "euclidean":
-            with torch.no_grad():
-                v.project_()
+    _place_on_manifolds(_resolve_manifolds(manifolds, views), retract)
+    _freeze(views)
     adapted = Adapted(model, views, shadow, placed, summary, atoms=ordered)
     object.__setattr__(adapted, "_names", {id(by_id[id(i.module.get_parameter(i.param_name))]): i.name for i in infos})
     for v in views:  # the last adapter of a parameter owns its tag
@@ -231,11 +246,45 @@ def adapt(model: nn.Module, manifolds="muon", *, roles=None, split_heads=False, 
     return adapted
 
 
+def _place_on_manifolds(chosen, retract):
+    """Give each view its manifold and (``retract``) project its weight onto it once. A frozen
+    weight (requires_grad=False) stays Euclidean and untouched: adapt must not rewrite what the
+    user froze (a pretrained backbone), and nothing would ever step it back."""
+    for v, m in chosen.items():
+        if not v.weight.requires_grad:
+            continue
+        v.manifold = v._check_manifold(m)
+        if retract and m.name != "euclidean":
+            with torch.no_grad():
+                v.project_()
+
+
+def _freeze(views):
+    """Frozen weights get mass 0, i.e. norm coefficient ∞ and step target 0, as a native atom of
+    mass 0: they take no share of the update and do not count in the modular norm."""
+    for v in views:
+        if not v.weight.requires_grad:
+            v.mass = 0.0
+            v.note = "frozen (requires_grad=False): mass 0" + (f"; {v.note}" if v.note else "")
+
+
+def _check_parameters(model):
+    """Clear errors for parameters no view can read: lazy (uninitialised), complex, empty."""
+    for name, p in model.named_parameters():
+        if isinstance(p, nn.parameter.UninitializedParameter):
+            raise ValueError(f"adapt: {name} is uninitialized (a lazy module): run one forward pass first")
+        if p.is_complex():
+            raise TypeError(f"adapt: {name} is complex ({p.dtype}); the atom norms are defined for real weights")
+        if p.numel() == 0:
+            raise ValueError(f"adapt: {name} has shape {tuple(p.shape)} and no elements; no norm is defined on it")
+
+
 def _check_options(model, structure, tied_head):
     if not isinstance(model, nn.Module):
         raise TypeError(f"adapt: expected a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, Module):
         raise TypeError("adapt: this is already a modula_mhc Module; use it directly")
+    _check_parameters(model)
     if tied_head not in ("embed", "max"):
         raise ValueError(f"adapt: tied_head must be 'embed' or 'max', got {tied_head!r}")
     if structure not in ("auto", "default", "branch"):
@@ -286,8 +335,10 @@ def _view_of(model, info, tied_head, split_heads):
         v = GainView(info.module, info.param_name, info.name, info.role)
     else:
         v = VectorView(info.module, info.param_name, info.name, info.role)
+    notes = [info.note] if info.note else []
     if info.tied:
-        v.note = "tied with " + ", ".join(info.tied)
+        notes.append("tied with " + ", ".join(info.tied))
+    v.note = "; ".join(notes)
     return v
 
 

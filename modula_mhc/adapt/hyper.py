@@ -109,5 +109,11 @@ class HyperBranch(Module):
     def sharpness(self):
         return Sharpness(float("inf"), float("inf"), float("inf"))
 
+    @property
+    def weight_gain(self):
+        """∞: how far a step of a foreign branch's weights moves its output is not derived (its norm
+        layers and cores are not certified), whatever ``sensitivity`` is assumed."""
+        return float("inf")
+
     def _coefficient_map(self):
         return self.adapted._coefficient_map() if self.adapted is not None else {}

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 __all__ = ["ParamInfo", "hf_conv1d_type", "infer", "is_norm_module"]
 
@@ -71,6 +72,7 @@ class ParamInfo:
     head_dim: int | None = None
     heads: int | None = None
     tied: list = field(default_factory=list)  # other names of the same tensor
+    note: str = ""            # said in describe() (e.g. a parametrization latent)
 
 
 def _path_parts(module_name):
@@ -140,12 +142,14 @@ def _matrix_shape(module, W, layout):
 def infer(model: nn.Module) -> list[ParamInfo]:
     """One ParamInfo per distinct parameter, in ``named_parameters()`` order."""
     conv1d = hf_conv1d_type()
-    owner_of, modules_by_name = {}, dict(model.named_modules())
+    owner_of: dict[int, tuple] = {}
+    modules_by_name = dict(model.named_modules())
     for mname, mod in model.named_modules():
         for pname, p in mod.named_parameters(recurse=False):
             owner_of.setdefault(id(p), (mname, mod, pname))
     head_name = _head_name(model, conv1d)
-    seen, out = {}, []
+    seen: dict[int, ParamInfo] = {}
+    out: list[ParamInfo] = []
     for full, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen:
             seen[id(p)].tied.append(full)
@@ -154,7 +158,9 @@ def infer(model: nn.Module) -> list[ParamInfo]:
         info = ParamInfo(full, mname, mod, pname, kind="vector", role="vector")
         seen[id(p)] = info
         out.append(info)
-        if isinstance(mod, nn.Embedding) and pname == "weight":
+        if is_latent(mod, pname):  # the layer's weight is a function of it, not it: a plain vector
+            info.note = "parametrization latent"
+        elif isinstance(mod, nn.Embedding) and pname == "weight":
             info.kind, info.role = "embed", "embed"
         elif p.ndim <= 1:
             if is_norm_module(mod) and pname == "weight":
@@ -164,6 +170,19 @@ def infer(model: nn.Module) -> list[ParamInfo]:
         else:
             _classify_matrix(info, model, modules_by_name, p, head_name, conv1d)
     return out
+
+
+def is_latent(mod: nn.Module, pname: str) -> bool:
+    """True for the tensors a parametrization computes a weight from (``parametrize``'s
+    ``original*``; the hook-based weight_norm's ``*_g``/``*_v`` and spectral_norm's ``*_orig``):
+    the layer's matrix is a function of them, so their operator norm or a manifold says nothing."""
+    if isinstance(mod, parametrize.ParametrizationList):
+        return True
+    for hook in mod._forward_pre_hooks.values():
+        name = getattr(hook, "name", None)
+        if isinstance(name, str) and pname in (name + "_g", name + "_v", name + "_orig"):
+            return True
+    return False
 
 
 def _head_name(model, conv1d) -> str | None:

@@ -72,7 +72,8 @@ def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     def has_matrix(m):
         return any(isinstance(s, mat_types) for s in m.modules())
 
-    found, prefixes = [], []
+    found: list[tuple[str, nn.Module]] = []
+    prefixes: list[str] = []
     for name, mod in model.named_modules():
         if any(name.startswith(p) for p in prefixes):
             continue
@@ -268,17 +269,19 @@ def _occurrences(model, infos, block_names):
         return next((n for n in block_names if module_name == n or module_name.startswith(n + ".")), None)
 
     seq, seen_blocks, seen_units = [], set(), set()
-    block_of_info = {}
+    block_of_info, aliases = {}, {}
     by_id = {id(i.module.get_parameter(i.param_name)): i for i in infos}
     for full, p in model.named_parameters(remove_duplicate=False):
         info = by_id[id(p)]
         mname = info.module_name if info.kind == "island" else (full.rsplit(".", 1)[0] if "." in full else "")
-        blk = in_block(mname)
-        if blk is not None:
-            block_of_info[info.name] = blk
-            if blk not in seen_blocks:
-                seen_blocks.add(blk)
-                seq.append(("block", blk))
+        pos = in_block(mname)
+        if pos is not None:
+            # a block object listed twice (shared weights) is the first one used again: its
+            # parameters belong to the first name, and each use is a layer of the shadow
+            src = aliases.setdefault(pos, block_of_info.setdefault(info.name, pos))
+            if pos not in seen_blocks:
+                seen_blocks.add(pos)
+                seq.append(("block", src))
             continue
         key = (mname, id(info.module))
         if key not in seen_units:

@@ -88,7 +88,7 @@ class MatrixView(AtomView):
     rows/groups rows each (the norm is the largest block's: for unit-norm blocks the whole map has
     RMS→RMS gain 1, so its sensitivity stays 1, unlike fused projections)."""
 
-    allowed_manifolds = None
+    allowed_manifolds = None  # type: ignore[assignment]  # any manifold: None means "no restriction"
 
     def __init__(self, owner, param_name, name, role, layout="oi", segments=None, head_dim=None,
                  manifold="euclidean", mass=1.0, groups=1):

@@ -151,3 +151,67 @@ def test_in_place_step_equals_step(name):
     assert m._step_(W_inplace, A, 0.05) is None
     assert torch.allclose(W_inplace, expected, atol=1e-6)
     assert not torch.equal(W_inplace, W)
+
+
+def _hetero_gpt():
+    torch.manual_seed(0)
+    return compounds.GPT(vocab_size=13, context=8, width=16, depth=2, heads=2,
+                         attn_manifold="stiefel", mlp_manifold="dgram")
+
+
+def test_stacked_hetero_step_keeps_each_atoms_state():
+    """Same-shape Stiefel and DGram weights are dualized as one stack (``stacks_members``), each
+    with its own state: per-atom iterations (an int), certified, its own certificate, and from the
+    second step a warm start from it (DGram; square Stiefel is closed-form); the same iteration
+    counts as dualizing each atom on its own."""
+    model = _hetero_gpt()
+    opt = _one_step(model, stacked=True)
+    grams = [p for p in model.parameters() if getattr(p._mm_atom().manifold, "stacks_members", False)]
+    dgram = [p for p in grams if p._mm_atom().manifold.name == "dgram"]
+    assert len(grams) >= 4 and len(dgram) >= 2
+    for step in range(2):
+        torch.manual_seed(10 + step)
+        model.zero_grad()
+        model(torch.randint(0, 13, (3, 8))).square().mean().backward()
+        # the per-atom reference, from copies of the same states (the stack must not change them)
+        alone = {}
+        for p in dgram:
+            st = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()}
+            u = p.grad.lerp(opt.state[p]["momentum_buffer"].lerp(p.grad, 0.05), 0.95)  # Nesterov, β = 0.95
+            p._mm_atom().manifold.dualize(p.detach(), u, st)
+            alone[p] = st["iterations"]
+        opt.step()
+        for p in grams:
+            st = opt.state[p]
+            assert isinstance(st["iterations"], int) and isinstance(st["certified"], bool) and st["certified"]
+        assert all(opt.state[p]["warm_start"] for p in dgram)
+        assert {p: opt.state[p]["iterations"] for p in dgram} == alone
+    certificates = {float(opt.state[p]["certificate"].abs().sum()) for p in grams}
+    assert len(certificates) == len(grams)       # each member kept its own multiplier
+
+
+def test_a_stacked_solve_does_not_wait_for_its_slowest_member():
+    """Members leave the stacked solve once certified: an easy member's iteration count is its own
+    (alone it takes the same), not the hard member's."""
+    from modula_mhc.manifolds import DGram
+    g = torch.Generator().manual_seed(3)
+    M = DGram()
+    W = torch.stack([M.random((48, 16), generator=g, dtype=torch.float64) for _ in range(2)])
+    easy = W[0] @ (0.1 * torch.randn(16, 16, generator=g, dtype=torch.float64)) \
+        + 1e-3 * torch.randn(48, 16, generator=g, dtype=torch.float64)
+    hard = torch.randn(48, 1, generator=g, dtype=torch.float64) @ torch.randn(1, 16, generator=g, dtype=torch.float64) \
+        + 3e-3 * torch.randn(48, 16, generator=g, dtype=torch.float64)
+    G = torch.stack([easy, hard])
+    alone = []
+    for j in range(2):
+        st = {}
+        M.dualize(W[j], G[j], st)
+        alone.append(st["iterations"])
+    states = [{}, {}]
+    A = M._dualize_stack(W, G, states)
+    together = [st["iterations"] for st in states]
+    assert alone[0] < alone[1] and together[0] < together[1], (alone, together)
+    assert abs(together[0] - alone[0]) <= 2, (alone, together)
+    for j in range(2):
+        assert states[j]["certified"]
+        assert abs(float(torch.linalg.matrix_norm(A[j], 2)) - 1) < 1e-9

@@ -12,7 +12,7 @@ import zlib
 import pytest
 import torch
 
-from modula_mhc.manifolds import DGram, Stiefel, dual_ascent, quasi_newton
+from modula_mhc.manifolds import DGram, Stiefel, dual_ascent, quasi_newton, warm_start
 from modula_mhc.manifolds.dual_ascent import off_diagonal
 
 
@@ -369,9 +369,9 @@ def test_diagonal_gram_fast_path_and_full_gram_give_valid_certificates(manifold,
     g = torch.Generator().manual_seed(5)
     W, G = point(manifold, 96, 48, g), gradient("cond1e4", 96, 48, g)
     W32 = (Stiefel() if manifold == "stiefel" else DGram()).retract(W.float()).double()
-    assert dual_ascent._gram_products(W32.mT @ W32, torch.eye(48, dtype=torch.float64))[0]
+    assert dual_ascent._gram_products(W32.mT @ W32, torch.eye(48, dtype=torch.float64))["diagonal"]
     bent = W + 1e-3 * W.norm() / math.sqrt(W.numel()) * torch.randn(W.shape, generator=g, dtype=torch.float64)
-    assert not dual_ascent._gram_products(bent.mT @ bent, torch.eye(48, dtype=torch.float64))[0]
+    assert not dual_ascent._gram_products(bent.mT @ bent, torch.eye(48, dtype=torch.float64))["diagonal"]
     fast, _ = check(manifold, W, G, torch.float64)
     monkeypatch.setattr(dual_ascent, "DIAGONAL_GRAM", -1.0)  # never diagonal: full Γ products
     full, _ = check(manifold, W, G, torch.float64)
@@ -521,24 +521,24 @@ def test_warm_cap_survives_first_gaps_up_to_the_limit():
     """The warm μ cap is dropped only when the first warm gap exceeds ``WARM_GAP_LIMIT`` (0.5):
     late in a run real MLP solves start at 30–50% gaps, and dropping their cap there (the old
     0.3) took 16 such solves from 13.2 to 17.1 iterations on average (max 15 → 28)."""
-    assert dual_ascent.WARM_GAP_LIMIT == 0.5
+    assert warm_start.WARM_GAP_LIMIT == 0.5
     warm = torch.tensor([1e-4], dtype=torch.float64)
     for gap, kept in [(0.1, True), (0.45, True), (0.55, False)]:
-        mu2, cap, _ = dual_ascent._smoothing(1, 2.0, torch.tensor([1.0], dtype=torch.float64), 64,
+        mu2, cap, _ = warm_start.smoothing(1, 2.0, torch.tensor([1.0], dtype=torch.float64), 64,
                                              torch.tensor([gap], dtype=torch.float64), warm, None)
         assert bool(torch.isfinite(cap).all()) is kept, gap
-        assert float(mu2) <= (dual_ascent.WARM_SMOOTHING[1] ** 2 * 1e-4 if kept else math.inf)
+        assert float(mu2) <= (warm_start.WARM_SMOOTHING[1] ** 2 * 1e-4 if kept else math.inf)
 
 
 def test_a_stalled_warm_cap_is_released():
     """By iteration ``WARM_RELEASE[0]`` a warm solve whose gap has not fallen below
     ``WARM_RELEASE[1]`` × its first gap drops the μ cap (its problem moved); one that is
     converging keeps it."""
-    k, ratio = dual_ascent.WARM_RELEASE
+    k, ratio = warm_start.WARM_RELEASE
     warm = torch.tensor([1e-4, 1e-4], dtype=torch.float64)
     first = torch.tensor([0.2, 0.2], dtype=torch.float64)
     gap = torch.tensor([0.8 * ratio * 0.2, 1.2 * ratio * 0.2], dtype=torch.float64)
-    mu2, cap, _ = dual_ascent._smoothing(k, 2.0, torch.ones(2, dtype=torch.float64), 64, gap, warm, first)
+    mu2, cap, _ = warm_start.smoothing(k, 2.0, torch.ones(2, dtype=torch.float64), 64, gap, warm, first)
     assert torch.isfinite(cap).tolist() == [True, False]
-    mu2, cap, _ = dual_ascent._smoothing(k - 1, 2.0, torch.ones(2, dtype=torch.float64), 64, gap, warm, first)
+    mu2, cap, _ = warm_start.smoothing(k - 1, 2.0, torch.ones(2, dtype=torch.float64), 64, gap, warm, first)
     assert torch.isfinite(cap).all()  # only at the release iteration

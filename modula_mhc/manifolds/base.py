@@ -39,6 +39,10 @@ class Manifold:
     #: True when ``dualize`` treats leading dims as a batch of independent matrices and writes only
     #: per-call entries to ``state``: the optimizer then dualizes same-shape weights as one stack
     batched_dualize = False
+    #: True when ``_dualize_stack(W, G, states)`` dualizes a stack with one state dict per member
+    #: (Stiefel, DGram: each weight keeps its own warm start): the optimizer then stacks
+    #: same-shape weights too, and the solve's per-iteration overhead is shared
+    stacks_members = False
     #: False when ``dualize`` ignores the point W (Euclidean): a stacked dualize then skips
     #: gathering the weights
     dualize_reads_point = True

@@ -36,11 +36,15 @@ the same eigenvectors; Γ as row scalings when it is diagonal: ``DIAGONAL_GRAM``
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
 from .base import fro, inner, sym, unit_max_scale
+from .dual_record import _no_tangent, _record, _store
 from .quasi_newton import STEP_MIN, Curvature, SpectralPreconditioner
+from .warm_start import smoothing as smooth
+from .warm_start import warm_start
 
 #: smoothing schedules: (plain iterations before smoothing starts, c in μ = c·gap/n). Measured on
 #: Gaussian, rank-1 and condition-1e4 gradients, tall/wide/square, and real MLP gradients: Stiefel's
@@ -52,43 +56,6 @@ SCHEDULES = {False: (100, 3.0 * math.sqrt(2)), True: (0, 2.0 * math.sqrt(2))}
 #: accelerators, where a sync per iteration would stall the queue of small kernels; the first
 #: iteration is always tested
 CHECK_EVERY = {"cpu": 1, "accelerator": 4}
-#: a warm-started solve whose schedule smooths from the start (DGram) also starts from the previous
-#: solve's last μ, and for its first WARM_SMOOTHING[0] iterations μ stays ≤ WARM_SMOOTHING[1]·(that
-#: μ), unless the first iteration's certified gap exceeds WARM_GAP_LIMIT, or by iteration
-#: WARM_RELEASE[0] the gap has not fallen below WARM_RELEASE[1]·(the first gap): in both cases the
-#: problem moved too far for the old μ to fit. Why a cap: the gap-tied rule alone read the first
-#: iteration's large gap (20–36% on real MLP gradients: the primal bound lags the dual one) and
-#: smoothed a good warm multiplier away (12 warm real solves each, without / with the first cap:
-#: 512×128 at lr 0.054 179 / 90; 256×64 at lr 0.054 53 / 34). Why the release: under a tight cap a
-#: problem that moved stalls (a square Gaussian DGram problem moved by 20% noise sat at a 14–16%
-#: gap for the whole window), while the real solves halve their gap every ~2 iterations. Measured
-#: with the current solver (spectral quasi-Newton, warm start from the certificate), mean iterations
-#: of the 36 recorded real solves (512×128; 256×64; 256×64 at lr 0.2) and of 16 solves at steps
-#: 96–99 of a tiny-preset run, and the total of 144 synthetic problems moved by 5–100% noise
-#: (cold: 3 660):
-#:   cap 2, window 15, limit 0.3, no release: 17.1 / 9.2 / 19.8, late 17.1 (max 28), 3 242
-#:   cap 2, limit 0.5:                        17.1 / 9.2 / 14.8, late 13.2 (max 15), 3 487
-#:   cap 1.25, limit 0.5, release (8, 0.5):   13.4 / 7.3 / 13.2, late 11.8 (max 15), 3 194 (worst
-#:   warm/cold 2.16 against 2.72); cap 1 with the release: 11.3 / 7.3 / 13.5 but 29 iterations for a
-#:   5% move (cold 26), release at 6 or 10 and windows of 5–8 measured worse. Not a gain everywhere:
-#:   on synthetic warm sequences (24 problems, 3 steps each, G ← (1−ν)G + ν·noise) the old rule /
-#:   cap 2 with the release / cap 1.25 with it took 1 141 / 1 139 / 1 249 iterations at ν = 5%,
-#:   1 335 / 1 277 / 1 366 at 10%, 1 831 / 1 643 / 1 531 at 30%; real solves decided.
-#: Dual iterations per step of the tiny preset over 4 windows of 25 training steps: 50.9, 43.6,
-#: 61.8, 77.9 → 40.5, 37.1, 45.0, 56.0 (``bench_train_step.py --preset tiny``).
-#: The window went from 15 to 30 iterations: late in a run (anchor GPT, steps 96–99) the MLP-output
-#: solves' dual bound is within 0.1% of the optimum by iteration ~12 but the primal lags; at
-#: iteration 16 the old window let μ jump 3–12× with the gap still at 3–4%, and the primal then
-#: needed ~25 more iterations. 32 solves at steps 96–99: mean 27.3 (max 46) → 21.8 (max 38); the
-#: synthetic warm sequences above 1 249 / 1 366 / 1 531 → 1 192 / 1 275 / 1 526; the other
-#: recorded sets unchanged. Windows 25 / 40 / 60 / unbounded: 22.7 / 21.6 / 21.6 / 21.6 late, but
-#: 1 569 / 1 568 / 1 577 / 1 647 at 30% drift. The synthetic totals move by ~3% with rounding alone
-#: (after DGram's column normalisation changed, the same code read 1 189 / 1 314 / 1 573); the
-#: recorded real solves did not move. Also tried since: smoothing c = 1.5, 2, 3.5 (2√2 kept), and
-#: holding μ until the gap rule moves it by 1.4× or 2× (mixed: 5% drift better, 30% worse)
-WARM_SMOOTHING = (30, 1.25)
-WARM_RELEASE = (8, 0.5)
-WARM_GAP_LIMIT = 0.5
 #: an iterate whose dual bound exceeds the best one by this fraction has diverged (a long dual step
 #: once smoothing reshapes the landscape: measured on rank-1-plus-noise gradients, the bound jumped
 #: from 7.4 to 360 and never came back in 2000 iterations); the loop returns to the best multiplier,
@@ -96,9 +63,6 @@ WARM_GAP_LIMIT = 0.5
 #: on each iteration that does not diverge (undamped, a rank-2 Stiefel problem cycled restart →
 #: diverge at a 1.95% gap until the cap)
 DIVERGED, RESTART_SHRINK = 0.5, 10.0
-#: every ALTERNATE iterations c drops to c/3 and back: a fixed c locked some rank-1 problems at 97-98%
-#: (a cap μ ≤ 0.03 was tried too: it stalled rank-1 DGram at 97%)
-ALTERNATE = 40
 #: the lower bound (an eigvalsh and 3 n×n products, ~30% of an iteration) is computed on every
 #: LOWER_BOUND_EVERY-th iteration until the certified gap is within NEAR_GAP × gap_tol, then on every
 #: one. Measured on 96 recorded real DGram solves: every 2nd needed 1-9% fewer iterations and ran in
@@ -133,124 +97,106 @@ def _inv_sqrt_values(e: torch.Tensor) -> torch.Tensor:
     return torch.where(e > floor.clamp_min(tiny), e.clamp_min(tiny).rsqrt(), torch.zeros_like(e))
 
 
-def _stored(state: dict, key: str, like: torch.Tensor) -> torch.Tensor | None:
-    value = state.get(key)
-    return value.to(like) if isinstance(value, torch.Tensor) and value.shape == like.shape else None
-
-
-def _warm_start(state: dict | None, lam0: torch.Tensor, alpha: torch.Tensor, mu2: torch.Tensor, smooths: bool,
-                scale: torch.Tensor):
-    """(Λ, step, μ², μ² cap) from the previous solve's ``state``, or None for a cold start. Λ is the
-    previous solve's best dual multiplier (its ``certificate``): between optimizer steps the optimum
-    multiplier moves less than its offset from the start Λ₀ (which follows the new gradient's noise).
-    Mean iterations of the 36 recorded real DGram solves, offset of the best primal's multiplier
-    from Λ₀ before / this: 46 / 34 (512×128), 21 / 18 (256×64), 38 / 38 (256×64 at lr 0.2)."""
-    multiplier = None if state is None else _stored(state, "certificate", lam0)
-    if state is None or multiplier is None:
-        return None
-    # state holds Λ, the step and μ in the units of Ĝ (‖Ĝ‖_F = √n); the loop runs ``scale`` × that
-    sc = scale[..., None, None]
-    multiplier = multiplier * sc
-    step = _stored(state, "dual_step", alpha)
-    step = None if step is None else step * sc
-    prev_mu = _stored(state, "dual_smoothing", mu2) if smooths else None
-    cap = None
-    if prev_mu is not None:
-        # μ = 0 (a solve certified before its first update) carries nothing: no cap
-        mu2 = (prev_mu * scale).square()
-        cap = torch.where(mu2 > 0, mu2, torch.full_like(mu2, math.inf))
-    return multiplier, (alpha if step is None else step), mu2, cap
-
-
-def _smoothing(k: int, c: float, gap_abs: torch.Tensor, n: int, gap: torch.Tensor, warm_mu2: torch.Tensor | None,
-               first_gap: torch.Tensor | None):
-    """(μ², warm cap, first gap) for iteration k: μ = c·gap/n (c/3 on alternate ``ALTERNATE``
-    windows), capped by ``WARM_SMOOTHING`` after a warm start unless the first gap exceeds
-    ``WARM_GAP_LIMIT`` or, by iteration ``WARM_RELEASE[0]``, the gap has not fallen below
-    ``WARM_RELEASE[1]`` × the first gap."""
-    if ALTERNATE > 0 and (k // ALTERNATE) % 2 == 1:
-        c = c / 3
-    mu2 = (c * gap_abs.clamp_min(0) / n).square()
-    if warm_mu2 is not None and k < WARM_SMOOTHING[0]:
-        if k == 1:  # a warm start far from the new problem's optimum: the gap rule alone
-            warm_mu2 = torch.where(gap <= WARM_GAP_LIMIT, warm_mu2, torch.full_like(warm_mu2, math.inf))
-            first_gap = gap
-        elif k == WARM_RELEASE[0] and first_gap is not None:  # stalled under the cap: the problem moved
-            warm_mu2 = torch.where(gap <= WARM_RELEASE[1] * first_gap, warm_mu2, torch.full_like(warm_mu2, math.inf))
-        mu2 = torch.minimum(mu2, WARM_SMOOTHING[1] ** 2 * warm_mu2)
-    return mu2, warm_mu2, first_gap
-
-
 def _lower_bound_due(k: int, near: bool, max_iters: int) -> bool:
     """Whether iteration k computes the lower bound (``LOWER_BOUND_EVERY``, ``NEAR_GAP``)."""
     return near or k % LOWER_BOUND_EVERY == 1 % LOWER_BOUND_EVERY or k == max_iters
 
 
-def _record(state: dict, dt: torch.dtype, gap: torch.Tensor, gap_tol: float, iters: int, warm: bool, *,
-            step: torch.Tensor, smoothing: torch.Tensor | None, certificate: torch.Tensor,
-            residual: torch.Tensor) -> None:
-    """Write a solve's diagnostics and warm start into ``state``. Tensors are stored in the weight's
-    dtype: torch.optim's load_state_dict casts state to it, and a resumed run must warm-start
-    exactly as the uninterrupted one."""
-    state["dual_step"] = step.detach().to(dt)
-    if smoothing is not None:  # the smoothing μ reached, for the next warm start
-        state["dual_smoothing"] = smoothing.detach().to(dt)
-    # the multiplier of the best upper bound: ‖Ĝ + 2ŴΛ‖_* ≥ optimum for the solver's normalised
-    # Ĝ (‖Ĝ‖_F = √n) and Ŵ; a certificate anyone can recheck with an SVD, and the next warm start
-    state["certificate"] = certificate.detach().to(dt)
-    state["iterations"] = iters
-    state["duality_gap"] = gap.max().detach().to(dt)
-    state["certified"] = bool((gap <= gap_tol * (1 + 1e-9) + 1e-12).all())
-    state["warm_start"] = warm
-    state["tangent_residual"] = residual.detach().to(dt)
-
-
-def _no_tangent(W: torch.Tensor, state: dict | None, dt: torch.dtype, kept: torch.dtype) -> torch.Tensor:
-    """The answer when no member's gradient has a tangent part: A = 0, exactly optimal. The warm
-    start of the previous solve is kept for the next."""
-    if state is not None:
-        zero = torch.zeros((), dtype=kept)
-        state.update(iterations=0, duality_gap=zero, certified=True, warm_start=False, tangent_residual=zero)
-    return torch.zeros_like(W, dtype=dt)
-
-
-def _gram_products(gram: torch.Tensor, gram_inv: torch.Tensor):
-    """(diagonal, X ↦ ΓX, X ↦ Γ⁻¹X): row scalings when Γ is diagonal to ``DIAGONAL_GRAM``."""
+def _gram_products(gram: torch.Tensor, gram_inv: torch.Tensor) -> dict:
+    """The tensors of X ↦ ΓX and X ↦ Γ⁻¹X (``_gram_mul``): row scalings when every Γ is diagonal to
+    ``DIAGONAL_GRAM``, else the matrices; key "diagonal" says which."""
     d = torch.diagonal(gram, dim1=-2, dim2=-1)
     root = d.clamp_min(0).sqrt()
     if bool((off_diagonal(gram).abs() <= DIAGONAL_GRAM * root.unsqueeze(-1) * root.unsqueeze(-2)).all()):
-        rows, inv_rows = d.unsqueeze(-1), 1.0 / d.unsqueeze(-1)
-        return True, (lambda X: rows * X), (lambda X: inv_rows * X)
-    return False, (lambda X: gram @ X), (lambda X: gram_inv @ X)
+        return {"diagonal": True, "rows": d.unsqueeze(-1), "inv_rows": 1.0 / d.unsqueeze(-1)}
+    return {"diagonal": False, "gram": gram, "gram_inv": gram_inv}
 
 
-def _normal_solver(gram: torch.Tensor, denom: torch.Tensor, diagonal: bool, offdiag: bool, project):
-    """H ↦ X with P(ΓX + XΓ) = P(H): the multiplier of the tangent projection. Diagonal Γ (points on
-    Stiefel or DGram): X = P(H) ⊘ (Γᵢᵢ + Γⱼⱼ). Stiefel off the manifold: the same division in Γ's
-    eigenbasis, exact (the diagonal one left A_t off the tangent space by ~|Off(Γ)|). DGram has no
-    such closed form for P = Off; its points off the manifold (bf16 storage: cosines ~1e-3) keep
-    the diagonal solve, tangent to that accuracy."""
+def _gram_mul(a: dict, X: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """ΓX (Γ⁻¹X with ``inverse``) from the tensors of ``_gram_products``."""
+    if a["diagonal"]:
+        return (a["inv_rows"] if inverse else a["rows"]) * X
+    return (a["gram_inv"] if inverse else a["gram"]) @ X
+
+
+def _normal_solver(gram: torch.Tensor, denom: torch.Tensor, diagonal: bool, offdiag: bool) -> dict:
+    """The tensors of H ↦ X with P(ΓX + XΓ) = P(H), the multiplier of the tangent projection
+    (``_normal_solve``). Diagonal Γ (points on Stiefel or DGram): X = P(H) ⊘ (Γᵢᵢ + Γⱼⱼ). Stiefel off
+    the manifold: the same division in Γ's eigenbasis, exact (the diagonal one left A_t off the
+    tangent space by ~|Off(Γ)|). DGram has no such closed form for P = Off; its points off the
+    manifold (bf16 storage: cosines ~1e-3) keep the diagonal solve, tangent to that accuracy."""
     if diagonal or offdiag:
-        return lambda H: project(H) / denom
+        return {"denom": denom}
     d, Q = torch.linalg.eigh(gram)
-    pair = d.unsqueeze(-1) + d.unsqueeze(-2)
-    return lambda H: Q @ ((Q.mT @ H @ Q) / pair) @ Q.mT
+    return {"eigenbasis": Q, "pair": d.unsqueeze(-1) + d.unsqueeze(-2)}
+
+
+def _normal_solve(a: dict, H: torch.Tensor, project) -> torch.Tensor:
+    if "denom" in a:
+        return project(H) / a["denom"]
+    Q = a["eigenbasis"]
+    return Q @ ((Q.mT @ H @ Q) / a["pair"]) @ Q.mT
+
+
+def _upper_bound(a: dict, lam: torch.Tensor):
+    """(Z, F): WᵀM and MᵀM for M = G + 2WΛ (F symmetric to rounding: eigh reads one triangle)."""
+    Z = a["P"] + 2.0 * _gram_mul(a, lam)
+    return Z, Z.mT @ _gram_mul(a, Z, inverse=True) + a["EtE"]
+
+
+#: the per-member tensors of the loop that a compaction (members leaving once certified) selects from
+_RESULTS = ("best_R", "best_Y", "best_X", "hi_lam", "best_hi", "alpha", "mu2")
+
+
+def _compact(a: dict, curvature: Curvature, keep: torch.Tensor) -> None:
+    """Keep only the members ``keep`` (bool, leading dim) in every per-member tensor of ``a``."""
+    for key, value in a.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            a[key] = value[keep]
+    curvature.select(keep)
+
+
+def _leave(a: dict, out: dict, members: torch.Tensor, k: int) -> None:
+    """Write the results of the active members ``members`` (bool) into the full-size ``out``."""
+    idx = a["index"][members]
+    for key in _RESULTS:
+        out[key][idx] = a[key][members]
+    out["iterations"][idx] = k
 
 
 def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dict | None,
-                     gap_tol: float, max_iters: int, state_dtype: torch.dtype | None = None) -> torch.Tensor:
+                     gap_tol: float, max_iters: int, state_dtype: torch.dtype | None = None,
+                     per_member: bool = False) -> torch.Tensor:
     """Unit-spectral-norm tangent direction maximising ⟨G, A⟩ (W, G tall (..., m, n), same dtype).
 
     ``offdiag``: the constraint is Off(WᵀA + AᵀW) = 0 (DGram) instead of WᵀA + AᵀW = 0 (Stiefel).
-    Stops when the certified relative gap is ≤ ``gap_tol`` or after ``max_iters`` iterations.
+    Stops when the certified relative gap is ≤ ``gap_tol`` or after ``max_iters`` iterations; in a
+    batch each member stops on its own (the loop goes on with the others only).
     Diagnostics written to ``state``: iterations, duality_gap (certified, relative), certified
     (gap ≤ gap_tol), tangent_residual, warm_start, certificate (the multiplier Λ of the best upper
     bound, which also warm-starts the next call, with ``dual_step`` and ``dual_smoothing``), in
     ``state_dtype`` (default W's): the weight's own dtype, which load_state_dict casts state to.
+    A batch reports its worst member, or with ``per_member`` one entry per member (``_record``).
     """
-    n = W.size(-1)
-    dt = W.dtype
-    kept = dt if state_dtype is None else state_dtype
+    batch = W.shape[:-2]
+    m, n = W.shape[-2:]
+    W3, G3 = W.reshape(-1, m, n), G.reshape(-1, m, n)
+    flat: dict | None = None
+    if state is not None:  # the warm start, stored with the batch's shape
+        flat = {}
+        flat.update({k: v.reshape((-1,) + v.shape[len(batch):]) for k, v in state.items()
+                     if k in ("certificate", "dual_step", "dual_smoothing") and isinstance(v, torch.Tensor)
+                     and v.shape[:len(batch)] == batch and v.dim() >= len(batch)})
+    A = _solve(W3, G3, offdiag, flat, gap_tol, max_iters, W.dtype if state_dtype is None else state_dtype)
+    if state is not None and flat is not None:
+        _store(state, flat, batch, per_member)
+    return A.reshape(W.shape)
+
+
+def _solve(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dict | None, gap_tol: float,
+           max_iters: int, kept: torch.dtype) -> torch.Tensor:
+    """``steepest_tangent`` on a flat batch (B, m, n); ``state`` holds (B, …) tensors."""
+    n, dt, B = W.size(-1), W.dtype, W.size(0)
     plain_iters, smoothing = SCHEDULES[bool(offdiag)]
     # everything in float64, the m×n products too: a tangent part of 1e-3‖G‖ under a large normal
     # one is lost to fp32 rounding of WᵀG (measured: a square Stiefel gradient from training
@@ -268,24 +214,17 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
     # the part of G off the span of W, formed explicitly: MᵀM = ZᵀΓ⁻¹Z + EᵀE then has no
     # cancellation (GᵀG − PᵀΓ⁻¹P would lose a small tangent part under a large normal one)
     E = Gn - W @ (gram_inv @ P)
-    EtE = sym(E.mT @ E)
     d = torch.diagonal(gram, dim1=-2, dim2=-1)
     denom = d.unsqueeze(-1) + d.unsqueeze(-2)
     denom = torch.where(denom > 0, denom, torch.ones_like(denom))
     project = off_diagonal if offdiag else (lambda H: H)
-    diagonal, gram_mul, gram_inv_mul = _gram_products(gram, gram_inv)
-
-    def upper_bound(lam, gram_mul=gram_mul, gram_inv_mul=gram_inv_mul):  # (Z, F): WᵀM and MᵀM for M = G + 2WΛ
-        Z = P + 2.0 * gram_mul(lam)
-        return Z, Z.mT @ gram_inv_mul(Z) + EtE  # symmetric to rounding: eigh reads one triangle
-
-    normal_solve = _normal_solver(gram, denom, diagonal, offdiag, project)
-    lam0 = -0.5 * normal_solve(P + P.mT)
-    batch = lam0.shape[:-2]
+    a = _gram_products(gram, gram_inv)
+    a.update(_normal_solver(gram, denom, a["diagonal"], offdiag), P=P, EtE=sym(E.mT @ E))
+    lam0 = -0.5 * _normal_solve(a, P + P.mT, project)
     # ‖M‖_F² at the start Λ₀ = ‖tangent projection of Ĝ‖_F²; a gradient without tangent part (to
     # rounding: ‖proj G‖ ≤ 1e-6‖G‖) has the zero direction as its answer, never rounding noise
     # blown up to unit norm, and needs no iteration
-    start_Z, start_F = upper_bound(lam0)
+    start_Z, start_F = _upper_bound(a, lam0)
     tangent_sq = torch.diagonal(start_F, dim1=-2, dim2=-1).sum(-1)
     has_tangent = tangent_sq.sqrt() > 1e-6 * math.sqrt(n)
     if not bool(has_tangent.any()):
@@ -297,95 +236,128 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
     scale = (TANGENT_FLOOR * (n / tangent_sq.clamp_min(1e-300)).sqrt()).clamp_min(1.0)
     scale = torch.where(has_tangent, scale, torch.ones_like(scale))
     sc = scale[..., None, None]
-    Gn, P, E, EtE, lam0 = Gn * sc, P * sc, E * sc, EtE * sc.square(), lam0 * sc
+    Gn, E, lam0 = Gn * sc, E * sc, lam0 * sc
+    a["P"], a["EtE"] = a["P"] * sc, a["EtE"] * sc.square()
     start_Z, start_F = start_Z * sc, start_F * sc.square()  # Z is linear in (P, Λ), F quadratic
-    lam, alpha = lam0, torch.full(batch + (1, 1), 0.1, dtype=sdt, device=W.device)
-    damping = torch.ones_like(alpha)
-    mu2, warm_mu2, first_gap = torch.zeros(batch, dtype=sdt, device=W.device), None, None
+    lam, alpha = lam0, torch.full((B, 1, 1), 0.1, dtype=sdt, device=W.device)
+    mu2, warm_mu2 = torch.zeros(B, dtype=sdt, device=W.device), None
     # square Stiefel: the start Λ₀ is already optimal (item 3 of docs/manifolds.md), nothing to warm
     square_stiefel = not offdiag and W.size(-2) == n
-    warm_start = None if square_stiefel else _warm_start(state, lam0, alpha, mu2, plain_iters == 0, scale)
-    warm = warm_start is not None
-    if warm_start is not None:
-        lam, alpha, mu2, warm_mu2 = warm_start
+    start = None if square_stiefel else warm_start(state, lam0, alpha, mu2, plain_iters == 0, scale)
+    if start is not None:
+        lam, alpha, mu2, warm_mu2 = start
         lam = project(sym(lam))  # a multiplier stored by another manifold (set_manifold) may break P(Λ) = Λ
         # a problem that moved far from the previous one can be better served by the cold start
         nuclear = lambda F: torch.linalg.eigvalsh(F).clamp_min(0).sqrt().sum(-1)  # noqa: E731
-        lam = torch.where((nuclear(upper_bound(lam)[1]) <= nuclear(start_F))[..., None, None], lam, lam0)
+        lam = torch.where((nuclear(_upper_bound(a, lam)[1]) <= nuclear(start_F))[..., None, None], lam, lam0)
+    a.update(lam=lam, alpha=alpha, mu2=mu2, root_inv_denom=denom.rsqrt(), index=torch.arange(B, device=W.device),
+             warm_mu2=warm_mu2, start=None if start is not None else (start_Z, start_F))
+    full_P, full_EtE = a["P"], a["EtE"]  # the loop drops members from ``a`` as they certify
+    out = _iterate(a, n, offdiag, project, gap_tol, max_iters, plain_iters, smoothing)
 
-    # a host sync per check: every iteration on the CPU, every few on accelerators
-    check_every = CHECK_EVERY["cpu" if W.device.type == "cpu" else "accelerator"]
-    best_lo = torch.full(batch, -math.inf, dtype=sdt, device=W.device)
-    best_hi = torch.full(batch, math.inf, dtype=sdt, device=W.device)
-    best_R, best_Y, best_X, hi_lam = (torch.zeros_like(gram),) * 3 + (lam,)
-    prev_lam = prev_H = None
+    # A = M·R − W·X = E·R + W·(Γ⁻¹ZR − X), then rescaled to ‖A‖₂ = 1 exactly
+    best_C = gram_inv @ out["best_Y"] - out["best_X"]
+    A = E @ out["best_R"] + W @ best_C
+    full = {"diagonal": False, "gram": gram, "gram_inv": gram_inv, "P": full_P, "EtE": full_EtE}
+    best_hi = out["best_hi"]
+    if a["diagonal"]:  # the bound of the certificate with the full Γ (the loop's differs by ~|Off(Γ)|)
+        best_hi = torch.linalg.eigvalsh(sym(_upper_bound(full, out["hi_lam"])[1])).clamp_min(0).sqrt().sum(-1)
+    top = torch.linalg.eigvalsh(sym(A.mT @ A))[..., -1].clamp_min(0).sqrt()
+    A = torch.where(has_tangent[..., None, None], A / top.clamp_min(1e-30)[..., None, None],
+                    torch.zeros_like(A)).to(dt)
+    if state is not None:  # the gap of what the caller gets: A in its own dtype
+        exact = torch.where(has_tangent, inner(Gn, A.to(sdt)), torch.zeros_like(best_hi))
+        gap = torch.where(has_tangent, (best_hi - exact) / best_hi.abs().clamp_min(1e-300), torch.zeros_like(exact))
+        WtA = (gram @ best_C) / top.clamp_min(1e-30)[..., None, None]
+        _record(state, kept, gap, gap_tol, out["iterations"], start is not None, step=out["alpha"] / sc,
+                smoothing=out["mu2"].sqrt() / scale if plain_iters == 0 else None, certificate=out["hi_lam"] / sc,
+                residual=torch.linalg.vector_norm(project(WtA + WtA.mT), dim=(-2, -1)) / n)
+    return A
+
+
+def _iterate(a: dict, n: int, offdiag: bool, project, gap_tol: float, max_iters: int, plain_iters: int,
+             smoothing: float) -> dict:
+    """The dual loop on the members of ``a`` (docs/manifolds.md, items 2–6); each member leaves it
+    once certified. Returns the full-size results (``_RESULTS`` and per-member ``iterations``)."""
+    lam = a["lam"]
+    B, device, sdt = lam.size(0), lam.device, lam.dtype
+    out = {key: a[key].clone() for key in ("lam", "alpha", "mu2")}
+    out["hi_lam"] = out.pop("lam")
+    out.update(best_R=torch.zeros_like(lam), best_Y=torch.zeros_like(lam), best_X=torch.zeros_like(lam),
+               best_hi=torch.full((B,), math.inf, dtype=sdt, device=device),
+               iterations=torch.zeros(B, dtype=torch.long, device=device))
+    a.update(hi_lam=lam, best_R=out["best_R"], best_Y=out["best_Y"], best_X=out["best_X"], best_hi=out["best_hi"],
+             best_lo=torch.full((B,), -math.inf, dtype=sdt, device=device), damping=torch.ones_like(a["alpha"]),
+             fresh=torch.zeros((B, 1, 1), dtype=torch.bool, device=device),  # no curvature pair yet after a restart
+             first_gap=None, prev_lam=None, prev_H=None)
     curvature = Curvature(LBFGS_MEMORY)
-    root_inv_denom = denom.rsqrt()
-    fresh = torch.zeros(batch + (1, 1), dtype=torch.bool, device=W.device)  # no curvature pair yet after a restart
-    iters = 0
+    # a host sync per check: every iteration on the CPU, every few on accelerators
+    check_every = CHECK_EVERY["cpu" if device.type == "cpu" else "accelerator"]
+    eye = torch.eye(n, dtype=sdt, device=device)
     near = False
     for k in range(1, max_iters + 1):
-        iters = k
         # WᵀM, MᵀM (a cold start's first iterate is Λ₀, whose are known)
-        Z, F = (start_Z, start_F) if k == 1 and not warm else upper_bound(lam)
-        e, V = torch.linalg.eigh(F + mu2[..., None, None] * torch.eye(n, dtype=sdt, device=W.device))
+        Z, F = a["start"] if k == 1 and a["start"] is not None else _upper_bound(a, a["lam"])
+        mu2 = a["mu2"]
+        e, V = torch.linalg.eigh(F + mu2[..., None, None] * eye)
         sv2 = (e - mu2.unsqueeze(-1)).clamp_min(0)    # eigenvalues of F = MᵀM
         hi = sv2.sqrt().sum(-1)                        # ‖M‖_*: an upper bound
         inv = _inv_sqrt_values(e)
         R = (V * inv.unsqueeze(-2)) @ V.mT             # A_Λ = M·(MᵀM + μ²I)^(-1/2)
         Y = Z @ R                                      # WᵀA_Λ
         H = project(Y + Y.mT)                          # ∇f(Λ)
-        X = normal_solve(H)                            # A_t = A_Λ − W·X is tangent
+        X = _normal_solve(a, H, project)               # A_t = A_Λ − W·X is tangent
         if _lower_bound_due(k, near, max_iters):
             # lower bound ⟨G, A_t⟩/‖A_t‖₂ with ‖A_t‖₂² = λ_max(AᵀA − YᵀX − XᵀY + XᵀΓX), AᵀA = RFR
             score = (inv * sv2).sum(-1) - inner(Z, X)     # ⟨M, A_t⟩ = ⟨G, A_t⟩ for tangent A_t (⟨F, R⟩ = Σ sv2ᵢ·invᵢ)
             YtX = Y.mT @ X
             RFR = (V * (inv.square() * sv2).unsqueeze(-2)) @ V.mT
-            At_gram = RFR - (YtX + YtX.mT) + X.mT @ gram_mul(X)
+            At_gram = RFR - (YtX + YtX.mT) + X.mT @ _gram_mul(a, X)
             lo = score / torch.linalg.eigvalsh(At_gram)[..., -1].clamp_min(1e-300).sqrt()
-            better = lo > best_lo
-            best_lo = torch.where(better, lo, best_lo)
+            better = lo > a["best_lo"]
+            a["best_lo"] = torch.where(better, lo, a["best_lo"])
             bm = better[..., None, None]
-            best_R, best_Y, best_X = torch.where(bm, R, best_R), torch.where(bm, Y, best_Y), torch.where(bm, X, best_X)
-        hi_lam = torch.where((hi < best_hi)[..., None, None], lam, hi_lam)
-        best_hi = torch.minimum(best_hi, hi)
-        gap = (best_hi - best_lo) / best_hi.abs().clamp_min(1e-300)
+            for key, value in (("best_R", R), ("best_Y", Y), ("best_X", X)):
+                a[key] = torch.where(bm, value, a[key])
+        a["hi_lam"] = torch.where((hi < a["best_hi"])[..., None, None], a["lam"], a["hi_lam"])
+        a["best_hi"] = torch.minimum(a["best_hi"], hi)
+        gap = (a["best_hi"] - a["best_lo"]) / a["best_hi"].abs().clamp_min(1e-300)
         if k == max_iters:
             break
         if k % check_every == 0 or k == 1:  # one host sync for both tests; the first iterate certifies
             # square Stiefel and many warm starts (on an H100, waiting for the 4th cost 3 iterations each)
-            done, near = torch.stack([(gap <= gap_tol).all(), (gap <= NEAR_GAP * gap_tol).all()]).tolist()
-            if done:
+            done = gap <= gap_tol
+            if bool(done.all()):
                 break
-        if k >= plain_iters:
-            mu2, warm_mu2, first_gap = _smoothing(k, smoothing, best_hi - best_lo, n, gap, warm_mu2, first_gap)
-        # restarted members return to the best multiplier with a shorter step and forget their pairs
-        lost = (hi > (1 + DIVERGED) * best_hi)[..., None, None]
-        if prev_lam is not None and prev_H is not None:
-            curvature.add(lam - prev_lam, H - prev_H, ~fresh)
-        prev_lam, prev_H = lam, H
-        precondition = SpectralPreconditioner(V, e, root_inv_denom, project) if offdiag else normal_solve
-        alpha = torch.where(lost, (alpha / RESTART_SHRINK).clamp_min(STEP_MIN), curvature.scale(alpha, precondition))
-        curvature.forget(lost)
-        damping = torch.where(lost, damping / RESTART_SHRINK, (2.0 * damping).clamp_max(1.0))
-        lam = torch.where(lost, hi_lam, lam - damping * curvature.direction(H, alpha, precondition))
-        fresh = lost
+            if bool(done.any()):  # certified members leave; the loop goes on with the others
+                _leave(a, out, done, k)
+                keep = ~done
+                _compact(a, curvature, keep)
+                e, V, H, hi, gap = e[keep], V[keep], H[keep], hi[keep], gap[keep]
+            near = bool((gap <= NEAR_GAP * gap_tol).any())  # a member near its tolerance: every one gets its lower bound
+        _dual_step(a, curvature, k, e, V, H, hi, gap, n, offdiag, project, plain_iters, smoothing)
+    _leave(a, out, torch.ones_like(a["best_hi"], dtype=torch.bool), k)
+    return out
 
-    # A = M·R − W·X = E·R + W·(Γ⁻¹ZR − X), then rescaled to ‖A‖₂ = 1 exactly
-    best_C = gram_inv @ best_Y - best_X
-    A = E @ best_R + W @ best_C
-    if diagonal:  # the bound of the certificate with the full Γ (the loop's differs by ~|Off(Γ)|)
-        _, F = upper_bound(hi_lam, lambda X: gram @ X, lambda X: gram_inv @ X)
-        best_hi = torch.linalg.eigvalsh(sym(F)).clamp_min(0).sqrt().sum(-1)
-    AtA = sym(A.mT @ A)
-    top = torch.linalg.eigvalsh(AtA)[..., -1].clamp_min(0).sqrt()
-    A = torch.where(has_tangent[..., None, None], A / top.clamp_min(1e-30)[..., None, None],
-                    torch.zeros_like(A)).to(dt)
-    if state is not None:  # the gap of what the caller gets: A in its own dtype
-        exact = torch.where(has_tangent, inner(Gn, A.to(sdt)), torch.zeros_like(best_lo))
-        gap = torch.where(has_tangent, (best_hi - exact) / best_hi.abs().clamp_min(1e-300), torch.zeros_like(exact))
-        WtA = (gram @ best_C) / top.clamp_min(1e-30)[..., None, None]
-        _record(state, kept, gap, gap_tol, iters, warm, step=alpha / sc,
-                smoothing=mu2.sqrt() / scale if plain_iters == 0 else None, certificate=hi_lam / sc,
-                residual=(torch.linalg.vector_norm(project(WtA + WtA.mT), dim=(-2, -1)) / n).max())
-    return A
+
+def _dual_step(a: dict, curvature: Curvature, k: int, e, V, H, hi, gap, n: int, offdiag: bool, project,
+               plain_iters: int, smoothing: float) -> None:
+    """One update of the active members' Λ (and μ, step, damping) in ``a``: limited-memory BFGS
+    with the preconditioner of the iteration; diverged members restart from their best Λ."""
+    if k >= plain_iters:
+        a["mu2"], a["warm_mu2"], a["first_gap"] = smooth(k, smoothing, a["best_hi"] - a["best_lo"], n, gap,
+                                                         a["warm_mu2"], a["first_gap"])
+    # restarted members return to the best multiplier with a shorter step and forget their pairs
+    lost = (hi > (1 + DIVERGED) * a["best_hi"])[..., None, None]
+    lam = a["lam"]
+    if a["prev_lam"] is not None and a["prev_H"] is not None:
+        curvature.add(lam - a["prev_lam"], H - a["prev_H"], ~a["fresh"])
+    a["prev_lam"], a["prev_H"] = lam, H
+    precondition: Callable = SpectralPreconditioner(V, e, a["root_inv_denom"], project) if offdiag \
+        else (lambda Q: _normal_solve(a, Q, project))
+    alpha, damping = a["alpha"], a["damping"]
+    a["alpha"] = torch.where(lost, (alpha / RESTART_SHRINK).clamp_min(STEP_MIN), curvature.scale(alpha, precondition))
+    curvature.forget(lost)
+    a["damping"] = torch.where(lost, damping / RESTART_SHRINK, (2.0 * damping).clamp_max(1.0))
+    a["lam"] = torch.where(lost, a["hi_lam"], lam - a["damping"] * curvature.direction(H, a["alpha"], precondition))
+    a["fresh"] = lost

@@ -29,6 +29,25 @@ GAP_TOL = 8e-3
 MAX_ITERS = 1000
 
 
+#: the state entries a solve warm-starts from (``dual_ascent.steepest_tangent``)
+WARM_KEYS = ("certificate", "dual_step", "dual_smoothing")
+
+
+def _member(combined: dict, j: int, k: int) -> dict:
+    """Member j's entries of a stacked solve's per-member ``state`` (k members), with the types a
+    single solve writes: ``iterations`` an int, ``certified`` a bool, the rest tensors."""
+    out = {}
+    for key, value in combined.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.size(0) == k:
+            value = value[j]
+            if key == "iterations":
+                value = int(value)
+            elif key == "certified":
+                value = bool(value)
+        out[key] = value
+    return out
+
+
 class GramManifold(Manifold):
     """A matrix manifold {W : P(WᵀW) = P(I)} with the spectral norm; subclasses set ``offdiag``
     (P = Off for DGram, identity for Stiefel) and ``retract``.
@@ -57,12 +76,36 @@ class GramManifold(Manifold):
         """The point handed to the dual solver (DGram rescales it; the constraint set is a cone)."""
         return Wt
 
+    stacks_members = True
+
     def dualize(self, W, G, state=None):
+        return self._solve(W, G, state, per_member=False)
+
+    def _solve(self, W, G, state, per_member):
         dt, wide = compute_dtype(G), is_wide(W)
         Wt, Gt = as_tall(W.to(dt), wide), as_tall(G.to(dt), wide)
-        A = steepest_tangent(self._normalise(Wt), Gt, self.offdiag, state, self.gap_tol, self.max_iters,
-                             state_dtype=W.dtype)  # a bf16 weight keeps bf16 state: resumes are exact
+        A = self._tangent(Wt, Gt, state, per_member, W.dtype)  # a bf16 weight keeps bf16 state: resumes are exact
         return from_tall(A, wide).to(G.dtype)
+
+    def _tangent(self, Wt, Gt, state, per_member, kept):
+        """The steepest tangent direction at tall Wt (``dual_ascent.steepest_tangent``)."""
+        return steepest_tangent(self._normalise(Wt), Gt, self.offdiag, state, self.gap_tol, self.max_iters,
+                                state_dtype=kept, per_member=per_member)
+
+    def _dualize_stack(self, W, G, states):
+        """dualize of a stack (k, m, n) of tall matrices, member j warm-starting from and writing to
+        ``states[j]`` (None: nothing kept) as if dualized alone; one solve whose members each leave
+        it once certified, so the stack does not wait for its slowest member."""
+        combined = {}
+        for key in WARM_KEYS:  # a warm start only when every member has one of the same shape
+            values = [None if st is None else st.get(key) for st in states]
+            if all(isinstance(v, torch.Tensor) for v in values) and len({v.shape for v in values}) == 1:
+                combined[key] = torch.stack(values)
+        A = self._solve(W, G, combined, per_member=True)
+        for j, st in enumerate(states):
+            if st is not None:
+                st.update(_member(combined, j, len(states)))
+        return A
 
     def norm(self, A):
         check_tensor(A, f"{type(self).__name__}.norm")

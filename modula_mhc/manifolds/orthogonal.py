@@ -19,7 +19,8 @@ import math
 import torch
 
 from .base import fro, inner, sym, unit_max_scale
-from .dual_ascent import _inv_sqrt_values, _no_tangent, _record
+from .dual_ascent import _inv_sqrt_values
+from .dual_record import _no_tangent, _record, worst_member
 
 #: the largest certificate 1 − σ_min/σ_max taken from Gershgorin's discs; float32 points on the
 #: manifold have ~1e-5 (n = 128), and a looser one costs an eigvalsh of Γ (1 ms at n = 128)
@@ -40,11 +41,12 @@ def _gershgorin(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def orthogonal_dualize(W: torch.Tensor, G: torch.Tensor, state: dict | None, gap_tol: float,
-                       state_dtype: torch.dtype | None = None) -> torch.Tensor | None:
+                       state_dtype: torch.dtype | None = None, per_member: bool = False) -> torch.Tensor | None:
     """argmax ⟨G, A⟩ over ‖A‖₂ ≤ 1, WᵀA + AᵀW = 0 for square W (..., n, n): A ∝ W⁻ᵀ·msign(skew(W⁻¹G)),
     certified by the bounds of the module docstring; None when a member's certificate exceeds
     ``gap_tol`` (W far from orthogonal), for the caller to solve iteratively. ``state`` receives the
-    same entries as ``dual_ascent.steepest_tangent`` (1 iteration, never a warm start)."""
+    same entries as ``dual_ascent.steepest_tangent`` (1 iteration, never a warm start; the batch's
+    worst member unless ``per_member``)."""
     n, dt = W.size(-1), W.dtype
     kept = dt if state_dtype is None else state_dtype
     sdt = torch.float64  # as the general solver: a small tangent part under a large normal one
@@ -67,7 +69,10 @@ def orthogonal_dualize(W: torch.Tensor, G: torch.Tensor, state: dict | None, gap
     S = 0.5 * (C - C.mT)
     has_tangent = fro(S)[..., 0, 0] > 1e-6 * math.sqrt(n)
     if not bool(has_tangent.any()):
-        return _no_tangent(W, state, dt, kept)
+        A = _no_tangent(W, state, dt, kept)
+        if state is not None and not per_member:
+            worst_member(state)
+        return A
     e, V = torch.linalg.eigh(S.mT @ S)
     nuclear = e.clamp_min(0).sqrt().sum(-1)          # ‖S‖_*
     K = S @ ((V * _inv_sqrt_values(e).unsqueeze(-2)) @ V.mT)
@@ -82,6 +87,8 @@ def orthogonal_dualize(W: torch.Tensor, G: torch.Tensor, state: dict | None, gap
         exact = torch.where(has_tangent, inner(Gn, out.to(sdt)), torch.zeros_like(hi))
         gap = torch.where(has_tangent, (hi - exact) / hi.clamp_min(1e-300), torch.zeros_like(hi))
         WtA = gram @ (B / top)
-        _record(state, kept, gap, gap_tol, 1, False, step=torch.full_like(top, 0.1), smoothing=None,
-                certificate=-sym(C) / 2, residual=(torch.linalg.vector_norm(WtA + WtA.mT, dim=(-2, -1)) / n).max())
+        _record(state, kept, gap, gap_tol, torch.ones_like(gap, dtype=torch.long), False, step=torch.full_like(top, 0.1),
+                smoothing=None, certificate=-sym(C) / 2, residual=torch.linalg.vector_norm(WtA + WtA.mT, dim=(-2, -1)) / n)
+        if not per_member:
+            worst_member(state)
     return out

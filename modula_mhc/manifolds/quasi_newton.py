@@ -44,6 +44,11 @@ class Curvature:
         """Drop every pair of these members (a restart)."""
         self.pairs = [(s, y, torch.where(members, torch.zeros_like(rho), rho)) for s, y, rho in self.pairs]
 
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep the pairs of the members ``keep`` only (bool over the leading dim): members leave a
+        batched solve once certified."""
+        self.pairs = [(s[keep], y[keep], rho[keep]) for s, y, rho in self.pairs]
+
     def scale(self, previous: torch.Tensor, precondition) -> torch.Tensor:
         """γ = ⟨s, y⟩/⟨y, N(y)⟩ of the newest pair, clamped to [STEP_MIN, STEP_MAX]; ``previous``
         where that pair does not count."""

@@ -21,13 +21,12 @@ class Stiefel(GramManifold):
     name = "stiefel"
     offdiag = False
 
-    def dualize(self, W, G, state=None):
-        if W.size(-1) == W.size(-2):
-            dt = compute_dtype(G)
-            A = orthogonal_dualize(W.to(dt), G.to(dt), state, self.gap_tol, state_dtype=W.dtype)
+    def _tangent(self, Wt, Gt, state, per_member, kept):
+        if Wt.size(-1) == Wt.size(-2):  # square: the closed form, unless W is far from orthogonal
+            A = orthogonal_dualize(Wt, Gt, state, self.gap_tol, kept, per_member)
             if A is not None:
-                return A.to(G.dtype)
-        return GramManifold._dualize(self, W, G, state)
+                return A
+        return super()._tangent(Wt, Gt, state, per_member, kept)
 
     def retract(self, Y):
         wide = is_wide(Y)

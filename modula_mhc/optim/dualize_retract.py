@@ -52,8 +52,9 @@ def skip_nonfinite_step(opt, gradients_finite, stacklevel: int) -> bool:
 
 def _batch_key(atom, u):
     """Key of the stack ``u`` can join, or None: the manifold must dualize stacks
-    (``batched_dualize``) and the atom use the base dualize (target × manifold.dualize)."""
-    if not getattr(atom.manifold, "batched_dualize", False) or u.ndim != 2 \
+    (``batched_dualize`` or ``stacks_members``) and the atom use the base dualize (target × manifold.dualize)."""
+    manifold = atom.manifold
+    if not (getattr(manifold, "batched_dualize", False) or getattr(manifold, "stacks_members", False)) or u.ndim != 2 \
             or type(atom).dualize_weight is not Atom.dualize_weight:
         return None
     return (atom.manifold, tuple(sorted(u.shape, reverse=True)), u.dtype, u.device)
@@ -76,8 +77,11 @@ def _dualize_all(work):
         # Euclidean ignores the point: its stack would be a copy of every weight for nothing
         W = torch.stack([as_tall(work[i][0].weight, w) for i, w in zip(idx, wide)]) \
             if manifold.dualize_reads_point else U
-        info: dict = {}
-        A = manifold._dualize(W, U, info)  # inputs are the atoms' own weights and gradients
+        if manifold.stacks_members:  # one state per member (warm starts, diagnostics)
+            A = manifold._dualize_stack(W, U, [work[i][3] for i in idx])
+        else:
+            info: dict = {}
+            A = manifold._dualize(W, U, info)  # inputs are the atoms' own weights and gradients
         targets = [work[i][2] for i in idx]
         if all(t == targets[0] for t in targets):  # one scaling pass for the whole stack
             A = A * targets[0]
@@ -86,7 +90,7 @@ def _dualize_all(work):
         for j, (i, w) in enumerate(zip(idx, wide)):
             out[i] = from_tall(A[j], w)
             state = work[i][3]
-            if state is not None:
+            if state is not None and not manifold.stacks_members:
                 state.update(info)
     return out
 
@@ -198,9 +202,10 @@ class DualizeRetract(Optimizer):
         """The step of every (parameter, gradient, group) in ``work``: momentum, dualize with target
         1/c_a, decay, then the manifold step (each atom's weight is updated in place).
 
-        Atoms whose manifold dualizes a stack as a batch (``Manifold.batched_dualize``) and that keep
-        the base atom's dualize are dualized together, one call per (manifold, tall shape, dtype,
-        device): one msign over a stack instead of one per matrix."""
+        Atoms whose manifold dualizes a stack as a batch (``Manifold.batched_dualize``, or
+        ``stacks_members`` with one state per member) and that keep the base atom's dualize are
+        dualized together, one call per (manifold, tall shape, dtype, device): one msign over a stack
+        instead of one per matrix; one Stiefel/DGram dual solve whose members leave once certified."""
         items = [(p, self._atom(p), u, group) for (p, _, group), u in zip(work, self._directions(work))]
         directions = _dualize_all([(atom, u, self._targets[id(p)], self.state[p]) for p, atom, u, _ in items])
         for (p, atom, _, group), A in zip(items, directions):

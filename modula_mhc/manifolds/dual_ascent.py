@@ -97,9 +97,10 @@ def _inv_sqrt_values(e: torch.Tensor) -> torch.Tensor:
     return torch.where(e > floor.clamp_min(tiny), e.clamp_min(tiny).rsqrt(), torch.zeros_like(e))
 
 
-def _lower_bound_due(k: int, near: bool, max_iters: int) -> bool:
-    """Whether iteration k computes the lower bound (``LOWER_BOUND_EVERY``, ``NEAR_GAP``)."""
-    return near or k % LOWER_BOUND_EVERY == 1 % LOWER_BOUND_EVERY or k == max_iters
+def _lower_bound_due(k: int, max_iters: int) -> bool:
+    """Whether iteration k computes the lower bound for every member (``LOWER_BOUND_EVERY``); members
+    near their tolerance (``NEAR_GAP``) compute it on every iteration."""
+    return k % LOWER_BOUND_EVERY == 1 % LOWER_BOUND_EVERY or k == max_iters
 
 
 def _gram_products(gram: torch.Tensor, gram_inv: torch.Tensor) -> dict:
@@ -154,6 +155,16 @@ def _compact(a: dict, curvature: Curvature, keep: torch.Tensor) -> None:
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             a[key] = value[keep]
     curvature.select(keep)
+
+
+def _set_aside(a: dict, out: dict, curvature: Curvature) -> None:
+    """Members without tangent part (``a["idle"]``) leave before the first iteration (0 iterations,
+    as alone): their answer is A = 0, and in the loop their bounds are rounding noise that never
+    certifies (they ran to the cap beside the others)."""
+    idle = a.pop("idle")
+    if bool(idle.any()):
+        _leave(a, out, idle, 0)
+        _compact(a, curvature, ~idle)
 
 
 def _leave(a: dict, out: dict, members: torch.Tensor, k: int) -> None:
@@ -251,7 +262,7 @@ def _solve(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dict | None, 
         nuclear = lambda F: torch.linalg.eigvalsh(F).clamp_min(0).sqrt().sum(-1)  # noqa: E731
         lam = torch.where((nuclear(_upper_bound(a, lam)[1]) <= nuclear(start_F))[..., None, None], lam, lam0)
     a.update(lam=lam, alpha=alpha, mu2=mu2, root_inv_denom=denom.rsqrt(), index=torch.arange(B, device=W.device),
-             warm_mu2=warm_mu2, start=None if start is not None else (start_Z, start_F))
+             warm_mu2=warm_mu2, start_Z=None if start is not None else start_Z, start_F=start_F, idle=~has_tangent)
     full_P, full_EtE = a["P"], a["EtE"]  # the loop drops members from ``a`` as they certify
     out = _iterate(a, n, offdiag, project, gap_tol, max_iters, plain_iters, smoothing)
 
@@ -269,7 +280,7 @@ def _solve(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dict | None, 
         exact = torch.where(has_tangent, inner(Gn, A.to(sdt)), torch.zeros_like(best_hi))
         gap = torch.where(has_tangent, (best_hi - exact) / best_hi.abs().clamp_min(1e-300), torch.zeros_like(exact))
         WtA = (gram @ best_C) / top.clamp_min(1e-30)[..., None, None]
-        _record(state, kept, gap, gap_tol, out["iterations"], start is not None, step=out["alpha"] / sc,
+        _record(state, kept, gap, gap_tol, out["iterations"], has_tangent & (start is not None), step=out["alpha"] / sc,
                 smoothing=out["mu2"].sqrt() / scale if plain_iters == 0 else None, certificate=out["hi_lam"] / sc,
                 residual=torch.linalg.vector_norm(project(WtA + WtA.mT), dim=(-2, -1)) / n)
     return A
@@ -289,15 +300,16 @@ def _iterate(a: dict, n: int, offdiag: bool, project, gap_tol: float, max_iters:
     a.update(hi_lam=lam, best_R=out["best_R"], best_Y=out["best_Y"], best_X=out["best_X"], best_hi=out["best_hi"],
              best_lo=torch.full((B,), -math.inf, dtype=sdt, device=device), damping=torch.ones_like(a["alpha"]),
              fresh=torch.zeros((B, 1, 1), dtype=torch.bool, device=device),  # no curvature pair yet after a restart
-             first_gap=None, prev_lam=None, prev_H=None)
+             near=torch.zeros(B, dtype=torch.bool, device=device), first_gap=None, prev_lam=None, prev_H=None)
     curvature = Curvature(LBFGS_MEMORY)
+    _set_aside(a, out, curvature)
     # a host sync per check: every iteration on the CPU, every few on accelerators
     check_every = CHECK_EVERY["cpu" if device.type == "cpu" else "accelerator"]
     eye = torch.eye(n, dtype=sdt, device=device)
     near = False
     for k in range(1, max_iters + 1):
         # WᵀM, MᵀM (a cold start's first iterate is Λ₀, whose are known)
-        Z, F = a["start"] if k == 1 and a["start"] is not None else _upper_bound(a, a["lam"])
+        Z, F = (a["start_Z"], a["start_F"]) if k == 1 and a["start_Z"] is not None else _upper_bound(a, a["lam"])
         mu2 = a["mu2"]
         e, V = torch.linalg.eigh(F + mu2[..., None, None] * eye)
         sv2 = (e - mu2.unsqueeze(-1)).clamp_min(0)    # eigenvalues of F = MᵀM
@@ -307,14 +319,16 @@ def _iterate(a: dict, n: int, offdiag: bool, project, gap_tol: float, max_iters:
         Y = Z @ R                                      # WᵀA_Λ
         H = project(Y + Y.mT)                          # ∇f(Λ)
         X = _normal_solve(a, H, project)               # A_t = A_Λ − W·X is tangent
-        if _lower_bound_due(k, near, max_iters):
+        if near or _lower_bound_due(k, max_iters):
             # lower bound ⟨G, A_t⟩/‖A_t‖₂ with ‖A_t‖₂² = λ_max(AᵀA − YᵀX − XᵀY + XᵀΓX), AᵀA = RFR
             score = (inv * sv2).sum(-1) - inner(Z, X)     # ⟨M, A_t⟩ = ⟨G, A_t⟩ for tangent A_t (⟨F, R⟩ = Σ sv2ᵢ·invᵢ)
             YtX = Y.mT @ X
             RFR = (V * (inv.square() * sv2).unsqueeze(-2)) @ V.mT
             At_gram = RFR - (YtX + YtX.mT) + X.mT @ _gram_mul(a, X)
             lo = score / torch.linalg.eigvalsh(At_gram)[..., -1].clamp_min(1e-300).sqrt()
-            better = lo > a["best_lo"]
+            # a member takes it on its own schedule only: one near its tolerance must not change
+            # another's iterates (a stacked member then takes the iterations it takes alone)
+            better = (lo > a["best_lo"]) & (a["near"] | _lower_bound_due(k, max_iters))
             a["best_lo"] = torch.where(better, lo, a["best_lo"])
             bm = better[..., None, None]
             for key, value in (("best_R", R), ("best_Y", Y), ("best_X", X)):
@@ -334,7 +348,8 @@ def _iterate(a: dict, n: int, offdiag: bool, project, gap_tol: float, max_iters:
                 keep = ~done
                 _compact(a, curvature, keep)
                 e, V, H, hi, gap = e[keep], V[keep], H[keep], hi[keep], gap[keep]
-            near = bool((gap <= NEAR_GAP * gap_tol).any())  # a member near its tolerance: every one gets its lower bound
+            a["near"] = gap <= NEAR_GAP * gap_tol  # a member near its tolerance: its lower bound on every iteration
+            near = bool(a["near"].any())
         _dual_step(a, curvature, k, e, V, H, hi, gap, n, offdiag, project, plain_iters, smoothing)
     _leave(a, out, torch.ones_like(a["best_hi"], dtype=torch.bool), k)
     return out

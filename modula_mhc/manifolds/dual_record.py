@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 
-def _record(state: dict, dt: torch.dtype, gap: torch.Tensor, gap_tol: float, iters: torch.Tensor, warm: bool, *,
+def _record(state: dict, dt: torch.dtype, gap: torch.Tensor, gap_tol: float, iters: torch.Tensor,
+            warm: bool | torch.Tensor, *,
             step: torch.Tensor, smoothing: torch.Tensor | None, certificate: torch.Tensor,
             residual: torch.Tensor) -> None:
     """Write a solve's diagnostics and warm start into ``state``, one entry per batch member
@@ -28,14 +29,15 @@ def _record(state: dict, dt: torch.dtype, gap: torch.Tensor, gap_tol: float, ite
 
 def worst_member(state: dict) -> None:
     """The per-member diagnostics of ``_record`` reduced to the batch's worst: the largest gap,
-    residual and iteration count (an int), certified only if every member is."""
+    residual and iteration count (an int), certified (warm-started) only if every member is."""
     for key in ("duality_gap", "tangent_residual"):
         if isinstance(state.get(key), torch.Tensor):
             state[key] = state[key].max()
     if isinstance(state.get("iterations"), torch.Tensor):
         state["iterations"] = int(state["iterations"].max())
-    if isinstance(state.get("certified"), torch.Tensor):
-        state["certified"] = bool(state["certified"].all())
+    for key in ("certified", "warm_start"):
+        if isinstance(state.get(key), torch.Tensor):
+            state[key] = bool(state[key].all())
 
 
 def _no_tangent(W: torch.Tensor, state: dict | None, dt: torch.dtype, kept: torch.dtype) -> torch.Tensor:

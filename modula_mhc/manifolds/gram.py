@@ -35,17 +35,28 @@ WARM_KEYS = ("certificate", "dual_step", "dual_smoothing")
 
 def _member(combined: dict, j: int, k: int) -> dict:
     """Member j's entries of a stacked solve's per-member ``state`` (k members), with the types a
-    single solve writes: ``iterations`` an int, ``certified`` a bool, the rest tensors."""
+    single solve writes: ``iterations`` an int, ``certified`` and ``warm_start`` bools, the rest
+    tensors. A member without tangent part (0 iterations) keeps its warm start, as alone."""
     out = {}
     for key, value in combined.items():
         if isinstance(value, torch.Tensor) and value.dim() > 0 and value.size(0) == k:
             value = value[j]
             if key == "iterations":
                 value = int(value)
-            elif key == "certified":
+            elif key in ("certified", "warm_start"):
                 value = bool(value)
         out[key] = value
+    if out.get("iterations") == 0:
+        for key in WARM_KEYS:
+            out.pop(key, None)
     return out
+
+
+def _warm_signature(state: dict | None) -> tuple:
+    """The warm-start entries a member has, with their shapes: members stack only with their like."""
+    if state is None:
+        return ()
+    return tuple((key, tuple(state[key].shape)) for key in WARM_KEYS if isinstance(state.get(key), torch.Tensor))
 
 
 class GramManifold(Manifold):
@@ -94,13 +105,22 @@ class GramManifold(Manifold):
 
     def _dualize_stack(self, W, G, states):
         """dualize of a stack (k, m, n) of tall matrices, member j warm-starting from and writing to
-        ``states[j]`` (None: nothing kept) as if dualized alone; one solve whose members each leave
-        it once certified, so the stack does not wait for its slowest member."""
-        combined = {}
-        for key in WARM_KEYS:  # a warm start only when every member has one of the same shape
-            values = [None if st is None else st.get(key) for st in states]
-            if all(isinstance(v, torch.Tensor) for v in values) and len({v.shape for v in values}) == 1:
-                combined[key] = torch.stack(values)
+        ``states[j]`` (None: nothing kept) as if dualized alone; one solve per set of members with
+        the same warm-start entries (all of them but after ``set_manifold`` or a first step), whose
+        members each leave it once certified, so the stack does not wait for its slowest member."""
+        groups: dict = {}
+        for j, st in enumerate(states):  # a member with a warm start must not start cold for its neighbours
+            groups.setdefault(_warm_signature(st), []).append(j)
+        if len(groups) == 1:
+            return self._solve_members(W, G, states)
+        A = torch.empty_like(G)
+        for idx in groups.values():
+            A[idx] = self._solve_members(W[idx], G[idx], [states[j] for j in idx])
+        return A
+
+    def _solve_members(self, W, G, states):
+        """One stacked solve of members whose states hold the same warm-start entries."""
+        combined = {key: torch.stack([st[key] for st in states]) for key, _ in _warm_signature(states[0])}
         A = self._solve(W, G, combined, per_member=True)
         for j, st in enumerate(states):
             if st is not None:

@@ -87,7 +87,8 @@ def orthogonal_dualize(W: torch.Tensor, G: torch.Tensor, state: dict | None, gap
         exact = torch.where(has_tangent, inner(Gn, out.to(sdt)), torch.zeros_like(hi))
         gap = torch.where(has_tangent, (hi - exact) / hi.clamp_min(1e-300), torch.zeros_like(hi))
         WtA = gram @ (B / top)
-        _record(state, kept, gap, gap_tol, torch.ones_like(gap, dtype=torch.long), False, step=torch.full_like(top, 0.1),
+        # a member without tangent part takes no iteration, as alone (``_no_tangent``)
+        _record(state, kept, gap, gap_tol, has_tangent.long(), False, step=torch.full_like(top, 0.1),
                 smoothing=None, certificate=-sym(C) / 2, residual=torch.linalg.vector_norm(WtA + WtA.mT, dim=(-2, -1)) / n)
         if not per_member:
             worst_member(state)

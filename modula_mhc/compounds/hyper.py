@@ -61,7 +61,7 @@ def _check_options(branch, streams, width, depth, sinkhorn_iters, sinkhorn_tol, 
     """Validate the constructor's options; returns the stream width C."""
     if norm_at not in ("init", "bound"):
         raise ValueError(f"norm_at must be 'init' or 'bound', got {norm_at!r}")
-    if not isinstance(streams, int) or streams < 1:
+    if isinstance(streams, bool) or not isinstance(streams, int) or streams < 1:
         raise ValueError(f"streams must be a positive int, got {streams!r}")
     width = width if width is not None else branch.in_dim
     if width is None or S.is_symbolic(width) or not S.is_number(width) or int(width) != width or width < 1:
@@ -79,6 +79,27 @@ def _check_options(branch, streams, width, depth, sinkhorn_iters, sinkhorn_tol, 
     if not (isinstance(coeff_mass, (int, float)) and coeff_mass > 0):
         raise ValueError(f"coeff_mass must be a positive number, got {coeff_mass!r}")
     return width
+
+
+def _check_bound(branch_output_bound):
+    """M_F: None (then ν_F) or a finite number ≥ 0 (a negative one made the claimed sensitivity negative)."""
+    b = branch_output_bound
+    if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b < 0):
+        raise ValueError(f"branch_output_bound must be a finite number >= 0 or None, got {b!r}")
+    return b
+
+
+def _branch_output(branch, u: torch.Tensor, width: int) -> torch.Tensor:
+    """F(u), checked: a tensor whose last dim is C. Other dims may broadcast against u (a
+    pooled (B, 1, C)), but a last dim of 1 (or a scalar) would spread one number over all C features."""
+    f = branch(u)
+    if not isinstance(f, torch.Tensor):
+        raise TypeError(f"HyperConnections: the branch returned {type(f).__name__}, not a tensor (..., {width}); "
+                        "give a call= that returns the hidden states")
+    if f.ndim == 0 or f.size(-1) != width:
+        raise ValueError(f"HyperConnections: the branch maps width {width} to shape {tuple(f.shape)}; "
+                         f"a hyper-connection branch maps (..., {width}) to (..., {width})")
+    return f
 
 
 def _static_init(n: int, constrained: bool, use_mix: bool, res_init_diagonal: float) -> list:
@@ -161,7 +182,7 @@ class HyperConnections(Module):
         self.sinkhorn_iters, self.sinkhorn_tol, self.sinkhorn_max_iters = sinkhorn_iters, sinkhorn_tol, sinkhorn_max_iters
         self.depth = None if depth is None else int(depth)
         self.in_dim = self.out_dim = width
-        self.branch_output_bound = branch_output_bound
+        self.branch_output_bound = _check_bound(branch_output_bound)
         n = streams
         self.n_coeffs = 2 * n + n * n
         use_mix = self.constrained and not self.dynamic
@@ -290,8 +311,8 @@ class HyperConnections(Module):
                 self._record["h_res"] = res.detach()
             return pre, beta * post, rho * res
 
-        return kernels.mhc_layer(x, self.branch, mixing, self._phi_matrix(), self._coefficient_weights(),
-                                 recompute=self.recompute)
+        return kernels.mhc_layer(x, lambda u: _branch_output(self.branch, u, self.width), mixing, self._phi_matrix(),
+                                 self._coefficient_weights(), recompute=self.recompute)
 
     # ----------------------------------------------------------------- modular metadata
     def _parts(self, nu_f=None):

@@ -44,15 +44,10 @@ def sensitivity_constants(layer, nu_f=None) -> dict:
             a = layer.gate.scale * st["gate_max"]
             phi = max(1.0, st["phi_norm"])
         if _scale_invariant_branch(layer):
-            # F = G ∘ RMSNorm: ‖JF(u)w‖ ≤ ν_G·max_t ‖w_t‖/RMS(u_t), and ‖Σ_j q_j dx_j‖_t ≤ Σ_j|q_tj|·‖dx‖,
-            # so the direct term takes max_t Σ_j|q_tj|/RMS(u_t) (= 1 for parallel streams)
-            first = layer.branch.layers[0]
-            saved = first.__dict__.pop("_local_stats", None)
-            try:
-                nu_f = float(S.to_number(layer.branch.sensitivity))
-            finally:
-                if saved is not None:
-                    first._local_stats = saved
+            # F scale-invariant (it reads u through a per-token norm): ‖JF(u)w‖ ≤ ν_F·max_t ‖w_t‖/RMS(u_t) with
+            # ν_F at unit RMS, and ‖Σ_j q_j dx_j‖_t ≤ Σ_j|q_tj|·‖dx‖, so the direct term takes
+            # max_t Σ_j|q_tj|/RMS(u_t) (= 1 for parallel streams)
+            nu_f = _unit_input_sensitivity(layer.branch)
             pre_l1 = st["u_ratio"]
             inv_u = math.inf if st["u_min"] <= 0 else max(1.0, 1.0 / st["u_min"])
     prod = S.product  # 0·∞ = 0: a term that cannot occur contributes nothing
@@ -68,6 +63,22 @@ def sensitivity_constants(layer, nu_f=None) -> dict:
         out["s_static"] = rho + beta * p_max * nu_f + beta * m_f
     return out
 
+
 def _scale_invariant_branch(layer) -> bool:
-    """True when the branch starts with an RMSNorm (F(cu) = F(u) for c > 0), as the GPT branches."""
+    """True when F(cu) = F(u) for c > 0: the branch starts with an RMSNorm, as the GPT branches, or is
+    a foreign pre-norm branch (``HyperBranch.scale_invariant``)."""
+    if getattr(layer.branch, "scale_invariant", False):
+        return True
     return isinstance(layer.branch, Compose) and isinstance(layer.branch.layers[0], bonds.RMSNorm)
+
+
+def _unit_input_sensitivity(branch) -> float:
+    """ν_F at unit-RMS input: the declared constant, without the local 1/RMS an RMSNorm first layer
+    has recorded under certify (the 1/RMS(u) factor is applied by the caller)."""
+    first = branch.layers[0] if isinstance(branch, Compose) else None
+    saved = first.__dict__.pop("_local_stats", None) if first is not None else None
+    try:
+        return float(S.to_number(branch.sensitivity))
+    finally:
+        if saved is not None:
+            first._local_stats = saved

@@ -12,6 +12,7 @@ import contextlib
 import torch
 
 from ..claims import certify as certify_claims
+from ..module import Module
 from .hyper import HyperConnections
 
 __all__ = ["stability_report"]
@@ -23,9 +24,30 @@ def _gains(H: torch.Tensor):
     return a.sum(-1).amax(-1), a.sum(-2).amax(-1)
 
 
+def _run_recorded(model, batch, layers) -> list:
+    """[(layer, H_res, marginal error)] for every call of a HyperConnections layer while ``model``
+    runs ``batch``, in call order: registration order need not be execution order, and a layer used
+    twice is two factors of the composite."""
+    calls: list = []
+    with contextlib.ExitStack() as stack, torch.no_grad():
+        records = {id(layer): stack.enter_context(layer.recording()) for layer in layers}
+
+        def hook(layer, inp, out):  # runs after the layer's forward has filled its record
+            rec = records[id(layer)]
+            calls.append((layer, rec["h_res"], rec.get("marginal_error")))
+
+        for layer in layers:
+            stack.callback(layer.register_forward_hook(hook).remove)
+        model(batch)
+    ran = {id(layer) for layer, _, _ in calls}
+    if any(id(layer) not in ran for layer in layers):
+        raise RuntimeError("stability_report: a HyperConnections layer did not run on this batch")
+    return calls
+
+
 def stability_report(model, batch=None, tokens=(2, 64), seed=0, certify=True) -> dict:
-    """Per-layer and composite forward/backward gains of H_res over every HyperConnections layer of
-    ``model`` (in execution order).
+    """Per-layer and composite forward/backward gains of H_res over every call of a HyperConnections
+    layer of ``model``, in execution order (registration order without a batch).
 
     ``batch``: the model's input (token ids for a GPT, a stream tensor for a stack of layers). With
     ``batch=None`` a model with ``vocab_size``/``context`` (a GPT) gets random tokens of shape
@@ -40,7 +62,9 @@ def stability_report(model, batch=None, tokens=(2, 64), seed=0, certify=True) ->
     With a batch (or random tokens) and ``certify=True``, ``certificate`` holds
     ``modula_mhc.claims.certify(model, batch).as_dict()``: whether the batch and the current weights
     are inside the domain of the declared constants, the conditions that fail, and the constants
-    that hold there (one more forward pass). None for the static-parameters report.
+    that hold there (one more forward pass). None for the static-parameters report and for a model
+    that is not a modula_mhc Module (a plain ``nn.Module`` declares no constants to certify).
+    A layer called k times appears k times in ``layers`` and is k factors of the composite.
     """
     layers = [m for m in model.modules() if isinstance(m, HyperConnections)]
     if not layers:
@@ -51,22 +75,14 @@ def stability_report(model, batch=None, tokens=(2, 64), seed=0, certify=True) ->
         B, T = tokens
         batch = torch.randint(0, model.vocab_size, (B, min(T, model.context)), generator=g)
         source = "random tokens"
-    matrices, errors = [], []
     if batch is None:
         source = "static parameters"
-        for layer in layers:
-            H, err = layer.static_residual(return_error=True)
-            matrices.append(H.reshape(1, layer.streams, layer.streams))
-            errors.append(err)
+        calls = [(layer, *layer.static_residual(return_error=True)) for layer in layers]
     else:
-        with contextlib.ExitStack() as stack, torch.no_grad():
-            records = [stack.enter_context(layer.recording()) for layer in layers]
-            model(batch)
-        for layer, rec in zip(layers, records):
-            if "h_res" not in rec:
-                raise RuntimeError("stability_report: a HyperConnections layer did not run on this batch")
-            matrices.append(rec["h_res"].double().reshape(-1, layer.streams, layer.streams))
-            errors.append(rec.get("marginal_error"))
+        calls = _run_recorded(model, batch, layers)
+    layers = [layer for layer, _, _ in calls]
+    matrices = [H.double().reshape(-1, layer.streams, layer.streams) for layer, H, _ in calls]
+    errors = [err for _, _, err in calls]
     per_layer, comp_fwd, comp_bwd = [], [], []
     composite = None
     for layer, H, err in zip(layers, matrices, errors):
@@ -83,7 +99,7 @@ def stability_report(model, batch=None, tokens=(2, 64), seed=0, certify=True) ->
         comp_bwd.append(float(cb.max()))
     errs = [e for e in errors if e is not None]
     certificate = None
-    if certify and batch is not None:
+    if certify and batch is not None and isinstance(model, Module):  # certify reads modula_mhc constants
         certificate = certify_claims(model, batch).as_dict()
     return dict(source=source, certificate=certificate, layers=per_layer, composite_forward_gain=comp_fwd, composite_backward_gain=comp_bwd,
                 final_composite_forward_gain=comp_fwd[-1], final_composite_backward_gain=comp_bwd[-1],

@@ -197,3 +197,20 @@ def test_a_block_listed_twice_is_one_block_used_twice():
     assert all(a.structure == "recovered" for a in net.atoms())
     grads = [torch.randn_like(a.weight) for a in net.atoms()]
     assert float(net.norm(net.dualize(grads, 0.5))) == pytest.approx(0.5, rel=1e-4)
+
+
+def test_an_optimizer_built_on_an_inline_adapt_keeps_its_views():
+    """DualizeRetract(mm.adapt(model)) with the adapted wrapper not kept by the caller: the optimizer
+    keeps the module it was given, so the views (referenced weakly from the parameters) live on and
+    the step runs (it raised "the atom owning a parameter no longer exists")."""
+    import gc
+
+    from modula_mhc.optim import DualizeRetract
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    opt = DualizeRetract(mm.adapt(model, "hetero"), lr=0.1)
+    gc.collect()
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.randn(5, 8)).square().mean().backward()
+    opt.step()
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), before))

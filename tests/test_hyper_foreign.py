@@ -245,3 +245,6 @@ def test_certify_bounds_a_foreign_pre_norm_branch_where_streams_cancel():
     measured = mm.claims.measure_sensitivity(hc, x, restarts=1, steps=10, move_input=False)
     assert float(measured) > 2
     assert float(measured) <= cert.certified["sensitivity"] * (1 + 1e-6)
+    # and the batch is out of the domain of the claimed constant (the branch's norm reads RMS(u) < 1):
+    # it was reported in domain, with the claim 1.13 exceeded by the measured 14.1
+    assert not cert.in_domain and any("pre-norm branch input RMS" in v for v in cert.violations), cert.violations

@@ -163,6 +163,11 @@ def _input_violations(model) -> list:
             if st["stream_max"] > 1 + _TOL or st["flat_min"] < 1 - _TOL:
                 out.append(f"{name}: HC streams not unit-RMS (max stream RMS {st['stream_max']:.4g}, "
                            f"RMS of the flattened stream {st['flat_min']:.4g})")
+            # a foreign pre-norm branch (HyperBranch.scale_invariant) reads u through its own norm,
+            # whose input RMS no module of ours records: the HC layer's u_min stands in for it, as a
+            # native branch's RMSNorm does for itself
+            if getattr(m.branch, "scale_invariant", False) and st["u_min"] < 1 - _TOL:
+                out.append(f"{name}: pre-norm branch input RMS {st['u_min']:.4g} < 1 (streams cancel in u = h_preᵀx)")
         elif isinstance(m, Atom) and st.get("input_rms", 0) > 1 + _TOL:
             what = "per-pixel input RMS" if isinstance(m, Conv2d) else "input RMS"
             out.append(f"{name}: {type(m).__name__} {what} {st['input_rms']:.4g} > 1")

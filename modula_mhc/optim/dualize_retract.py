@@ -137,6 +137,9 @@ class DualizeRetract(Optimizer):
         self._targets: dict[int, float] = {}
         self._names: dict[int, str] = {}
         self._atom_refs: dict[int, weakref.ref] = {}
+        # the module given is kept alive with the optimizer: its atoms are referenced weakly (from
+        # the parameters too), and DualizeRetract(mm.adapt(model)) would otherwise lose its views
+        self.module = params_or_module if isinstance(params_or_module, Module) else None
         if isinstance(params_or_module, Module):
             module = params_or_module
             atoms = module.atoms()

@@ -2,7 +2,7 @@
 
 Both manifolds; shapes 96×48, 48×96, 128×32, 32×128, 64×64; nine gradient kinds (Gaussian, rank 2
 and 4, a rank-1 spike over 0.1% / 3% / 10% noise floors, condition numbers 1e2 and 1e6, Student-t
-entries with 2 degrees of freedom); 2 seeds; DGram points with column norms spread over 1e4. Each
+entries with 4 degrees of freedom); 2 seeds; DGram points with column norms spread over 1e4. Each
 solve's certificate is recomputed with an SVD in float64 (‖Ĝ + 2ŴΛ‖_* bounds every feasible
 ⟨Ĝ, A⟩) and its ratio to ⟨Ĝ, A⟩ compared with the default gap. Iteration counts are deterministic,
 so the sweep is a measure of the solver, not of the machine.
@@ -43,17 +43,18 @@ def gradient(kind, m, n, g):
         V = torch.linalg.qr(randn(k, k))[0]
         X = U @ torch.diag(torch.logspace(0, -math.log10(float(kind[4:])), k, dtype=torch.float64)) @ V.T
         return X if m >= n else X.T
-    z, chi = randn(m, n), randn(4, m, n).square().mean(0)  # Student-t, 2 degrees of freedom: heavy tails
+    z, chi = randn(m, n), randn(4, m, n).square().mean(0)  # Student-t, 4 degrees of freedom: heavy tails
     return z / (chi / 2).sqrt().clamp_min(1e-6) * math.sqrt(2 / 4)
 
 
-def point(name, m, n, g):
-    W = Stiefel().random((m, n), generator=g, dtype=torch.float64)
-    if name == "dgram":  # column (row, when wide) norms spread over 1e4, in random order
-        k = min(m, n)
-        s = torch.logspace(0, -4, k, dtype=torch.float64)[torch.randperm(k, generator=g)]
-        W = W * s if m >= n else s[:, None] * W
-    return W
+def _test_points():
+    """``point`` of tests/test_dual_certificate.py: the sweep and the tests draw the same points."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "test_dual_certificate.py")
+    spec = importlib.util.spec_from_file_location("_dual_certificate_points", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.point
 
 
 def certified_ratio(name, W, G, A, certificate):
@@ -82,6 +83,7 @@ def main():
         def tqdm(it, **_):
             return it
     manifolds = {"stiefel": Stiefel(), "dgram": DGram()}
+    point = _test_points()
     rows = []
     start = time.perf_counter()
     for name, m, n, kind, seed in tqdm(list(cases()), desc="solves"):

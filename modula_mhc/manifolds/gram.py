@@ -69,6 +69,8 @@ class GramManifold(Manifold):
     """
 
     offdiag = False
+    #: same-shape weights share one dual solve in the optimizer, each with its own state (``_dualize_stack``)
+    stacks_members = True
 
     def __init__(self, gap_tol: float = GAP_TOL, max_iters: int = MAX_ITERS):
         if not (isinstance(gap_tol, (int, float)) and 0 < gap_tol < 1 and math.isfinite(gap_tol)):
@@ -86,8 +88,6 @@ class GramManifold(Manifold):
     def _normalise(self, Wt: torch.Tensor) -> torch.Tensor:
         """The point handed to the dual solver (DGram rescales it; the constraint set is a cone)."""
         return Wt
-
-    stacks_members = True
 
     def dualize(self, W, G, state=None):
         return self._solve(W, G, state, per_member=False)

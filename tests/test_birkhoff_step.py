@@ -6,6 +6,7 @@ import torch
 import modula_mhc as mm
 from modula_mhc import atoms, manifolds
 from modula_mhc.compounds.hyper import HyperConnections
+from modula_mhc.manifolds import birkhoff
 from modula_mhc.manifolds.birkhoff import zero_marginals
 
 
@@ -191,3 +192,87 @@ def test_small_steps_from_near_permutations_descend_on_the_polytope():
     Wn = m.step(W, m.dualize(W, G), 1e-3)
     assert _marginal_error(Wn) < 1e-12 and (Wn > 0).all()
     assert ((G * (Wn - W)).sum((-2, -1)) < 0).all()
+
+
+def _dense_cycle_reference(W, G):
+    """The previous implementation of fisher_projection, kept as a reference: Prim's tree by a where per round,
+    the dense matrix N (2n × n²) of every edge's cycle, and (I + QQᵀ) solved for the off-tree coordinates."""
+    n = W.size(-1)
+    zero = torch.zeros_like(W)
+    adj = torch.cat((torch.cat((zero, W), -1), torch.cat((W.mT, zero), -1)), -2)
+    best, tree = adj[..., :1, :], torch.zeros_like(adj[..., :1, :])
+    parent = torch.zeros(best.shape, dtype=torch.long)
+    tree[..., 0] = -torch.inf
+    for _ in range(2 * n - 1):
+        v = (best + tree).argmax(-1, keepdim=True)
+        tree = tree.scatter(-1, v, -torch.inf)
+        w = adj.gather(-2, v.expand_as(best)) + tree
+        parent, best = torch.where(w > best, v, parent), torch.maximum(w, best)
+    eye = torch.eye(2 * n, dtype=torch.float64)
+    R = eye + eye[parent[..., 0, :]]
+    for _ in range(max(1, (2 * n - 1).bit_length())):
+        R = (R @ R).clamp_max_(1.0)
+    R[..., n:].neg_()
+    N = (R.mT[..., :, None, n:] - R.mT[..., :, :n, None]).flatten(-2)
+    T = ((N == -1.0) & ((N != 0).sum(-2, keepdim=True) == 1)).double()
+    WG = torch.stack((W.flatten(-2), G.flatten(-2)), dim=-1)
+    on_tree = T @ WG
+    d = (WG[..., :1] * (1.0 - T.sum(-2).unsqueeze(-1))).sqrt()
+    Q = N * d.mT * on_tree[..., :1].clamp_min(1e-30).rsqrt()
+    b = d * (WG[..., 1:] + N.mT @ on_tree[..., 1:])
+    S = torch.eye(2 * n, dtype=torch.float64) + Q @ Q.mT
+    z = d * (b - Q.mT @ torch.cholesky_solve(Q @ b, torch.linalg.cholesky(S)))
+    return (z + T.mT @ (N @ z)).view_as(W)
+
+
+def _fisher_cases(n, batch, seed):
+    """(name, W, G) in float64: Dirichlet-like positive doubly-stochastic W, W within δ of a permutation (one
+    per matrix) for δ = 1e-3 … 1e-20, and a random batch with one near-vertex matrix in it."""
+    g = torch.Generator().manual_seed(seed)
+    W = manifolds.Birkhoff().random((*batch, n, n), generator=g, dtype=torch.float64)
+    yield "random", W, torch.randn(W.shape, generator=g, dtype=torch.float64)
+    for delta in (1e-3, 1e-8, 1e-20):
+        P = torch.eye(n, dtype=torch.float64)[torch.stack([torch.randperm(n, generator=g) for _ in range(W[..., 0, 0].numel())])]
+        yield f"δ={delta:g}", (P * (1 - (n - 1) * delta) + delta * (1 - P)).view(W.shape), torch.randn(W.shape, generator=g, dtype=torch.float64)
+    if batch:
+        Wm = W.clone().view(-1, n, n)
+        Wm[-1] = torch.eye(n, dtype=torch.float64) * (1 - (n - 1) * 1e-12) + 1e-12 * (1 - torch.eye(n, dtype=torch.float64))
+        yield "mixed", Wm.view(W.shape), torch.randn(W.shape, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["auto", "tree-only"])
+@pytest.mark.parametrize("batch", [(), (8,), (2, 3)], ids=str)
+@pytest.mark.parametrize("n", [2, 3, 4, 8, 16, 32])
+def test_fisher_projection_equals_the_dense_cycle_reference(n, batch, fast, monkeypatch):
+    """Both solves (the α, β one where W is well conditioned on CPU, the spanning-tree one elsewhere; "tree-only"
+    forces the latter) equal the dense cycle-space solve to 1e-12 of max|A|, and are tangent to rounding."""
+    if not fast:
+        monkeypatch.setattr(birkhoff, "FAST_PATH_COND", 0.0)
+    for name, W, G in _fisher_cases(n, batch, seed=n + len(batch)):
+        A, ref = birkhoff.fisher_projection(W, G), _dense_cycle_reference(W, G)
+        assert A.shape == W.shape
+        scale = ref.abs().amax((-2, -1))
+        assert ((A - ref).abs().amax((-2, -1)) <= 1e-12 * scale).all(), name
+        assert (A.sum(-1).abs().amax(-1) <= 1e-14 * scale).all() and (A.sum(-2).abs().amax(-1) <= 1e-14 * scale).all(), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dualize_takes_the_alpha_beta_solve_only_where_it_is_well_conditioned(dtype, monkeypatch):
+    """The α, β solve runs for the Mix atom's near-identity init and random W, not for a batch with a matrix
+    near a vertex; either way dualize equals the dense reference (normalised as dualize does)."""
+    calls = []
+    potentials = birkhoff._fisher_potentials
+    monkeypatch.setattr(birkhoff, "_fisher_potentials", lambda W, G: calls.append(W.shape) or potentials(W, G))
+    m = manifolds.Birkhoff()
+    for name, W, G in _fisher_cases(4, (8,), seed=11):
+        calls.clear()
+        A = m.dualize(W.to(dtype), G.to(dtype)).double()
+        Gu = G.to(dtype).double() / G.to(dtype).double().abs().amax((-2, -1), keepdim=True)
+        ref = _dense_cycle_reference(W.to(dtype).double(), Gu)
+        ref = ref / birkhoff.operator_norm(ref)
+        assert (A - ref).abs().max().item() < (1e-12 if dtype == torch.float64 else 1e-6), name
+        assert bool(calls) == (name == "random"), name
+    calls.clear()
+    W0 = mm.atoms.mix.near_identity_doubly_stochastic(4, 0.95)
+    m.dualize(W0, torch.randn(4, 4, dtype=torch.float64))
+    assert calls

@@ -43,8 +43,8 @@ import torch
 from .base import fro, inner, sym, unit_max_scale
 from .dual_record import _no_tangent, _record, _store
 from .quasi_newton import STEP_MIN, Curvature, SpectralPreconditioner
+from .warm_start import WARM_KEYS, warm_start
 from .warm_start import smoothing as smooth
-from .warm_start import warm_start
 
 #: smoothing schedules: (plain iterations before smoothing starts, c in μ = c·gap/n). Measured on
 #: Gaussian, rank-1 and condition-1e4 gradients, tall/wide/square, and real MLP gradients: Stiefel's
@@ -101,6 +101,14 @@ def _lower_bound_due(k: int, max_iters: int) -> bool:
     """Whether iteration k computes the lower bound for every member (``LOWER_BOUND_EVERY``); members
     near their tolerance (``NEAR_GAP``) compute it on every iteration."""
     return k % LOWER_BOUND_EVERY == 1 % LOWER_BOUND_EVERY or k == max_iters
+
+
+def scaled_gradient(G: torch.Tensor) -> torch.Tensor:
+    """Ĝ = G·√n/‖G‖_F per matrix (0 stays 0): positive scaling does not change the answer, and the
+    solver's step constants and stored certificates are in these units."""
+    Gu, _ = unit_max_scale(G)  # no overflow of ‖G‖_F for 1e30 gradients
+    gnorm = fro(Gu)
+    return torch.where(gnorm > 0, Gu * (math.sqrt(G.size(-1)) / gnorm.clamp_min(1e-30)), torch.zeros_like(Gu))
 
 
 def _gram_products(gram: torch.Tensor, gram_inv: torch.Tensor) -> dict:
@@ -194,10 +202,8 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
     W3, G3 = W.reshape(-1, m, n), G.reshape(-1, m, n)
     flat: dict | None = None
     if state is not None:  # the warm start, stored with the batch's shape
-        flat = {}
-        flat.update({k: v.reshape((-1,) + v.shape[len(batch):]) for k, v in state.items()
-                     if k in ("certificate", "dual_step", "dual_smoothing") and isinstance(v, torch.Tensor)
-                     and v.shape[:len(batch)] == batch and v.dim() >= len(batch)})
+        flat = {k: v.reshape((-1,) + v.shape[len(batch):]) for k, v in state.items()
+                if k in WARM_KEYS and isinstance(v, torch.Tensor) and v.shape[:len(batch)] == batch}
     A = _solve(W3, G3, offdiag, flat, gap_tol, max_iters, W.dtype if state_dtype is None else state_dtype)
     if state is not None and flat is not None:
         _store(state, flat, batch, per_member)
@@ -214,10 +220,7 @@ def _solve(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dict | None, 
     # returned 97.3% of the optimum in fp32, 99.999% in float64); the answer is cast back at the end
     sdt = torch.float64
     W, G = W.to(sdt), G.to(sdt)
-    # G scaled to ‖G‖_F = √n (positive scaling does not change the answer; one step size fits all)
-    Gu, _ = unit_max_scale(G)
-    gnorm = fro(Gu)
-    Gn = torch.where(gnorm > 0, Gu * (math.sqrt(n) / gnorm.clamp_min(1e-30)), torch.zeros_like(Gu))
+    Gn = scaled_gradient(G)
 
     gram = sym(W.mT @ W)
     gram_inv = torch.cholesky_inverse(torch.linalg.cholesky(gram))

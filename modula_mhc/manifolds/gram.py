@@ -17,6 +17,7 @@ from .base import (
     spectral_norm,
 )
 from .dual_ascent import steepest_tangent
+from .warm_start import WARM_KEYS
 
 #: default certified relative duality gap: every dualize reaches ≥ 99.2% of the optimum. 5e-3 was
 #: the default before: on real 512×128 MLP gradients 7 of 16 warm-started solves hit the cap at gaps
@@ -29,8 +30,6 @@ GAP_TOL = 8e-3
 MAX_ITERS = 1000
 
 
-#: the state entries a solve warm-starts from (``dual_ascent.steepest_tangent``)
-WARM_KEYS = ("certificate", "dual_step", "dual_smoothing")
 
 
 def _member(combined: dict, j: int, k: int) -> dict:

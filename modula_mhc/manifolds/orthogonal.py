@@ -18,8 +18,8 @@ import math
 
 import torch
 
-from .base import fro, inner, sym, unit_max_scale
-from .dual_ascent import _inv_sqrt_values
+from .base import fro, inner, sym
+from .dual_ascent import _inv_sqrt_values, scaled_gradient
 from .dual_record import _no_tangent, _record, worst_member
 
 #: the largest certificate 1 − σ_min/σ_max taken from Gershgorin's discs; float32 points on the
@@ -61,9 +61,7 @@ def orthogonal_dualize(W: torch.Tensor, G: torch.Tensor, state: dict | None, gap
         low, high = eig[..., 0], eig[..., -1]
         if not _within(low, high, gap_tol):
             return None
-    Gu, _ = unit_max_scale(G)
-    gnorm = fro(Gu)
-    Gn = torch.where(gnorm > 0, Gu * (math.sqrt(n) / gnorm.clamp_min(1e-30)), torch.zeros_like(Gu))
+    Gn = scaled_gradient(G)
     gram_inv = torch.cholesky_inverse(torch.linalg.cholesky(gram))
     C = gram_inv @ (W.mT @ Gn)                       # W⁻¹Ĝ
     S = 0.5 * (C - C.mT)

@@ -41,6 +41,8 @@ import torch
 #: (after DGram's column normalisation changed, the same code read 1 189 / 1 314 / 1 573); the
 #: recorded real solves did not move. Also tried since: smoothing c = 1.5, 2, 3.5 (2√2 kept), and
 #: holding μ until the gap rule moves it by 1.4× or 2× (mixed: 5% drift better, 30% worse)
+#: the state entries a solve warm-starts from
+WARM_KEYS = ("certificate", "dual_step", "dual_smoothing")
 WARM_SMOOTHING = (30, 1.25)
 WARM_RELEASE = (8, 0.5)
 WARM_GAP_LIMIT = 0.5

@@ -259,8 +259,25 @@ class RunDirectory:
         return self
 
     def __exit__(self, exc_type, *exc):
-        if exc_type is not None and self.created and os.listdir(self.path) == [LOCK_FILE]:
-            os.unlink(self.file(LOCK_FILE))  # a run that failed before writing leaves no empty directory
-            os.rmdir(self.path)
+        if exc_type is not None:
+            self._drop_stillborn_log()
+            if self.created and os.listdir(self.path) == [LOCK_FILE]:
+                os.unlink(self.file(LOCK_FILE))  # a run that failed before writing leaves no empty directory
+                os.rmdir(self.path)
         self.close()
         return False
+
+    def _drop_stillborn_log(self) -> None:
+        """After a failure (e.g. out of memory at the first step): a ``metrics.jsonl`` with no step in
+        it, beside no checkpoint and no metrics.json, holds nothing a rerun would lose (at most the
+        step-0 evaluation) — removed, so that it does not make the directory "hold a run"."""
+        log = self.file("metrics.jsonl")
+        if any(os.path.exists(self.file(f)) for f in RUN_FILES if f != "metrics.jsonl") or not os.path.isfile(log):
+            return
+        try:
+            with open(log, encoding="utf-8", errors="replace") as f:
+                if any('"kind": "step"' in line for line in f):
+                    return
+            os.unlink(log)
+        except OSError:
+            pass

@@ -8,8 +8,12 @@ stderr and exit status 2; Ctrl-C writes what was done and exits with 130.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import sys
 import warnings
+
+import torch
 
 from . import __version__
 from .checkpoint import CheckpointError
@@ -149,10 +153,40 @@ def main(argv=None) -> int:
     """Entry point of ``modula-mhc``; returns the exit status (0 ok, 2 error, 130 interrupted)."""
     args = build_parser().parse_args(argv)
     prog = f"modula-mhc {args.command}"
-    with warnings.catch_warnings():  # a warning (e.g. a skipped step) is one line too
+    with warnings.catch_warnings(), _escaping_output():  # a warning (e.g. a skipped step) is one line too
         warnings.showwarning = lambda message, *_: print(f"{prog}: warning: {' '.join(str(message).split())}",
                                                          file=sys.stderr)
         return _run_command(args, prog)
+
+
+@contextlib.contextmanager
+def _escaping_output():
+    """stdout and stderr escape what their encoding cannot show (``errors="backslashreplace"``): a
+    UTF-8 corpus's sample or file name on an ASCII terminal (LC_ALL=C) is printed, not a traceback
+    after the run."""
+    changed = []
+    for stream in (sys.stdout, sys.stderr):
+        errors = getattr(stream, "errors", None)  # the C locale's is surrogateescape, which fails on "é" too
+        if errors in ("strict", "surrogateescape") and hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+                changed.append((stream, errors))
+            except (ValueError, OSError, io.UnsupportedOperation):
+                pass
+    try:
+        yield
+    finally:
+        for stream, errors in changed:
+            try:
+                stream.reconfigure(errors=errors)
+            except (ValueError, OSError, io.UnsupportedOperation):
+                pass
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """torch's allocation failures (CPU: a RuntimeError "can't allocate memory"; CUDA: OutOfMemoryError)."""
+    return isinstance(e, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e)))
 
 
 def _run_command(args, prog) -> int:
@@ -172,6 +206,12 @@ def _run_command(args, prog) -> int:
         return EXIT_INTERRUPTED
     except (ConfigError, DataError, CheckpointError, FloatingPointError, OSError) as e:
         print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        print(f"{prog}: error: out of memory ({_one_line(e)[:160]}); try a smaller --batch, --width, --depth "
+              "or --context", file=sys.stderr)
         return EXIT_ERROR
     return 0
 

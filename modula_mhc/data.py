@@ -6,6 +6,7 @@ batch is ``batch`` random contiguous windows of ``context + 1`` characters (inpu
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import sysconfig
 from dataclasses import dataclass
@@ -79,6 +80,11 @@ def load_text(path) -> str:
                         f"give a UTF-8 text file") from None
 
 
+def text_sha256(text: str) -> str:
+    """sha256 (hex) of ``text`` encoded as UTF-8: the identity of a corpus, independent of its path."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def _shortest(need: int, val_fraction: float) -> int:
     """The fewest characters whose split (validation int(n·f), training the rest) gives both parts
     ``need``: searched, as int(n·f) rounds (need / f itself is off by one in floating point)."""
@@ -90,12 +96,14 @@ def _shortest(need: int, val_fraction: float) -> int:
 
 @dataclass
 class CharCorpus:
-    """A tokenised corpus: ``vocab`` (sorted distinct characters), ``train`` and ``val`` id tensors."""
+    """A tokenised corpus: ``vocab`` (sorted distinct characters), ``train`` and ``val`` id tensors;
+    ``sha256`` of the text (UTF-8) identifies it whatever its path (a checkpoint records it)."""
 
     vocab: str
     train: torch.Tensor
     val: torch.Tensor
     source: str = ""
+    sha256: str = ""
 
     @classmethod
     def from_text(cls, text: str, context: int, source: str = "", vocab: str | None = None,
@@ -124,7 +132,8 @@ class CharCorpus:
                             f"validation split holds one window of {need}")
         table = {ch: i for i, ch in enumerate(vocab)}
         ids = torch.tensor([table[ch] for ch in text], dtype=torch.long)
-        return cls(vocab=vocab, train=ids[:len(text) - n_val], val=ids[len(text) - n_val:], source=source)
+        return cls(vocab=vocab, train=ids[:len(text) - n_val], val=ids[len(text) - n_val:], source=source,
+                   sha256=text_sha256(text))
 
     @property
     def vocab_size(self) -> int:

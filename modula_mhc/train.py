@@ -20,6 +20,7 @@ import itertools
 import os
 import random
 import signal
+import sys
 import threading
 import time
 
@@ -36,7 +37,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import ConfigError, TrainConfig, build_model, resolve_config, resolve_device
-from .data import DEFAULT_CORPUS_NAME, CharCorpus, default_corpus, load_text
+from .data import DEFAULT_CORPUS_NAME, CharCorpus, DataError, default_corpus, load_text, text_sha256
 from .loop import StepResult, estimate_loss, loss_of, lr_at, train_steps
 from .optim import DualizeRetract
 from .outputs import MetricsLog, Progress, plot_losses, write_json
@@ -65,10 +66,34 @@ def build_optimizer(config: TrainConfig, model):
 
 # ---------------------------------------------------------------------------------- the run
 
-def _load_corpus(config: TrainConfig, vocab: str | None = None) -> CharCorpus:
+def _load_corpus(config: TrainConfig, vocab: str | None = None, resuming=None) -> CharCorpus:
     if config.data is None:
         return CharCorpus.from_text(default_corpus(), config.context, source=DEFAULT_CORPUS_NAME, vocab=vocab)
-    return CharCorpus.from_text(load_text(config.data), config.context, source=os.fspath(config.data), vocab=vocab)
+    try:
+        text = load_text(config.data)
+    except DataError as e:
+        if resuming is None or os.path.isabs(config.data):
+            raise
+        raise DataError(f"{e} (checkpoint {resuming!r} names it relative to the directory the run started in; "
+                        "pass --data with its path from here)") from None
+    return CharCorpus.from_text(text, config.context, source=os.fspath(config.data), vocab=vocab)
+
+
+def _check_data(corpus: CharCorpus, ckpt: dict, ckpt_path) -> None:
+    """A resumed run must read the text its checkpoint was trained on (same sha256; checkpoints
+    older than the recorded hash are not checked): other text under the same name — an edited file,
+    another file of that name, another Python's standard library — would not continue the run."""
+    expected = ckpt.get("data_sha256")
+    if expected is not None and expected != corpus.sha256:
+        raise _data_mismatch(corpus.source, corpus.sha256, expected, ckpt_path)
+
+
+def _data_mismatch(source: str, actual: str, expected: str, ckpt_path) -> ConfigError:
+    what = ("the embedded corpus of this Python differs from the one" if source == DEFAULT_CORPUS_NAME
+            else f"{source!r} is not the text")
+    return ConfigError("data", f"{what} checkpoint {ckpt_path!r} was trained on (sha256 {actual[:12]}... instead "
+                               f"of {expected[:12]}...); restore that text (or give its path with --data) to "
+                               "continue the run, or start a new run")
 
 
 def _all_finite(model, optimizer) -> bool:
@@ -110,7 +135,16 @@ def _resume(config: TrainConfig):
                               "distributed run, which `train --resume` cannot continue; "
                               f"`modula-mhc sample {ckpt_path}` samples from it")
     out = out or os.path.dirname(os.path.abspath(ckpt_path))  # the run may have been moved
-    config = dataclasses.replace(resolve_config(config, ckpt["config"]), out=out)
+    saved = dict(ckpt["config"])
+    # the data is its content: --data may name the same text by another path (a run started with a
+    # relative path, resumed from another directory); other text is refused in _check_data
+    if config.data is not None and saved.get("data") is not None and config.data != saved["data"] \
+            and ckpt.get("data_sha256") is not None:
+        actual = text_sha256(load_text(config.data))
+        if actual != ckpt["data_sha256"]:
+            raise _data_mismatch(os.fspath(config.data), actual, ckpt["data_sha256"], ckpt_path)
+        saved["data"] = config.data
+    config = dataclasses.replace(resolve_config(config, saved), out=out)
     if config.steps <= ckpt["step"]:
         raise ConfigError("steps", f"checkpoint {ckpt_path!r} has done {ckpt['step']} steps already; "
                                    f"pass --steps greater than {ckpt['step']} to continue it")
@@ -128,6 +162,7 @@ def train(config: TrainConfig | None = None, callback=None) -> dict:
     if not isinstance(config, TrainConfig):
         raise TypeError(f"train() takes a TrainConfig, got {type(config).__name__}")
     ckpt = ckpt_path = None
+    data_given = config.data is not None
     if config.resume:
         config, ckpt, ckpt_path = _resume(config)
     else:
@@ -137,7 +172,9 @@ def train(config: TrainConfig | None = None, callback=None) -> dict:
             config = dataclasses.replace(config, out=os.path.join("runs", name))
     # the data is read before the run directory is touched: a mistyped --data with --force must not
     # delete the old run and then fail
-    corpus = _load_corpus(config, vocab=ckpt["vocab"] if ckpt else None)
+    corpus = _load_corpus(config, vocab=ckpt["vocab"] if ckpt else None, resuming=None if data_given else ckpt_path)
+    if ckpt is not None:
+        _check_data(corpus, ckpt, ckpt_path)
     previous_threads = torch.get_num_threads()
     # a resumed run continues in its own directory; another directory must not hold a run already
     own_dir = ckpt is not None and os.path.realpath(config.out) == os.path.realpath(os.path.dirname(ckpt_path) or ".")
@@ -149,6 +186,16 @@ def train(config: TrainConfig | None = None, callback=None) -> dict:
             return _run(config, corpus, ckpt, ckpt_path, run_dir, callback)
         finally:
             torch.set_num_threads(previous_threads)
+
+
+def _print(text: str) -> None:
+    """print, with what stdout's encoding cannot show (a UTF-8 sample on an ASCII terminal) escaped:
+    the run is done and written, so a report must not fail it."""
+    try:
+        print(text, flush=True)
+    except UnicodeEncodeError:
+        encoding = getattr(sys.stdout, "encoding", None) or "ascii"
+        print(text.encode(encoding, "backslashreplace").decode(encoding), flush=True)
 
 
 class _Run:
@@ -203,10 +250,10 @@ class _Run:
         if self.config.quiet:
             return
         if sample_text:
-            print(f"\n--- sample ({self.config.sample_chars} chars) ---\n{sample_text}\n---", flush=True)
+            _print(f"\n--- sample ({self.config.sample_chars} chars) ---\n{sample_text}\n---")
         rate, final, out = metrics["tokens_per_s"], metrics["final"], self.run_dir.path
-        print(f"final: train loss {final['train_loss']:.4f}, val loss {final['val_loss']:.4f}, "
-              f"{rate:,.0f} tokens/s; outputs in {out}/" if rate else f"outputs in {out}/", flush=True)
+        _print(f"final: train loss {final['train_loss']:.4f}, val loss {final['val_loss']:.4f}, "
+               f"{rate:,.0f} tokens/s; outputs in {out}/" if rate else f"outputs in {out}/")
 
     def skipped_steps(self) -> int:  # the optimizer's non-finite policy keeps this count (AdamW has none)
         return getattr(self.optimizer, "skipped_steps", 0)
@@ -240,7 +287,8 @@ class _Run:
             raise FloatingPointError(f"step {self.step}: the weights are no longer finite (training diverged; "
                                      f"try a smaller --lr or --weight-decay); {kept}")
         save_checkpoint(self.run_dir.file("ckpt.pt"), {
-            "config": self.config.to_dict(), "device": str(self.device), "vocab": self.corpus.vocab, "step": self.step,
+            "config": self.config.to_dict(), "device": str(self.device), "vocab": self.corpus.vocab,
+            "data_sha256": self.corpus.sha256, "step": self.step,
             "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds,
             "skipped_steps": self.skipped_steps(), "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "rng": {**rng_state(), "data": self.data_gen.get_state()},

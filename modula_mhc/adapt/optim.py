@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..module import Module
-from ..optim.dualize_retract import DualizeRetract, skip_nonfinite_step
+from ..optim.dualize_retract import DualizeRetract, check_state_shapes, skip_nonfinite_step
 
 __all__ = ["ADAMW_ROLES", "DualizeAdamW"]
 
@@ -239,8 +239,9 @@ class DualizeAdamW(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict):
-        """Load what ``state_dict`` returned (a missing "skipped_steps" counts as 0); ValueError when
-        the two disagree on which inner optimizer exists."""
+        """Load what ``state_dict`` returned (a missing "skipped_steps" counts as 0); ValueError, with
+        nothing loaded, when the two disagree on which inner optimizer exists or a saved buffer does
+        not fit its parameter's shape (a state dict of another model)."""
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             out = hook(self, state_dict)
             state_dict = state_dict if out is None else out
@@ -250,6 +251,8 @@ class DualizeAdamW(torch.optim.Optimizer):
                 raise ValueError(f"DualizeAdamW.load_state_dict: {name} is "
                                  f"{'missing' if o is not None else 'present'} in the state dict but "
                                  f"{'present' if o is not None else 'missing'} here")
+            if o is not None:  # saved buffers of other shapes (another model) fail here, before any load
+                check_state_shapes("DualizeAdamW", state_dict[name], [p for g in o.param_groups for p in g["params"]])
         for name, o in inner.items():
             if o is not None:
                 o.load_state_dict(state_dict[name])

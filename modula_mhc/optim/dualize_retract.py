@@ -50,6 +50,65 @@ def skip_nonfinite_step(opt, gradients_finite, stacklevel: int) -> bool:
     return True
 
 
+def _is_real(v) -> bool:
+    """A finite real number (a one-element tensor included); not a bool."""
+    if isinstance(v, torch.Tensor):
+        return v.numel() == 1 and not v.dtype.is_complex and v.dtype != torch.bool and math.isfinite(float(v))
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+#: hyperparameter → (test, what it must be), checked at construction and for every param group added
+_HYPER_RULES = {
+    "lr": (lambda v: _is_real(v) and float(v) >= 0, "a finite number >= 0"),
+    "momentum": (lambda v: _is_real(v) and not isinstance(v, torch.Tensor) and 0.0 <= v < 1.0, "a number in [0, 1)"),
+    "weight_decay": (lambda v: _is_real(v) and not isinstance(v, torch.Tensor) and v >= 0, "a finite number >= 0"),
+}
+
+
+def check_hyperparameters(owner: str, values: dict) -> None:
+    """ValueError naming the first of ``values`` (lr, momentum, weight_decay) that breaks its rule."""
+    for key, (ok, what) in _HYPER_RULES.items():
+        if key in values and not ok(values[key]):
+            raise ValueError(f"{owner}: {key} must be {what}, got {values[key]!r}")
+
+
+#: per-parameter state entries shaped like the parameter (DualizeRetract's momentum; AdamW's moments)
+_PARAM_SHAPED = ("momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def check_state_shapes(owner: str, state_dict, params, names=None) -> None:
+    """ValueError when ``state_dict`` (torch.optim's format) holds per-parameter state whose shape
+    does not fit the parameter it would be loaded into (a model of other shapes): momentum/Adam
+    buffers must have the parameter's shape, a Gram-space warm start (``certificate``) k×k with k
+    the short side. torch.optim's own load_state_dict only compares parameter counts, so such a
+    state loaded silently and failed (or broadcast) at the next step."""
+    try:
+        saved = [i for g in state_dict["param_groups"] for i in g["params"]]
+        state = state_dict["state"]
+    except (KeyError, TypeError):
+        return  # torch.optim reports a malformed state dict itself
+    if len(saved) != len(params) or not isinstance(state, dict):
+        return  # torch.optim reports the count mismatch itself
+    for n, (i, p) in enumerate(zip(saved, params)):
+        entry = state.get(i)
+        if not isinstance(entry, dict):
+            continue
+        for key, value in entry.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            if key in _PARAM_SHAPED:
+                expected = tuple(p.shape)
+            elif key == "certificate" and p.ndim == 2 and value.ndim == 2:
+                expected = (min(p.shape),) * 2
+            else:
+                continue
+            if tuple(value.shape) != expected:
+                name = names[n] if names is not None else str(n)
+                raise ValueError(f"{owner}.load_state_dict: the state dict does not fit this model: parameter "
+                                 f"{name} has shape {tuple(p.shape)}, but its saved {key!r} has shape "
+                                 f"{tuple(value.shape)} (expected {expected}); it comes from a model of other shapes")
+
+
 def _batch_key(atom, u):
     """Key of the stack ``u`` can join, or None: the manifold must dualize stacks
     (``batched_dualize`` or ``stacks_members``) and the atom use the base dualize (target × manifold.dualize)."""
@@ -121,13 +180,7 @@ class DualizeRetract(Optimizer):
 
     def __init__(self, params_or_module, lr: float = 0.25, momentum: float = 0.95, nesterov: bool = True,
                  weight_decay: float = 0.0, nonfinite: str = "skip"):
-        if not (isinstance(lr, (int, float)) or (isinstance(lr, torch.Tensor) and lr.numel() == 1)) \
-                or not math.isfinite(float(lr)) or lr < 0:
-            raise ValueError(f"DualizeRetract: lr must be a finite number >= 0, got {lr!r}")
-        if not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
-            raise ValueError(f"DualizeRetract: momentum must lie in [0, 1), got {momentum!r}")
-        if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
-            raise ValueError(f"DualizeRetract: weight_decay must be a finite number >= 0, got {weight_decay!r}")
+        check_hyperparameters(type(self).__name__, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
         if nonfinite not in self.NONFINITE_POLICIES:
             raise ValueError(f"{type(self).__name__}: nonfinite must be one of {self.NONFINITE_POLICIES}, "
                              f"got {nonfinite!r}")
@@ -177,12 +230,28 @@ class DualizeRetract(Optimizer):
         return atom
 
     def add_param_group(self, param_group):
+        """torch.optim's add_param_group, checked before anything is added: the group's lr, momentum
+        and weight_decay (ValueError as in the constructor), no parameter twice in the group (torch
+        only warns, and such a parameter was stepped twice per step), and every tensor an atom's weight."""
+        if isinstance(param_group, dict) and not isinstance(param_group.get("params"), (set, type(None))):
+            params = param_group["params"]
+            if not isinstance(params, torch.Tensor):  # (torch raises on a set) a generator is read once
+                param_group["params"] = params = list(params)
+            params = [params] if isinstance(params, torch.Tensor) else params
+            check_hyperparameters(type(self).__name__, {k: v for k, v in param_group.items() if k in _HYPER_RULES})
+            if len({id(p) for p in params}) != len(params):
+                raise ValueError(f"{type(self).__name__}: a parameter group lists a parameter more than once")
+            registering = hasattr(self, "_targets") and hasattr(self, "_atom_refs")
+            atoms = {id(p): _atom_of(p) for p in params if isinstance(p, torch.Tensor)
+                     and registering and id(p) not in self._targets}
+        else:
+            atoms = {}
         super().add_param_group(param_group)
         for p in param_group["params"]:
-            if hasattr(self, "_targets") and id(p) not in self._targets and hasattr(self, "_atom_refs"):
+            if id(p) in atoms:
                 self._targets[id(p)] = 1.0
                 self._names[id(p)] = str(len(self._names))
-                self._atom_refs[id(p)] = weakref.ref(_atom_of(p))
+                self._atom_refs[id(p)] = weakref.ref(atoms[id(p)])
 
     def _gradients_finite(self) -> bool:
         """True when every gradient is finite (subclasses may agree on this across processes)."""
@@ -284,9 +353,14 @@ class DualizeRetract(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict):
+        """torch.optim's load_state_dict (plus ``skipped_steps``); ValueError, with nothing changed,
+        when a saved buffer's shape does not fit its parameter (``check_state_shapes``)."""
         state_dict = dict(state_dict)
-        self.skipped_steps = int(state_dict.pop("skipped_steps", 0))
+        params = self._all_params()
+        check_state_shapes(type(self).__name__, state_dict, params, [self._names.get(id(p)) for p in params])
+        skipped = int(state_dict.pop("skipped_steps", 0))
         super().load_state_dict(state_dict)
+        self.skipped_steps = skipped
 
     def diagnostics(self) -> dict:
         """{atom name: {manifold, top singular value / column norms / …, iterations, tangent_residual,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_dual_certificate import _certified_iterations, _dgram_problems, gradient, point
 
-from modula_mhc.manifolds import dual_ascent, gram_ops
+from modula_mhc.manifolds import dual_ascent, gram_ops, primal_polish
 from modula_mhc.manifolds.primal_polish import polish
 
 
@@ -57,9 +57,12 @@ def test_polish_lets_dgram_certify_in_fewer_iterations(monkeypatch):
     assert polished <= 0.9 * plain, (polished, plain)
 
 
-def test_polish_keeps_every_member_of_a_stack_as_it_is_alone():
+@pytest.mark.parametrize("select", [True, False], ids=["near-members-selected", "all-polished-near-kept"])
+def test_polish_keeps_every_member_of_a_stack_as_it_is_alone(monkeypatch, select):
     """Members near their tolerance are polished, the others not: a stacked solve gives each member
-    the iterations and the answer it gets alone."""
+    the iterations and the answer it gets alone, whether the near members are selected (CPU) or
+    every member is polished and only the near ones keep it (accelerators: no host sync)."""
+    monkeypatch.setattr(primal_polish, "SELECT_ON", ("cpu",) if select else ())
     g = torch.Generator().manual_seed(11)
     problems = [(point("dgram", 64, 32, g), gradient(kind, 64, 32, g)) for kind in ("gauss", "spike", "cond1e4")]
     W = torch.stack([w for w, _ in problems])

@@ -52,20 +52,29 @@ def polish(R: torch.Tensor, C: torch.Tensor, AtA: torch.Tensor, EtE: torch.Tenso
 
 #: the per-member tensors ``polish_near`` reads (those of ``gram_products`` and ``normal_solver``)
 _POLISH_KEYS = ("rows", "inv_rows", "gram", "gram_inv", "denom", "eigenbasis", "pair", "EtE", "P")
+#: device types on which only the near members are polished; elsewhere selecting them would cost a
+#: host sync per iteration (the loop syncs once per check there), so every member is polished and
+#: only the near ones keep the result (the same answers: ``tests/test_primal_polish.py``)
+SELECT_ON = ("cpu",)
 
 
 def polish_near(a: dict, R: torch.Tensor, C: torch.Tensor, At_gram: torch.Tensor, project) -> None:
-    """Polish A = E·R + W·C of the members near their tolerance (``polish``) and keep
-    it where its lower bound is better; stored as (R, Y = 0, X = −C), so that Γ⁻¹Y − X = C exactly."""
+    """Polish A = E·R + W·C of the members near their tolerance (``polish``) and keep it where its
+    lower bound is better; stored as (R, Y = 0, X = −C), so that Γ⁻¹Y − X = C exactly."""
     near = a["near"]
-    sub = {key: a[key][near] for key in _POLISH_KEYS if key in a}
-    sub["diagonal"] = a["diagonal"]
-    R_near, C_near, lo_near = polish(R[near], C[near], At_gram[near], sub["EtE"], sub["P"],
-                                     lambda Q: gram_mul(sub, Q), lambda H: normal_solve(sub, H, project))
-    lo = torch.full_like(a["best_lo"], -math.inf)
-    lo[near] = lo_near
-    R, C = torch.zeros_like(R), torch.zeros_like(C)
-    R[near], C[near] = R_near, C_near
+    if near.device.type in SELECT_ON:
+        sub = {key: a[key][near] for key in _POLISH_KEYS if key in a}
+        sub["diagonal"] = a["diagonal"]
+        R_near, C_near, lo_near = polish(R[near], C[near], At_gram[near], sub["EtE"], sub["P"],
+                                         lambda Q: gram_mul(sub, Q), lambda H: normal_solve(sub, H, project))
+        lo = torch.full_like(a["best_lo"], -math.inf)
+        lo[near] = lo_near
+        R, C = torch.zeros_like(R), torch.zeros_like(C)
+        R[near], C[near] = R_near, C_near
+    else:
+        R, C, lo = polish(R, C, At_gram, a["EtE"], a["P"], lambda Q: gram_mul(a, Q),
+                          lambda H: normal_solve(a, H, project))
+        lo = torch.where(near, lo, torch.full_like(lo, -math.inf))
     better = lo > a["best_lo"]
     a["best_lo"] = torch.where(better, lo, a["best_lo"])
     bm = better[..., None, None]

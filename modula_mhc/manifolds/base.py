@@ -75,8 +75,11 @@ class Manifold:
         raise NotImplementedError
 
     def _step(self, W: torch.Tensor, A: torch.Tensor, lr: float) -> torch.Tensor:
-        """W_new = retract(W − lr·A)."""
-        return self._retract(W - lr * A)
+        """W_new = retract(W − lr·A), with W − lr·A formed in ``step_dtype`` (fp32 for bf16/fp16
+        weights) and returned in W's dtype: formed in fp16, lr·A overflowed to inf from |lr·A| ≈ 6.6e4
+        and the retraction returned NaN or zero columns without a word."""
+        dt = step_dtype(W, lr)
+        return self._retract(W.to(dt) - lr * A.to(dt)).to(W.dtype)
 
     def _step_(self, W: torch.Tensor, A: torch.Tensor, lr: float) -> None:
         """W ← step(W, A, lr) in place (a manifold whose step is W − lr·A overrides this to skip
@@ -126,6 +129,13 @@ def _checked(public: str, body: Callable) -> Callable:
             lr = args[0] if args else kwargs.get("lr")
             if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr):
                 raise ValueError(f"{what}: lr must be a finite number, got {lr!r}")
+            out = body(self, W, X, *args, **kwargs)
+            # a point beyond the weight dtype's range (Euclidean or DGram at |lr·A| > 6.5e4 in fp16)
+            # came back as inf/NaN without a word
+            if not bool(torch.isfinite(out).all()):
+                raise ValueError(f"{what}: the new point has NaN or inf entries: W − lr·A (lr = {lr!r}) "
+                                 f"leaves the range of {W.dtype}")
+            return out
         return body(self, W, X, *args, **kwargs)
     checked = checked_point if public == "retract" else checked_pair
     functools.update_wrapper(checked, body)
@@ -156,6 +166,8 @@ def check_tensor(X, what: str, min_ndim: int = 2) -> None:
     if X.ndim < min_ndim:
         raise ValueError(f"{what}: expected a tensor with at least {min_ndim} dims (..., out, in), "
                          f"got shape {tuple(X.shape)}")
+    if X.numel() == 0:  # no point of any manifold: each one failed differently (IndexError, False, …)
+        raise ValueError(f"{what}: expected a non-empty tensor, got shape {tuple(X.shape)}")
 
 
 def check_finite(X: torch.Tensor, what: str, role: str = "input") -> None:
@@ -193,6 +205,12 @@ def compute_dtype(X: torch.Tensor) -> torch.dtype:
     return X.dtype if X.dtype in _COMPUTE_DTYPES else torch.float32
 
 
+def step_dtype(W: torch.Tensor, lr: float) -> torch.dtype:
+    """The dtype W − lr·A is formed in: ``compute_dtype(W)``, or float64 for |lr| ≥ 1e30, where lr
+    itself is beyond float32's range (lr·A was inf before any retraction could act)."""
+    return compute_dtype(W) if abs(float(lr)) < 1e30 else torch.float64
+
+
 def is_wide(X: torch.Tensor) -> bool:
     return X.size(-2) < X.size(-1)
 
@@ -216,11 +234,25 @@ def unit_max_scale(X: torch.Tensor, dims=(-2, -1)):
 def unit_columns(X: torch.Tensor):
     """(X with each column divided by its ℓ2 norm, the norms), columns of zeros left at zero. Each
     column is first divided by its largest entry, so norms of 1e-35 or 1e30 columns neither
-    underflow nor overflow when squared (a clamp at 1e-30 left 1e-35 columns at norm 3e-5)."""
+    underflow nor overflow when squared (a clamp at 1e-30 left 1e-35 columns at norm 3e-5). A column
+    with a NaN or inf entry stays NaN (it was set to zero, so DGram.contains accepted a NaN matrix)."""
     Xu, amax = unit_max_scale(X, dims=(-2,))
     n = torch.linalg.vector_norm(Xu, dim=-2, keepdim=True)
-    unit = torch.where(n > 0, Xu / torch.where(n > 0, n, torch.ones_like(n)), torch.zeros_like(Xu))
+    unit = torch.where(n == 0, torch.zeros_like(Xu), Xu / torch.where(n > 0, n, torch.ones_like(n)))
     return unit, (n * amax).squeeze(-2)
+
+
+def scale_free_difference(W: torch.Tensor, A: torch.Tensor, lr: float) -> torch.Tensor:
+    """(W − lr·A)/c with c = max(1, |lr|), in W's compute dtype (float64 once c ≥ 1e30, where W/c
+    would leave float32's range): for a retraction that ignores positive scale (Sphere, Oblique)
+    retract of this is retract(W − lr·A), with no overflow at any finite lr (lr = 1e39 made
+    W − lr·A inf in float32, and the retraction NaN)."""
+    lr = float(lr)
+    c = max(1.0, abs(lr))
+    dt = step_dtype(W, lr)
+    if c == 1.0:
+        return W.to(dt) - lr * A.to(dt)
+    return W.to(dt) / c - (lr / c) * A.to(dt)
 
 
 def fro(X: torch.Tensor) -> torch.Tensor:

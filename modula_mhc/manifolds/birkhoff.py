@@ -272,7 +272,7 @@ class Birkhoff(Manifold):
         step = (Ad / Wd).mul_(-lr).clamp_(-MAX_LOG_STEP, MAX_LOG_STEP)
         D = round_to_polytope(_scale(Wd.log() + step)) - Wd
         # trust region: at most lr·‖A‖_B in the natural norm, along the chord W → P (inside the polytope)
-        budget = lr * operator_norm(Ad)
+        budget = abs(lr) * operator_norm(Ad)  # lr < 0 (ascent) too: a negative s left the polytope
         moved = operator_norm(D)
         s = (budget / moved.clamp_min(1e-300)).clamp_(max=1.0)
         return round_to_polytope(Wd + s * D).clamp_min_(FLOOR).to(W.dtype)

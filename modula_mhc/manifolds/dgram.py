@@ -71,7 +71,8 @@ class DGram(GramManifold):
         tol = containment_tol(W, tol)
         Wt = as_tall(W.to(compute_dtype(W)), is_wide(W))
         unit, s = unit_columns(Wt)  # the cosines between columns, computed without overflow
-        ok = (off_diagonal(unit.mT @ unit).abs() <= tol).all()
+        # W = Q·diag(s) with s > 0: a zero column has no direction (retract refuses it, dualize cannot start)
+        ok = (off_diagonal(unit.mT @ unit).abs() <= tol).all() & (s > 0).all()
         if self.max_scale is not None:
             ok = ok & (s <= self.max_scale * (1 + tol)).all()
         return bool(ok)

@@ -44,8 +44,8 @@ from typing import Callable
 import torch
 
 from .base import fro, inner, sym, unit_max_scale
-from .dual_record import _no_tangent, _record, _store
-from .gram_ops import gram_mul, gram_products, normal_solve, normal_solver, off_diagonal
+from .dual_record import _no_tangent, _record, _store, delivered_score
+from .gram_ops import gram_mul, gram_products, inverse_gram, normal_solve, normal_solver, off_diagonal
 from .primal_polish import polish_near
 from .quasi_newton import STEP_MIN, Curvature, SpectralPreconditioner
 from .warm_start import WARM_KEYS, warm_start
@@ -144,7 +144,7 @@ def _leave(a: dict, out: dict, members: torch.Tensor, k: int) -> None:
 
 def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dict | None,
                      gap_tol: float, max_iters: int, state_dtype: torch.dtype | None = None,
-                     per_member: bool = False) -> torch.Tensor:
+                     per_member: bool = False, answer_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Unit-spectral-norm tangent direction maximising ⟨G, A⟩ (W, G tall (..., m, n), same dtype).
 
     ``offdiag``: the constraint is Off(WᵀA + AᵀW) = 0 (DGram) instead of WᵀA + AᵀW = 0 (Stiefel).
@@ -163,14 +163,15 @@ def steepest_tangent(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dic
     if state is not None:  # the warm start, stored with the batch's shape
         flat = {k: v.reshape((-1,) + v.shape[len(batch):]) for k, v in state.items()
                 if k in WARM_KEYS and isinstance(v, torch.Tensor) and v.shape[:len(batch)] == batch}
-    A = _solve(W3, G3, offdiag, flat, gap_tol, max_iters, W.dtype if state_dtype is None else state_dtype)
+    A = _solve(W3, G3, offdiag, flat, gap_tol, max_iters, W.dtype if state_dtype is None else state_dtype,
+               answer_dtype)
     if state is not None and flat is not None:
         _store(state, flat, batch, per_member)
     return A.reshape(W.shape)
 
 
 def _solve(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dict | None, gap_tol: float,
-           max_iters: int, kept: torch.dtype) -> torch.Tensor:
+           max_iters: int, kept: torch.dtype, answer_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``steepest_tangent`` on a flat batch (B, m, n); ``state`` holds (B, …) tensors."""
     n, dt, B = W.size(-1), W.dtype, W.size(0)
     plain_iters, smoothing = SCHEDULES[bool(offdiag)]
@@ -182,7 +183,7 @@ def _solve(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dict | None, 
     Gn = scaled_gradient(G)
 
     gram = sym(W.mT @ W)
-    gram_inv = torch.cholesky_inverse(torch.linalg.cholesky(gram))
+    gram_inv = inverse_gram(gram)
     P = W.mT @ Gn
     # the part of G off the span of W, formed explicitly: MᵀM = ZᵀΓ⁻¹Z + EᵀE then has no
     # cancellation (GᵀG − PᵀΓ⁻¹P would lose a small tangent part under a large normal one)
@@ -216,7 +217,8 @@ def _solve(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dict | None, 
     mu2, warm_mu2 = torch.zeros(B, dtype=sdt, device=W.device), None
     # square Stiefel: the start Λ₀ is already optimal (item 3 of docs/manifolds.md), nothing to warm
     square_stiefel = not offdiag and W.size(-2) == n
-    start = None if square_stiefel else warm_start(state, lam0, alpha, mu2, plain_iters == 0, scale)
+    start = None if square_stiefel else warm_start(state, lam0, alpha, mu2, plain_iters == 0, scale,
+                                                   torch.diagonal(start_F, dim1=-2, dim2=-1).sum(-1))
     if start is not None:
         lam, alpha, mu2, warm_mu2 = start
         lam = project(sym(lam))  # a multiplier stored by another manifold (set_manifold) may break P(Λ) = Λ
@@ -239,7 +241,7 @@ def _solve(W: torch.Tensor, G: torch.Tensor, offdiag: bool, state: dict | None, 
     A = torch.where(has_tangent[..., None, None], A / top.clamp_min(1e-30)[..., None, None],
                     torch.zeros_like(A)).to(dt)
     if state is not None:  # the gap of what the caller gets: A in its own dtype
-        exact = torch.where(has_tangent, inner(Gn, A.to(sdt)), torch.zeros_like(best_hi))
+        exact = torch.where(has_tangent, delivered_score(Gn, A, answer_dtype), torch.zeros_like(best_hi))
         gap = torch.where(has_tangent, (best_hi - exact) / best_hi.abs().clamp_min(1e-300), torch.zeros_like(exact))
         WtA = (gram @ best_C) / top.clamp_min(1e-30)[..., None, None]
         _record(state, kept, gap, gap_tol, out["iterations"], has_tangent & (start is not None), step=out["alpha"] / sc,
@@ -338,5 +340,8 @@ def _dual_step(a: dict, curvature: Curvature, k: int, e, V, H, hi, gap, n: int, 
     a["alpha"] = torch.where(lost, (alpha / RESTART_SHRINK).clamp_min(STEP_MIN), curvature.scale(alpha, precondition))
     curvature.forget(lost)
     a["damping"] = torch.where(lost, damping / RESTART_SHRINK, (2.0 * damping).clamp_max(1.0))
-    a["lam"] = torch.where(lost, a["hi_lam"], lam - a["damping"] * curvature.direction(H, a["alpha"], precondition))
+    # exactly P(Λ) = Λ, symmetric: the float32 preconditioner's rounding left Λ's skew part at ~4e-5
+    # relative, and a skew part adds ⟨skew Λ, WᵀA⟩ to the bound, which is no longer one
+    step = lam - a["damping"] * curvature.direction(H, a["alpha"], precondition)
+    a["lam"] = torch.where(lost, a["hi_lam"], project(sym(step)))
     a["fresh"] = lost

@@ -5,6 +5,19 @@ from __future__ import annotations
 
 import torch
 
+from .base import inner
+
+
+def delivered_score(Gn: torch.Tensor, A: torch.Tensor, answer_dtype: torch.dtype | None) -> torch.Tensor:
+    """⟨Ĝ, A⟩ of A as the caller gets it: rounded to ``answer_dtype`` (a bf16 gradient's dualize is
+    returned in bf16), then divided by its spectral norm where that rounding took it above 1, so the
+    reported gap is that of the returned direction (the float32 one's was up to 2e-3 smaller)."""
+    if answer_dtype is None or answer_dtype == A.dtype:
+        return inner(Gn, A.to(Gn.dtype))
+    rounded = A.to(answer_dtype).to(Gn.dtype)
+    top = torch.linalg.eigvalsh(rounded.mT @ rounded)[..., -1].clamp_min(0).sqrt()
+    return inner(Gn, rounded) / top.clamp_min(1.0)
+
 
 def _record(state: dict, dt: torch.dtype, gap: torch.Tensor, gap_tol: float, iters: torch.Tensor,
             warm: bool | torch.Tensor, *,

@@ -23,9 +23,10 @@ class Euclidean(Manifold):
     dualize(W, G) = msign(G)/g ≈ U Vᵀ for G = U Σ Vᵀ, by ``msign_steps`` Polar Express steps after
     msign's tight start (G scaled by ‖GGᵀ‖_F^{1/2}, in place of the first step), divided by the
     iteration's largest possible gain g (``polar_express_gain``; only fewer than 6 steps have g > 1)
-    so that ‖A‖₂ ≤ 1 always. 6 steps, the default, leave the singular values Polar Express is
-    designed for within 2e-5 of 1 (‖A‖₂ within 3.4e-6) — so ``norm(dualize(g, t)) == t`` holds; 5
-    steps cost 5/6 but leave ‖A‖₂ up to 0.4% short of 1. Tests: tests/test_kernels_reference.py and
+    so that ‖A‖₂ ≤ 1 always, in the compute dtype (a bf16/fp16 gradient gets A rounded to its own
+    dtype: ‖A‖₂ within HALF_TOL_EPS·eps of 1, up to 1.0025 measured in bf16). 6 steps, the default,
+    leave the singular values Polar Express is designed for within 2e-5 of 1 (‖A‖₂ within 3.4e-6)
+    — so ``norm(dualize(g, t)) == t`` holds; 5 steps cost 5/6 but leave ‖A‖₂ up to 0.4% short of 1. Tests: tests/test_kernels_reference.py and
     tests/test_kernel_ranges.py (the bounds), tests/test_batched_step.py (⟨G, A⟩ ≥ 0.99‖G‖_*).
     retract = identity; random = a semi-orthogonal matrix (unit spectral scale).
     """
@@ -75,8 +76,9 @@ class Euclidean(Manifold):
 
     def norm(self, A):
         check_tensor(A, "Euclidean.norm", min_ndim=1)
-        if A.ndim == 1:
-            return torch.linalg.vector_norm(A.to(compute_dtype(A)))
+        if A.ndim == 1:  # scaled by max|A| first: a 1e20 float32 vector had norm inf
+            Au, amax = unit_max_scale(A.to(compute_dtype(A)), dims=(-1,))
+            return torch.linalg.vector_norm(Au) * amax.reshape(())
         return spectral_norm(A).max()
 
     def random(self, shape, generator=None, dtype=torch.float32, device=None):
@@ -84,7 +86,7 @@ class Euclidean(Manifold):
 
     def diagnostics(self, W):
         if W.ndim < 2:
-            return {"norm": float(torch.linalg.vector_norm(W.detach().float()))}
+            return {"norm": float(self.norm(W.detach()))}
         return {"top_singular_value": float(spectral_norm(W.detach()).max())}
 
 

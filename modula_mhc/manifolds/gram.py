@@ -94,13 +94,14 @@ class GramManifold(Manifold):
     def _solve(self, W, G, state, per_member):
         dt, wide = compute_dtype(G), is_wide(W)
         Wt, Gt = as_tall(W.to(dt), wide), as_tall(G.to(dt), wide)
-        A = self._tangent(Wt, Gt, state, per_member, W.dtype)  # a bf16 weight keeps bf16 state: resumes are exact
+        # a bf16 weight keeps bf16 state (resumes are exact); the gap reported is that of A in G's dtype
+        A = self._tangent(Wt, Gt, state, per_member, W.dtype, G.dtype)
         return from_tall(A, wide).to(G.dtype)
 
-    def _tangent(self, Wt, Gt, state, per_member, kept):
+    def _tangent(self, Wt, Gt, state, per_member, kept, answer):
         """The steepest tangent direction at tall Wt (``dual_ascent.steepest_tangent``)."""
         return steepest_tangent(self._normalise(Wt), Gt, self.offdiag, state, self.gap_tol, self.max_iters,
-                                state_dtype=kept, per_member=per_member)
+                                state_dtype=kept, per_member=per_member, answer_dtype=answer)
 
     def _dualize_stack(self, W, G, states):
         """dualize of a stack (k, m, n) of tall matrices, member j warm-starting from and writing to

@@ -17,6 +17,16 @@ def off_diagonal(H: torch.Tensor) -> torch.Tensor:
     return H - torch.diag_embed(torch.diagonal(H, dim1=-2, dim2=-1))
 
 
+def inverse_gram(gram: torch.Tensor) -> torch.Tensor:
+    """Γ⁻¹ by Cholesky; ValueError when some Γ = WᵀW is not positive definite (W's columns dependent,
+    a zero column say: no dual solve there), instead of torch's LinAlgError."""
+    chol, info = torch.linalg.cholesky_ex(gram)
+    if bool((info != 0).any()):
+        raise ValueError("dualize: W's columns are linearly dependent (a zero column, say), so WᵀW is "
+                         "singular and the dual solve has no start; retract W onto the manifold first")
+    return torch.cholesky_inverse(chol)
+
+
 def gram_products(gram: torch.Tensor, gram_inv: torch.Tensor) -> dict:
     """The tensors of X ↦ ΓX and X ↦ Γ⁻¹X (``gram_mul``): row scalings when every Γ is diagonal to
     ``DIAGONAL_GRAM``, else the matrices; key "diagonal" says which."""

@@ -12,6 +12,7 @@ from .base import (
     containment_tol,
     from_tall,
     is_wide,
+    scale_free_difference,
     unit_columns,
     unit_max_scale,
 )
@@ -23,6 +24,8 @@ class Oblique(Manifold):
     Tangent space: {A : w_jᵀ a_j = 0 for every column j}. Natural norm max_j ‖a_j‖₂.
     dualize: per column a_j = (I − w_j w_jᵀ) g_j / ‖(I − w_j w_jᵀ) g_j‖ (0 where that is 0), which
     maximises Σ_j ⟨g_j, a_j⟩ with every ‖a_j‖ ≤ 1. retract: normalise each column.
+    step = retract((W − lr·A)/max(1, |lr|)): the same point (each column's scale is dropped), in fp32
+    for half-precision weights and finite at any finite lr.
     """
 
     name = "oblique"
@@ -49,6 +52,9 @@ class Oblique(Manifold):
         if bool((n == 0).any()):
             raise ValueError("Oblique.retract: a column is exactly zero, it has no nearest unit vector")
         return from_tall(W, wide).to(Y.dtype)
+
+    def _step(self, W, A, lr):
+        return self._retract(scale_free_difference(W, A, lr)).to(W.dtype)
 
     def contains(self, W, tol=None):
         check_tensor(W, "Oblique.contains")

@@ -18,9 +18,10 @@ import math
 
 import torch
 
-from .base import fro, inner, sym
+from .base import fro, sym
 from .dual_ascent import _inv_sqrt_values, scaled_gradient
-from .dual_record import _no_tangent, _record, worst_member
+from .dual_record import _no_tangent, _record, delivered_score, worst_member
+from .gram_ops import inverse_gram
 
 #: the largest certificate 1 − σ_min/σ_max taken from Gershgorin's discs; float32 points on the
 #: manifold have ~1e-5 (n = 128), and a looser one costs an eigvalsh of Γ (1 ms at n = 128)
@@ -41,12 +42,13 @@ def _gershgorin(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def orthogonal_dualize(W: torch.Tensor, G: torch.Tensor, state: dict | None, gap_tol: float,
-                       state_dtype: torch.dtype | None = None, per_member: bool = False) -> torch.Tensor | None:
+                       state_dtype: torch.dtype | None = None, per_member: bool = False,
+                       answer_dtype: torch.dtype | None = None) -> torch.Tensor | None:
     """argmax ⟨G, A⟩ over ‖A‖₂ ≤ 1, WᵀA + AᵀW = 0 for square W (..., n, n): A ∝ W⁻ᵀ·msign(skew(W⁻¹G)),
     certified by the bounds of the module docstring; None when a member's certificate exceeds
     ``gap_tol`` (W far from orthogonal), for the caller to solve iteratively. ``state`` receives the
     same entries as ``dual_ascent.steepest_tangent`` (1 iteration, never a warm start; the batch's
-    worst member unless ``per_member``)."""
+    worst member unless ``per_member``; the gap that of the answer rounded to ``answer_dtype``)."""
     n, dt = W.size(-1), W.dtype
     kept = dt if state_dtype is None else state_dtype
     sdt = torch.float64  # as the general solver: a small tangent part under a large normal one
@@ -62,7 +64,7 @@ def orthogonal_dualize(W: torch.Tensor, G: torch.Tensor, state: dict | None, gap
         if not _within(low, high, gap_tol):
             return None
     Gn = scaled_gradient(G)
-    gram_inv = torch.cholesky_inverse(torch.linalg.cholesky(gram))
+    gram_inv = inverse_gram(gram)
     C = gram_inv @ (W.mT @ Gn)                       # W⁻¹Ĝ
     S = 0.5 * (C - C.mT)
     has_tangent = fro(S)[..., 0, 0] > 1e-6 * math.sqrt(n)
@@ -82,7 +84,7 @@ def orthogonal_dualize(W: torch.Tensor, G: torch.Tensor, state: dict | None, gap
     out = A.to(dt)
     if state is not None:  # the gap of what the caller gets, against the certified upper bound
         hi = high.sqrt() * nuclear
-        exact = torch.where(has_tangent, inner(Gn, out.to(sdt)), torch.zeros_like(hi))
+        exact = torch.where(has_tangent, delivered_score(Gn, out, answer_dtype), torch.zeros_like(hi))
         gap = torch.where(has_tangent, (hi - exact) / hi.clamp_min(1e-300), torch.zeros_like(hi))
         WtA = gram @ (B / top)
         # a member without tangent part takes no iteration, as alone (``_no_tangent``)

@@ -3,7 +3,15 @@ from __future__ import annotations
 
 import torch
 
-from .base import Manifold, check_shape, check_tensor, compute_dtype, containment_tol, unit_max_scale
+from .base import (
+    Manifold,
+    check_shape,
+    check_tensor,
+    compute_dtype,
+    containment_tol,
+    scale_free_difference,
+    unit_max_scale,
+)
 
 
 def _fro_all(X):
@@ -15,6 +23,8 @@ class Sphere(Manifold):
 
     Tangent space {A : ⟨W, A⟩ = 0}; natural norm ‖A‖_F. dualize = (I − wwᵀ)g / ‖(I − wwᵀ)g‖;
     retract = Y/‖Y‖_F. With the unit tangent step, retract(w − η·a) = (w − η·a)/√(1 + η²).
+    step = retract((W − lr·A)/max(1, |lr|)): the same point (retract ignores scale), in fp32 for
+    half-precision weights and finite at any finite lr.
     """
 
     name = "sphere"
@@ -24,7 +34,8 @@ class Sphere(Manifold):
         dt = compute_dtype(G)
         dims = tuple(range(G.ndim))
         Gu, _ = unit_max_scale(G.to(dt), dims=dims)
-        w = W.to(dt)
+        # W's own scale first (a 1e20 W overflowed ‖W‖ in float32: w became 0 and A was not tangent)
+        w, _ = unit_max_scale(W.to(dt), dims=dims)
         w = w / _fro_all(w).clamp_min(1e-30)
         T = Gu - w * (w * Gu).sum()
         tn = _fro_all(T)
@@ -40,6 +51,9 @@ class Sphere(Manifold):
         if n == 0:
             raise ValueError("Sphere.retract: the zero tensor has no nearest point on the sphere")
         return (Yu / n).to(Y.dtype)
+
+    def _step(self, W, A, lr):
+        return self._retract(scale_free_difference(W, A, lr)).to(W.dtype)
 
     def contains(self, W, tol=None):
         check_tensor(W, "Sphere.contains", min_ndim=1)
@@ -57,4 +71,4 @@ class Sphere(Manifold):
         return (Z / _fro_all(Z)).to(dtype=dtype, device=device)
 
     def diagnostics(self, W):
-        return {"norm": float(_fro_all(W.detach().to(compute_dtype(W))))}
+        return {"norm": float(self.norm(W.detach()))}

@@ -21,12 +21,12 @@ class Stiefel(GramManifold):
     name = "stiefel"
     offdiag = False
 
-    def _tangent(self, Wt, Gt, state, per_member, kept):
+    def _tangent(self, Wt, Gt, state, per_member, kept, answer):
         if Wt.size(-1) == Wt.size(-2):  # square: the closed form, unless W is far from orthogonal
-            A = orthogonal_dualize(Wt, Gt, state, self.gap_tol, kept, per_member)
+            A = orthogonal_dualize(Wt, Gt, state, self.gap_tol, kept, per_member, answer)
             if A is not None:
                 return A
-        return super()._tangent(Wt, Gt, state, per_member, kept)
+        return super()._tangent(Wt, Gt, state, per_member, kept, answer)
 
     def retract(self, Y):
         wide = is_wide(Y)

@@ -57,25 +57,34 @@ def stored(state: dict, key: str, like: torch.Tensor) -> torch.Tensor | None:
 
 
 def warm_start(state: dict | None, lam0: torch.Tensor, alpha: torch.Tensor, mu2: torch.Tensor, smooths: bool,
-                scale: torch.Tensor):
+                scale: torch.Tensor, mu2_max: torch.Tensor):
     """(Λ, step, μ², μ² cap) from the previous solve's ``state``, or None for a cold start. Λ is the
     previous solve's best dual multiplier (its ``certificate``): between optimizer steps the optimum
     multiplier moves less than its offset from the start Λ₀ (which follows the new gradient's noise).
     Mean iterations of the 36 recorded real DGram solves, offset of the best primal's multiplier
-    from Λ₀ before / this: 46 / 34 (512×128), 21 / 18 (256×64), 38 / 38 (256×64 at lr 0.2)."""
+    from Λ₀ before / this: 46 / 34 (512×128), 21 / 18 (256×64), 38 / 38 (256×64 at lr 0.2).
+    Per member, stored values that cannot be a previous solve's are dropped (a corrupt or foreign
+    state dict): a non-finite Λ for Λ₀, a non-finite or non-positive step for the default, and a
+    non-finite μ, or one with μ² above ``mu2_max`` (‖M₀‖_F², beyond every singular value: μ² = 1e60
+    cancelled the upper bound Σ√(eig(F + μ²I) − μ²) to ~0), for none."""
     multiplier = None if state is None else stored(state, "certificate", lam0)
     if state is None or multiplier is None:
         return None
     # state holds Λ, the step and μ in the units of Ĝ (‖Ĝ‖_F = √n); the loop runs ``scale`` × that
     sc = scale[..., None, None]
     multiplier = multiplier * sc
+    multiplier = torch.where(torch.isfinite(multiplier).all(-1, keepdim=True).all(-2, keepdim=True), multiplier, lam0)
     step = stored(state, "dual_step", alpha)
-    step = None if step is None else step * sc
+    if step is not None:
+        step = step * sc
+        step = torch.where(torch.isfinite(step) & (step > 0), step, alpha)
     prev_mu = stored(state, "dual_smoothing", mu2) if smooths else None
     cap = None
     if prev_mu is not None:
         # μ = 0 (a solve certified before its first update) carries nothing: no cap
         mu2 = (prev_mu * scale).square()
+        usable = torch.isfinite(mu2) & (mu2 <= mu2_max)
+        mu2 = torch.where(usable, mu2, torch.zeros_like(mu2))
         cap = torch.where(mu2 > 0, mu2, torch.full_like(mu2, math.inf))
     return multiplier, (alpha if step is None else step), mu2, cap
 

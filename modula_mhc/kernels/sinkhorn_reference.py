@@ -84,6 +84,19 @@ def _row_spread(Lt: torch.Tensor) -> float:
     return spread
 
 
+def _eager_domain(logits: torch.Tensor, Lt: torch.Tensor, acc: torch.dtype):
+    """(Lt, acc, log_domain) for eager mode: raises on non-finite logits (``_row_spread``), and when
+    finite float32 / bf16 / fp16 logits have a row spread that overflows float32 (|max − min| >
+    3.4e38, e.g. ±3e38), runs the iteration in float64 instead: in float32 the first row step sent
+    such entries to −inf, and a column of them gave −inf − (−inf) = NaN (``[[3e38, −3e38]] * 2``
+    returned all NaN where the exact answer is 1/2 everywhere); float64 holds every such spread."""
+    spread = _row_spread(Lt)
+    if math.isinf(spread) and acc != torch.float64:
+        acc = torch.float64
+        Lt = _to_batch_last(logits.detach(), acc)
+    return Lt, acc, spread > _EXP_DOMAIN_MAX_SPREAD
+
+
 def _marginal_error(Pt: torch.Tensor) -> torch.Tensor:
     """max over the batch of |row sum − 1| and |column sum − 1| (0-dim tensor)."""
     if Pt.numel() == 0:
@@ -204,7 +217,10 @@ class _SinkhornFunction(torch.autograd.Function):
         acc = compute_dtype(logits.dtype)
         Lt = _to_batch_last(logits.detach(), acc)
         states = None
-        if tol is None and _compiling():
+        compiled = tol is None and _compiling()
+        if not compiled:  # one host sync: raise on inf/NaN, pick the domain (and float64 on overflow)
+            Lt, acc, log_domain = _eager_domain(logits, Lt, acc)
+        if compiled:
             # No host sync under torch.compile: both domains, the same batch-wide choice as eager
             # (a 0-dim bool tensor), selected on the device; non-finite logits cannot raise here,
             # so their matrices come back all NaN, as from the Triton kernel.
@@ -214,12 +230,10 @@ class _SinkhornFunction(torch.autograd.Function):
             Pt = torch.where(torch.isfinite(Lt).all(_ROW).all(_COL), Pt, torch.nan)
             n_iters = iters
         elif tol is None:
-            log_domain = _row_spread(Lt) > _EXP_DOMAIN_MAX_SPREAD
             keep = ctx.needs_input_grad[0] and 2 * iters * Lt.numel() * Lt.element_size() <= _KEEP_STATES_BYTES
             Pt, states = _iterates(Lt, iters, log_domain, keep=keep)
             n_iters = iters
         else:
-            log_domain = _row_spread(Lt) > _EXP_DOMAIN_MAX_SPREAD
             Pt, n_iters = _run_to_tol(Lt, float(tol), max_iters, log_domain)
         if states is None:
             ctx.save_for_backward(logits)
@@ -227,7 +241,8 @@ class _SinkhornFunction(torch.autograd.Function):
             ctx.save_for_backward(logits, states)
         ctx.n_iters = n_iters
         ctx.log_domain = log_domain
-        err = _result_error(Pt, logits.dtype)
+        ctx.acc = acc
+        err = _result_error(Pt, logits.dtype).to(compute_dtype(logits.dtype))
         ctx.mark_non_differentiable(err)
         # tolerance mode has synchronised every iteration: the iterate's own error (a float) tells
         # non-convergence from rounding of a half-precision result
@@ -240,7 +255,7 @@ class _SinkhornFunction(torch.autograd.Function):
         logits, *kept = ctx.saved_tensors
         if grad_P is None:
             return None, None, None, None
-        acc = compute_dtype(logits.dtype)
+        acc = ctx.acc
         n = logits.size(-1)
         dPt = _to_batch_last(grad_P, acc)
         if kept:
@@ -287,6 +302,9 @@ def sinkhorn(logits: torch.Tensor, iters: int = 20, tol: float | None = None, ma
     (fp32/fp64 0-dim): for bf16/fp16 logits that includes P's rounding (up to eps/2 of the dtype,
     3.9e-3 / 4.9e-4), so such a result cannot meet a smaller tol and tolerance mode says so.
     Non-finite logits raise ValueError in eager mode (one host sync; skipped under torch.compile).
+    Finite float32/bf16/fp16 logits whose row spread overflows float32 (|max − min| > 3.4e38, e.g.
+    ±3e38) are iterated in float64 in eager mode (float32 gave NaN there); under torch.compile,
+    as on the Triton kernel, such a matrix may come back NaN.
     Its arguments are validated by ``modula_mhc.kernels.sinkhorn``, the public entry point.
     """
     if logits.size(-1) == 0:  # else an obscure reshape error deep inside

@@ -107,6 +107,8 @@ def msign(X: torch.Tensor, steps: int = 8) -> torch.Tensor:
     """Polar Express polar factor U Vᵀ (same contract as ``reference.msign``) with Triton Gram products.
     Inputs are validated, and ``supports`` asked, by ``modula_mhc.kernels.msign``."""
     coeffs = msign_coeffs(steps)
+    if X.size(-2) == 0 or X.size(-1) == 0:  # an empty matrix: as the reference
+        return X.clone()
     transposed = X.size(-2) > X.size(-1)
     Y = X.mT if transposed else X
     shape = Y.shape

@@ -4,7 +4,11 @@ Each program owns BLOCK_B matrices held in registers as a (BLOCK_B, NP, NP) tile
 to a power of two). The iteration is kept in scaling form, P = exp(L + u_i + v_j): a row step sets
 u = −logsumexp_j(L + v), a column step v = −logsumexp_i(L + u). This is the same alternating
 normalisation as the reference (rows first, columns last) but cannot underflow a whole column,
-whatever the spread of the logits.
+whatever the spread of the logits. Each row of L is first shifted by its max (no iterate changes:
+the first row step removes any row constant), so |L| is bounded by the row spread and u, v and
+L + u + v stay finite; a matrix with a row spread above 2.1e37 (float32 max / 16, finite logits
+such as ±3e38 only) is flagged NaN like a matrix with a non-finite logit (the reference runs those
+in float64; no host sync here to choose that).
 
 Backward (exact for the unrolled iteration): recompute the forward from the logits, writing the
 column scalings v_t (NP floats per iteration and matrix, not the n×n iterates) to a scratch
@@ -23,6 +27,9 @@ MAX_N = 16
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Finite stand-in for −inf on padded rows / columns: exp() of it is 0 and sums of two stay finite.
 _NEG = -1.0e30
+# The largest float32: masks padding out of the row max / min, and BIG/16 is the largest row spread
+# of the logits the kernel computes (a larger one flags the matrix NaN, as a non-finite logit does).
+_BIG = 3.4028234663852886e38
 
 
 @triton.jit
@@ -46,6 +53,23 @@ def _nan_if_nonfinite(L, mask):
 
 
 @triton.jit
+def _shifted_logits(L, mask, NEG: tl.constexpr, BIG: tl.constexpr):
+    """(L − max_j L_ij per row, flag): the row shift changes no iterate (the first row step removes
+    it exactly) and bounds |L| by the row spread, so the scalings u, v and L + u + v stay finite.
+    flag per matrix: 0, or NaN when a logit is not finite or a row spread exceeds BIG/16 (finite
+    logits such as ±3e38, whose scalings would overflow fp32: they gave NaN matrices with err 0).
+    Padding is reset to NEG (fp16 loads it as −inf)."""
+    bad = _nan_if_nonfinite(L, mask)
+    hi = tl.max(tl.where(mask, L, -BIG), axis=2)
+    lo = tl.min(tl.where(mask, L, BIG), axis=2)
+    row_ok = tl.max(mask.to(tl.int32), axis=2) > 0
+    t = tl.where(row_ok, (hi - lo) * 16.0, 0.0)  # inf when the spread is above BIG/16
+    over = t - t  # 0, or NaN there
+    bad += tl.sum(tl.where(row_ok & (over != 0.0), over, 0.0), axis=1)
+    return tl.where(mask, L - hi[:, :, None], NEG), bad
+
+
+@triton.jit
 def _row_scaling(L, v, row_ok, NEG: tl.constexpr):
     """u = −logsumexp_j(L_ij + v_j) per row; padded rows get NEG."""
     X = L + v[:, None, :]
@@ -65,10 +89,10 @@ def _col_scaling(L, u, col_ok, NEG: tl.constexpr):
 
 @triton.jit
 def _sinkhorn_fwd_kernel(L_ptr, P_ptr, err_ptr, B, n, iters,
-                         BLOCK_B: tl.constexpr, NP: tl.constexpr, NEG: tl.constexpr):
+                         BLOCK_B: tl.constexpr, NP: tl.constexpr, NEG: tl.constexpr, BIG: tl.constexpr):
     pid = tl.program_id(0)
     b, i, j, offs, mask = _tile_offsets(pid, B, n, BLOCK_B, NP)
-    L = tl.load(L_ptr + offs, mask=mask, other=NEG).to(tl.float32)
+    L, bad = _shifted_logits(tl.load(L_ptr + offs, mask=mask, other=NEG).to(tl.float32), mask, NEG, BIG)
     row_ok = (i < n)[None, :]
     col_ok = (j < n)[None, :]
     v = tl.where(col_ok, tl.zeros((BLOCK_B, NP), dtype=tl.float32), NEG)
@@ -76,7 +100,6 @@ def _sinkhorn_fwd_kernel(L_ptr, P_ptr, err_ptr, B, n, iters,
     for _ in range(iters):
         u = _row_scaling(L, v, row_ok, NEG)
         v = _col_scaling(L, u, col_ok, NEG)
-    bad = _nan_if_nonfinite(L, mask)
     P = tl.exp(L + u[:, :, None] + v[:, None, :]) + bad[:, None, None]
     P = tl.where(mask, P, 0.0).to(P_ptr.dtype.element_ty)
     tl.store(P_ptr + offs, P, mask=mask)
@@ -86,16 +109,18 @@ def _sinkhorn_fwd_kernel(L_ptr, P_ptr, err_ptr, B, n, iters,
     b_ok = (b < B)[:, None]
     row_err = tl.where(b_ok & row_ok, tl.abs(tl.sum(P, axis=2) - 1.0), 0.0)
     col_err = tl.where(b_ok & col_ok, tl.abs(tl.sum(P, axis=1) - 1.0), 0.0)
+    # max may drop NaN: a NaN anywhere in the stored P is added as a sum, so err is NaN with it
+    nan_in_P = tl.sum(tl.sum(tl.sum(tl.where(mask, P - P, 0.0), axis=2), axis=1), axis=0)
     tl.store(err_ptr + pid, tl.maximum(tl.max(tl.max(row_err, axis=1), axis=0),
-                                       tl.max(tl.max(col_err, axis=1), axis=0)) + tl.sum(bad, axis=0))
+                                       tl.max(tl.max(col_err, axis=1), axis=0)) + tl.sum(bad, axis=0) + nan_in_P)
 
 
 @triton.jit
 def _sinkhorn_bwd_kernel(L_ptr, dP_ptr, dL_ptr, V_ptr, B, n, iters,
-                         BLOCK_B: tl.constexpr, NP: tl.constexpr, NEG: tl.constexpr):
+                         BLOCK_B: tl.constexpr, NP: tl.constexpr, NEG: tl.constexpr, BIG: tl.constexpr):
     pid = tl.program_id(0)
     b, i, j, offs, mask = _tile_offsets(pid, B, n, BLOCK_B, NP)
-    L = tl.load(L_ptr + offs, mask=mask, other=NEG).to(tl.float32)
+    L, bad = _shifted_logits(tl.load(L_ptr + offs, mask=mask, other=NEG).to(tl.float32), mask, NEG, BIG)
     row_ok = (i < n)[None, :]
     col_ok = (j < n)[None, :]
     # Scratch V[t, b, j] holds the column scaling before iteration t (V[0] = 0, V[t+1] after t).
@@ -123,7 +148,7 @@ def _sinkhorn_bwd_kernel(L_ptr, dP_ptr, dL_ptr, V_ptr, B, n, iters,
         P_row = tl.exp(L + u[:, :, None] + v_prev[:, None, :])
         g = g - P_row * tl.sum(g, axis=2)[:, :, None]
         v_cur = v_prev
-    g = g + _nan_if_nonfinite(L, mask)[:, None, None]
+    g = g + bad[:, None, None]
     tl.store(dL_ptr + offs, g.to(dL_ptr.dtype.element_ty), mask=mask)
 
 
@@ -144,7 +169,7 @@ class _SinkhornTriton(torch.autograd.Function):
         P = torch.empty_like(L)
         err = torch.zeros(max(grid[0], 1), device=L.device, dtype=torch.float32)
         if B > 0:
-            _sinkhorn_fwd_kernel[grid](L, P, err, B, n, iters, BLOCK_B=BLOCK_B, NP=NP, NEG=_NEG)
+            _sinkhorn_fwd_kernel[grid](L, P, err, B, n, iters, BLOCK_B=BLOCK_B, NP=NP, NEG=_NEG, BIG=_BIG)
         ctx.save_for_backward(logits)
         ctx.iters = iters
         err = err.max()
@@ -166,7 +191,7 @@ class _SinkhornTriton(torch.autograd.Function):
         V = torch.empty((iters + 1, B, NP), device=L.device, dtype=torch.float32)
         if B > 0:
             grid = (triton.cdiv(B, BLOCK_B),)
-            _sinkhorn_bwd_kernel[grid](L, dP, dL, V, B, n, iters, BLOCK_B=BLOCK_B, NP=NP, NEG=_NEG)
+            _sinkhorn_bwd_kernel[grid](L, dP, dL, V, B, n, iters, BLOCK_B=BLOCK_B, NP=NP, NEG=_NEG, BIG=_BIG)
         return dL.reshape(logits.shape), None
 
 
@@ -182,7 +207,9 @@ def sinkhorn(logits: torch.Tensor, iters: int = 20, return_error: bool = False):
 
     Same contract as the reference without tol mode: fp32 in registers, input dtype out,
     ``return_error`` gives (P, max |row or column sum − 1| of P as returned). Non-finite logits do
-    not raise (that needs a host sync): their matrices come back all NaN, and so does err.
+    not raise (that needs a host sync): their matrices come back all NaN, and so does err; so do
+    matrices whose finite logits have a row spread above 2.1e37 (float32 cannot hold their
+    scalings). err is NaN whenever P holds a NaN.
     Inputs are validated, and ``supports`` asked, by ``modula_mhc.kernels.sinkhorn``.
     """
     P, err = _SinkhornTriton.apply(logits, iters)

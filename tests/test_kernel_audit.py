@@ -271,6 +271,7 @@ def test_sinkhorn_iteration_count_is_what_is_asked():
     assert torch.allclose(Lg.grad, L2.grad, atol=1e-12, rtol=0)
 
 
+@pytest.mark.slow  # ~6 s: gradient ascent over many logits (make test-slow)
 def test_unrolled_sinkhorn_row_l1_jacobian_stays_below_one():
     """hyper_bounds' k_res = 1 (max_i Σ_j |dP_ij| ≤ ‖dL‖_F) is proven for the converged projection;
     docs/mhc.md leaves the unrolled 20-iteration map as a caveat. Gradient ascent over L on the

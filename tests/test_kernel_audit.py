@@ -526,6 +526,7 @@ def _interpreted_triton(monkeypatch):
 
 
 @pytest.mark.triton
+@pytest.mark.slow  # ~8 s under the interpreter (make test-slow; compiled on a GPU: -m triton)
 def test_triton_mixing_kernels_match_float64_autograd(_interpreted_triton):
     """The Triton mixing kernels against float64 autograd on a rotated grid (measured worst: fp32
     2.6e-7, bf16 7.7e-3, fp16 4.9e-4)."""

@@ -43,6 +43,9 @@ class Manifold:
     #: (Stiefel, DGram: each weight keeps its own warm start): the optimizer then stacks
     #: same-shape weights too, and the solve's per-iteration overhead is shared
     stacks_members = False
+    #: True when retract(c·Y) = retract(Y) for every c > 0 (Sphere, Oblique): ``_step`` then divides
+    #: W − lr·A by max(1, |lr|) before retracting, so no finite lr overflows
+    retract_ignores_scale = False
     #: False when ``dualize`` ignores the point W (Euclidean): a stacked dualize then skips
     #: gathering the weights
     dualize_reads_point = True
@@ -77,7 +80,11 @@ class Manifold:
     def _step(self, W: torch.Tensor, A: torch.Tensor, lr: float) -> torch.Tensor:
         """W_new = retract(W − lr·A), with W − lr·A formed in ``step_dtype`` (fp32 for bf16/fp16
         weights) and returned in W's dtype: formed in fp16, lr·A overflowed to inf from |lr·A| ≈ 6.6e4
-        and the retraction returned NaN or zero columns without a word."""
+        and the retraction returned NaN or zero columns without a word. A manifold whose retraction
+        ignores positive scale (``retract_ignores_scale``) retracts (W − lr·A)/max(1, |lr|) instead:
+        the same point, finite at any finite lr."""
+        if self.retract_ignores_scale:
+            return self._retract(scale_free_difference(W, A, lr)).to(W.dtype)
         dt = step_dtype(W, lr)
         return self._retract(W.to(dt) - lr * A.to(dt)).to(W.dtype)
 

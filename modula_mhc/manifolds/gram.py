@@ -30,8 +30,6 @@ GAP_TOL = 8e-3
 MAX_ITERS = 1000
 
 
-
-
 def _member(combined: dict, j: int, k: int) -> dict:
     """Member j's entries of a stacked solve's per-member ``state`` (k members), with the types a
     single solve writes: ``iterations`` an int, ``certified`` and ``warm_start`` bools, the rest

@@ -12,7 +12,6 @@ from .base import (
     containment_tol,
     from_tall,
     is_wide,
-    scale_free_difference,
     unit_columns,
     unit_max_scale,
 )
@@ -29,6 +28,7 @@ class Oblique(Manifold):
     """
 
     name = "oblique"
+    retract_ignores_scale = True
 
     def dualize(self, W, G, state=None):
         dt, wide = compute_dtype(G), is_wide(W)
@@ -52,9 +52,6 @@ class Oblique(Manifold):
         if bool((n == 0).any()):
             raise ValueError("Oblique.retract: a column is exactly zero, it has no nearest unit vector")
         return from_tall(W, wide).to(Y.dtype)
-
-    def _step(self, W, A, lr):
-        return self._retract(scale_free_difference(W, A, lr)).to(W.dtype)
 
     def contains(self, W, tol=None):
         check_tensor(W, "Oblique.contains")

@@ -9,7 +9,6 @@ from .base import (
     check_tensor,
     compute_dtype,
     containment_tol,
-    scale_free_difference,
     unit_max_scale,
 )
 
@@ -28,6 +27,7 @@ class Sphere(Manifold):
     """
 
     name = "sphere"
+    retract_ignores_scale = True
     min_ndim = 1
 
     def dualize(self, W, G, state=None):
@@ -51,9 +51,6 @@ class Sphere(Manifold):
         if n == 0:
             raise ValueError("Sphere.retract: the zero tensor has no nearest point on the sphere")
         return (Yu / n).to(Y.dtype)
-
-    def _step(self, W, A, lr):
-        return self._retract(scale_free_difference(W, A, lr)).to(W.dtype)
 
     def contains(self, W, tol=None):
         check_tensor(W, "Sphere.contains", min_ndim=1)

@@ -66,26 +66,34 @@ def build_optimizer(config: TrainConfig, model):
 
 # ---------------------------------------------------------------------------------- the run
 
-def _load_corpus(config: TrainConfig, vocab: str | None = None, resuming=None) -> CharCorpus:
+def _load_corpus(config: TrainConfig, ckpt: dict | None = None, ckpt_path=None, data_given: bool = True) -> CharCorpus:
+    """The run's corpus; a resumed run's text is checked against its checkpoint first (``_check_data``),
+    before it is tokenised with the checkpoint's vocabulary."""
     if config.data is None:
-        return CharCorpus.from_text(default_corpus(), config.context, source=DEFAULT_CORPUS_NAME, vocab=vocab)
-    try:
-        text = load_text(config.data)
-    except DataError as e:
-        if resuming is None or os.path.isabs(config.data):
-            raise
-        raise DataError(f"{e} (checkpoint {resuming!r} names it relative to the directory the run started in; "
-                        "pass --data with its path from here)") from None
-    return CharCorpus.from_text(text, config.context, source=os.fspath(config.data), vocab=vocab)
+        text, source = default_corpus(), DEFAULT_CORPUS_NAME
+    else:
+        source = os.fspath(config.data)
+        try:
+            text = load_text(config.data)
+        except DataError as e:
+            if ckpt_path is None or data_given or os.path.isabs(config.data):
+                raise
+            raise DataError(f"{e} (checkpoint {ckpt_path!r} names it relative to the directory the run started "
+                            "in; pass --data with its path from here)") from None
+    if ckpt is not None:
+        _check_data(text, source, ckpt, ckpt_path)
+    return CharCorpus.from_text(text, config.context, source=source, vocab=ckpt["vocab"] if ckpt else None)
 
 
-def _check_data(corpus: CharCorpus, ckpt: dict, ckpt_path) -> None:
+def _check_data(text: str, source: str, ckpt: dict, ckpt_path) -> None:
     """A resumed run must read the text its checkpoint was trained on (same sha256; checkpoints
     older than the recorded hash are not checked): other text under the same name — an edited file,
     another file of that name, another Python's standard library — would not continue the run."""
     expected = ckpt.get("data_sha256")
-    if expected is not None and expected != corpus.sha256:
-        raise _data_mismatch(corpus.source, corpus.sha256, expected, ckpt_path)
+    if expected is not None:
+        actual = text_sha256(text)
+        if actual != expected:
+            raise _data_mismatch(source, actual, expected, ckpt_path)
 
 
 def _data_mismatch(source: str, actual: str, expected: str, ckpt_path) -> ConfigError:
@@ -137,12 +145,9 @@ def _resume(config: TrainConfig):
     out = out or os.path.dirname(os.path.abspath(ckpt_path))  # the run may have been moved
     saved = dict(ckpt["config"])
     # the data is its content: --data may name the same text by another path (a run started with a
-    # relative path, resumed from another directory); other text is refused in _check_data
-    if config.data is not None and saved.get("data") is not None and config.data != saved["data"] \
-            and ckpt.get("data_sha256") is not None:
-        actual = text_sha256(load_text(config.data))
-        if actual != ckpt["data_sha256"]:
-            raise _data_mismatch(os.fspath(config.data), actual, ckpt["data_sha256"], ckpt_path)
+    # relative path, resumed from another directory); train() reads it next and _check_data refuses
+    # other text before the run directory is touched
+    if config.data is not None and saved.get("data") is not None and ckpt.get("data_sha256") is not None:
         saved["data"] = config.data
     config = dataclasses.replace(resolve_config(config, saved), out=out)
     if config.steps <= ckpt["step"]:
@@ -172,9 +177,7 @@ def train(config: TrainConfig | None = None, callback=None) -> dict:
             config = dataclasses.replace(config, out=os.path.join("runs", name))
     # the data is read before the run directory is touched: a mistyped --data with --force must not
     # delete the old run and then fail
-    corpus = _load_corpus(config, vocab=ckpt["vocab"] if ckpt else None, resuming=None if data_given else ckpt_path)
-    if ckpt is not None:
-        _check_data(corpus, ckpt, ckpt_path)
+    corpus = _load_corpus(config, ckpt, ckpt_path, data_given)
     previous_threads = torch.get_num_threads()
     # a resumed run continues in its own directory; another directory must not hold a run already
     own_dir = ckpt is not None and os.path.realpath(config.out) == os.path.realpath(os.path.dirname(ckpt_path) or ".")

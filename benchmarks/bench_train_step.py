@@ -13,6 +13,7 @@ is also reported per window of the run, to show whether it grows.
 Writes benchmarks/results/train_step_<preset>_<methods>[_cuda].json and .png and prints a table.
 """
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -36,6 +37,23 @@ PRESETS = {"anchor": dict(width=128, depth=4, heads=4, context=64, batch=12),
 METHODS = {"adamw": MANIFOLD_PRESETS["muon"][:2], "muon": MANIFOLD_PRESETS["muon"][:2],
            "hetero": MANIFOLD_PRESETS["hetero"][:2]}
 TARGETS = {"cpu": {"muon": 1.25, "hetero": 2.0}, "cuda": {"hetero/muon": 1.5}}
+#: not a training method: the warmed Hetero run with every dual solve capped at one iteration
+#: (uncertified), i.e. what a Hetero step costs outside the dual loop's iterations
+FLOOR = "hetero-floor"
+
+
+def floor_of(run):
+    """A copy of a warmed Hetero (model, optimizer) whose Stiefel and DGram solves stop after one
+    dual iteration: the step's cost without the iterations that certify it."""
+    gpt, opt = copy.deepcopy(run[0]), None
+    for atom in gpt.atoms():
+        if getattr(atom.manifold, "max_iters", None) is not None:
+            capped = copy.copy(atom.manifold)
+            capped.max_iters = 1
+            atom.manifold = capped
+    opt = optim.DualizeRetract(gpt, lr=run[1].param_groups[0]["lr"])
+    opt.load_state_dict(run[1].state_dict())
+    return gpt, opt
 
 
 def make(method, cfg, vocab, device):
@@ -97,6 +115,21 @@ def warm_up(run, steps, batch, device, tqdm, name):
             [statistics.mean(its[i:i + k]) for i in range(0, len(its), k)])
 
 
+def print_table(rows, args, cfg, hetero_vs_muon):
+    """The result table on stdout."""
+    print(f"GPT {args.preset} {cfg}, device {args.device}, torch threads {torch.get_num_threads()}, "
+          f"after {args.warm_steps} training steps, {args.repeats} interleaved rounds")
+    print(f"{'method':8s} {'median ms':>10s} {'x AdamW':>8s}  per-window ms over warm-up   dual iterations")
+    for r in rows:
+        win = " ".join(f"{v:.0f}" for v in r["warmup_window_ms"])
+        print(f"{r['method']:8s} {r['median_ms']:10.1f} {r['ratio_vs_adamw']:8.2f}  {win:26s}  {r['dual_iterations']}")
+        if any(r["warmup_window_dual_iterations_per_step"]):
+            print(f"{'':8s} dual iterations per step over the warm-up windows: "
+                  + " ".join(f"{v:.1f}" for v in r["warmup_window_dual_iterations_per_step"]))
+    if hetero_vs_muon is not None:
+        print(f"hetero / muon: {hetero_vs_muon:.2f}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="anchor")
@@ -106,7 +139,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1, help="torch threads (0: leave as is)")
     add_malloc_option(ap)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS) + [FLOOR],
+                    help=f"{FLOOR}: the warmed Hetero run with one dual iteration per solve (uncertified)")
     args = ap.parse_args(argv)
     malloc = apply_malloc(args)
     if args.threads:
@@ -120,16 +154,21 @@ def main(argv=None):
         x, y = corpus.batch("train", cfg["batch"], cfg["context"], generator=g)
         return x.to(args.device), y.to(args.device)
 
-    runs = {m: make(m, cfg, corpus.vocab_size, args.device) for m in args.methods}
+    if FLOOR in args.methods and "hetero" not in args.methods:
+        ap.error(f"{FLOOR} is measured on the warmed Hetero run: list hetero too")
+    trained = [m for m in args.methods if m != FLOOR]
+    runs = {m: make(m, cfg, corpus.vocab_size, args.device) for m in trained}
     windows = {m: [] for m in args.methods}
+    iteration_windows = {m: [] for m in args.methods}
     try:
         from tqdm import tqdm
     except ImportError:  # progress bar is optional
         def tqdm(it, **_):
             return it
-    iteration_windows = {}
-    for m in args.methods:  # a real run first: warm starts and gradients as training sees them
+    for m in trained:  # a real run first: warm starts and gradients as training sees them
         windows[m], iteration_windows[m] = warm_up(runs[m], args.warm_steps, batch, args.device, tqdm, m)
+    if FLOOR in args.methods:
+        runs[FLOOR] = floor_of(runs["hetero"])
     times = {m: [] for m in args.methods}
     losses = {m: None for m in args.methods}
     for _ in tqdm(range(args.repeats), desc="interleaved"):
@@ -146,17 +185,7 @@ def main(argv=None):
         hetero_vs_muon = med["hetero"] / med["muon"]
     else:
         hetero_vs_muon = None
-    print(f"GPT {args.preset} {cfg}, device {args.device}, torch threads {torch.get_num_threads()}, "
-          f"after {args.warm_steps} training steps, {args.repeats} interleaved rounds")
-    print(f"{'method':8s} {'median ms':>10s} {'x AdamW':>8s}  per-window ms over warm-up   dual iterations")
-    for r in rows:
-        win = " ".join(f"{v:.0f}" for v in r["warmup_window_ms"])
-        print(f"{r['method']:8s} {r['median_ms']:10.1f} {r['ratio_vs_adamw']:8.2f}  {win:26s}  {r['dual_iterations']}")
-        if any(r["warmup_window_dual_iterations_per_step"]):
-            print(f"{'':8s} dual iterations per step over the warm-up windows: "
-                  + " ".join(f"{v:.1f}" for v in r["warmup_window_dual_iterations_per_step"]))
-    if hetero_vs_muon is not None:
-        print(f"hetero / muon: {hetero_vs_muon:.2f}")
+    print_table(rows, args, cfg, hetero_vs_muon)
     os.makedirs(RESULTS, exist_ok=True)
     # train_step_<preset>_<methods other than the AdamW baseline>[_<device>]: the committed names
     stem = "_".join(["train_step", args.preset] + [m for m in args.methods if m != "adamw"]

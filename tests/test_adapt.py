@@ -650,3 +650,25 @@ def test_lr_transfer_script_runs_tiny(tmp_path):
     assert set(res["gpt2 dualize"]["best"]) == {"16", "32"}
     assert (tmp_path / "adapt_lr_transfer.png").stat().st_size > 0
     assert "best lr" in (tmp_path / "adapt_lr_transfer.md").read_text()
+
+
+def test_dualize_adamw_global_step_hooks_fire_once_per_step():
+    """torch.optim's global step hooks see one optimizer step per DualizeAdamW.step (they fired for
+    the wrapper and for each inner optimizer: three times); the inner optimizers' own hooks still run."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    model = _emb_mlp()
+    opt = DualizeAdamW(mm.adapt(model))
+    seen, inner = [], []
+    opt.adamw.register_step_pre_hook(lambda o, args, kwargs: inner.append("adamw"))
+    handles = [register_optimizer_step_pre_hook(lambda o, args, kwargs: seen.append(("pre", type(o).__name__))),
+               register_optimizer_step_post_hook(lambda o, args, kwargs: seen.append(("post", type(o).__name__)))]
+    try:
+        before = [p.detach().clone() for p in model.parameters()]
+        _train_step(model, opt, 0)
+    finally:
+        for h in handles:
+            h.remove()
+    assert seen == [("pre", "DualizeAdamW"), ("post", "DualizeAdamW")]
+    assert inner == ["adamw"]
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))  # both inner steps ran

@@ -24,6 +24,25 @@ __all__ = ["ADAMW_ROLES", "DualizeAdamW"]
 ADAMW_ROLES = ("embed", "head", "norm_gain", "bias", "vector")
 
 
+def _step_without_global_hooks(opt: torch.optim.Optimizer) -> None:
+    """``opt.step()`` with its own step hooks but not the global ones
+    (``torch.optim.optimizer.register_optimizer_step_pre_hook``): those ran once, around
+    DualizeAdamW.step; through the inner optimizers they fired three times per step."""
+    step = type(opt).step
+    if not getattr(step, "hooked", False):  # not wrapped by torch's hook runner: nothing global to skip
+        step(opt)
+        return
+    args: tuple = (opt,)
+    kwargs: dict = {}
+    for hook in opt._optimizer_step_pre_hooks.values():
+        result = hook(opt, args, kwargs)
+        if result is not None:  # torch's contract: a pre-hook may return new (args, kwargs)
+            args, kwargs = result
+    step.__wrapped__(*args, **kwargs)
+    for hook in opt._optimizer_step_post_hooks.values():
+        hook(opt, args, kwargs)
+
+
 class _AtomSubset(Module):
     """The chosen atoms of a module with the module's own norm coefficients (for DualizeRetract)."""
 
@@ -218,7 +237,7 @@ class DualizeAdamW(torch.optim.Optimizer):
                                                  for p in g["params"] if p.grad is not None), stacklevel=3):
             return loss
         for o in self._opts:
-            o.step()
+            _step_without_global_hooks(o)
         return loss
 
     def zero_grad(self, set_to_none: bool = True):

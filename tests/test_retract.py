@@ -115,3 +115,31 @@ def test_half_precision_points_stay_on_their_manifold(name, dtype):
     else:
         off[:, 0] = off[:, 0] * 1.05                # a column 5% long
     assert not M.contains(off.to(dtype))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.float64, 1e-13)])
+@pytest.mark.parametrize("shape", [(48, 48), (96, 32), (32, 96)])
+def test_optimizer_step_retracts_by_newton_schulz_to_the_polar_factor(dtype, tol, shape, monkeypatch):
+    """W − lr·A from a Stiefel point is near-orthogonal up to scale: its retraction takes Newton–Schulz
+    steps, no eigendecomposition (``kernels.gram_polar.NEAR_ORTHOGONAL``), and still returns the
+    polar factor (float64 SVD) to rounding, for a steepest direction and a rank-1 tangent one, at
+    small and very large lr; an input far from orthogonal (condition 10) takes the eigh route."""
+    g = torch.Generator().manual_seed(shape[0] + shape[1])
+    W = Stiefel().random(shape, generator=g, dtype=dtype)
+    k = min(shape)
+    a, b = torch.randn(k, 1, generator=g, dtype=dtype), torch.randn(k, 1, generator=g, dtype=dtype)
+    K = a @ b.T - b @ a.T  # skew, rank 2: W·K (tall) or K·W (wide) is tangent with two nonzero singular values
+    low_rank = W @ K if shape[0] >= shape[1] else K @ W
+    directions = [Stiefel().dualize(W, torch.randn(shape, generator=g, dtype=dtype)), low_rank / low_rank.norm()]
+    far = W * torch.logspace(0, -1, k, dtype=dtype) if shape[0] >= shape[1] else torch.logspace(0, -1, k, dtype=dtype)[:, None] * W
+    eigh = torch.linalg.eigh
+    calls = []
+    monkeypatch.setattr(torch.linalg, "eigh", lambda *a, **k: calls.append(1) or eigh(*a, **k))
+    steepest, low = directions
+    cases = [(W - lr * steepest, True) for lr in (0.05, 0.5, 20.0)] + [(W - lr * low, True) for lr in (0.05, 0.5)]
+    for Y, near in cases + [(W - 20.0 * low, False), (far, False)]:  # two singular values 1 + 200: far
+        U, _, Vh = torch.linalg.svd(Y.double(), full_matrices=False)
+        calls.clear()
+        Q = Stiefel().retract(Y)
+        assert (Q.double() - U @ Vh).abs().max() <= tol
+        assert bool(calls) != near, len(calls)

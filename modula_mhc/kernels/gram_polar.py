@@ -6,6 +6,8 @@ the matmul-only Polar Express (``msign``) is the faster route (``kernels.polar``
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 #: singular values below this fraction of the largest map to 0 (pseudo-inverse square root)
@@ -16,11 +18,42 @@ DIRECTION_RCOND = 1e-4
 #: until max|QᵀQ − I| ≤ POLISH_TOL (float64); each squares the error the Gram route leaves
 POLISH_STEPS = 3
 POLISH_TOL = 1e-12
+#: retraction inputs whose Gram matrix is this close to a multiple of I (‖YᵀY/c − I‖_F ≤ this, c =
+#: tr(YᵀY)/n) take Newton–Schulz steps instead of the eigendecomposition: an optimizer step W − lr·A
+#: from a point of the manifold is such an input (its Gram matrix is I + lr²AᵀA for Stiefel), and
+#: 4–6 steps of 2 products cost less than one float64 eigh (128×128: 24 retractions of an anchor GPT
+#: step took 88 ms through eigh)
+NEAR_ORTHOGONAL = 0.5
 
 
 def _tall(X):
     wide = X.size(-2) < X.size(-1)
     return (X.mT if wide else X), wide
+
+
+def _newton_schulz_polar(Y: torch.Tensor, S: torch.Tensor) -> torch.Tensor | None:
+    """Polar factor of tall Y (Gram matrix S = YᵀY) by Newton–Schulz steps Q ← Q(I − D/2), D = QᵀQ − I,
+    from Q = Y/√c (c = tr S/n: the polar factor ignores scale), or None when ‖S/c − I‖_F >
+    ``NEAR_ORTHOGONAL``. Each step maps an eigenvalue d of D to −¾d² + ¼d³, so the number of steps
+    until ‖D‖_F ≤ 8ε follows from the first ‖D‖_F (one host sync); the result is the polar factor
+    to rounding, and an input on the manifold moves by rounding only."""
+    if S.numel() == 0:  # an empty batch: the eigh route returns it as it is
+        return None
+    n = S.size(-1)
+    eye = torch.eye(n, dtype=S.dtype, device=S.device)
+    c = torch.diagonal(S, dim1=-2, dim2=-1).sum(-1)[..., None, None] / n
+    D = S / torch.where(c > 0, c, torch.ones_like(c)) - eye
+    delta = float(torch.where(c > 0, torch.linalg.vector_norm(D, dim=(-2, -1), keepdim=True), math.inf).amax())
+    if not delta <= NEAR_ORTHOGONAL:  # far from orthogonal, a zero matrix, or NaN: the eigh route
+        return None
+    tol = 8 * torch.finfo(S.dtype).eps
+    Q = Y / c.sqrt()
+    while True:
+        Q = Q - Q @ (0.5 * D)
+        delta = 0.75 * delta ** 2 + 0.25 * delta ** 3
+        if delta <= tol:
+            return Q
+        D = Q.mT @ Q - eye
 
 
 def gram_polar(X: torch.Tensor, strict: bool = False, refine: bool = True) -> torch.Tensor:
@@ -49,7 +82,13 @@ def gram_polar(X: torch.Tensor, strict: bool = False, refine: bool = True) -> to
     Y = Y.to(work)
     amax = Y.abs().amax(dim=(-2, -1), keepdim=True)
     Y = Y / torch.where(amax > 0, amax, torch.ones_like(amax))
-    e, V = torch.linalg.eigh((Y.mT @ Y).to(torch.float64))
+    S = Y.mT @ Y
+    if refine:
+        Q = _newton_schulz_polar(Y, S)
+        if Q is not None:
+            Q = Q.to(out_dtype)
+            return Q.mT if wide else Q
+    e, V = torch.linalg.eigh(S.to(torch.float64))
     emax = e[..., -1:].clamp_min(0)
     ill = bool((e[..., :1] < 1e-3 * emax).any())
     if refine and work != torch.float64 and ill:

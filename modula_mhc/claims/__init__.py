@@ -13,7 +13,9 @@ the norms they share).
   weights. Directions come from a power iteration in those norms (the dual map of the max-RMS norm
   is g_t ↦ g_t/RMS(g_t); of the modular norm ``module.dualize``), inputs from normalised gradient
   ascent on the unit-RMS sphere. Derivatives are central differences in float64 (every module
-  supports them, including the Sinkhorn forward pass, which has no forward-mode rule).
+  supports them, including the Sinkhorn forward pass, which has no forward-mode rule); a model of
+  lower precision is measured on a float64 copy. A Conv2d feature map (…, C, H, W) at the model's
+  input or output is measured in the Conv2d norm, per-pixel RMS over channels.
 
 * **Certify** (:func:`certify`, :func:`check_claims`): every declared constant holds on a stated
   domain — RMSNorm inputs of RMS ≥ 1, attention q, k, v of RMS ≤ 1, HC/mHC streams of unit RMS,

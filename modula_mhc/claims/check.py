@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..module import Module
 from ._checks import check_counts
 from .certificate import certify, input_part
-from .measurement import measure_sensitivity, measure_sharpness, measure_weight_gain
+from .measurement import _float64, measure_sensitivity, measure_sharpness, measure_weight_gain
 
 __all__ = ["check_claims"]
 
@@ -12,11 +12,13 @@ __all__ = ["check_claims"]
 def check_claims(model: Module, x, measure=True, restarts=3, steps=20, sharpness=False, seed=0) -> dict:
     """The runtime check: :func:`certify` at x, and (``measure=True``) adversarial measurements
     (input sensitivity of the part after any embedding, starting at x; weight gain at x; with
-    ``sharpness=True`` also γ). ``ok`` is True when every measurement is ≤ its certified value.
+    ``sharpness=True`` also γ), on a float64 copy of a model of lower precision. ``ok`` is True when every measurement is ≤ its certified value.
     Input ascent moves x, so the certificate is re-evaluated at the worst input found. Raises
     ValueError for a NaN or inf in x or a weight, and for restarts or steps that are not positive ints."""
     if measure:  # before the certificate's forward pass, not after it
         check_counts("check_claims", restarts=restarts, steps=steps)
+        # the measurements run in float64; the certificates at their inputs need the same copy
+        model, x = _float64(model, x)
     cert = certify(model, x)
     report = cert.as_dict()
     if not measure:

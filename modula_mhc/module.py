@@ -68,6 +68,23 @@ class Sharpness(NamedTuple):
     gamma: object = 0.0
 
 
+#: a dual target t/c_a must stay this factor inside the range of the dtype its dual is computed in
+#: (float32, or float64 for float64 tensors): the dual's entries are of the target's order, and
+#: past that they overflow to inf or vanish to 0 without an error ((0.1·M) ** 64 has c_a = 6.4e-63)
+TARGET_MARGIN = 1e6
+
+
+def check_dual_target(target: float, like: torch.Tensor, name: str, what: str) -> float:
+    """``target`` (t/c_a), or ValueError when |target| is outside [tiny, max]/``TARGET_MARGIN`` of
+    the dtype ``like``'s dual is computed in (0 passes: an atom without influence)."""
+    info = torch.finfo(manifolds.base.compute_dtype(like))
+    if target != 0 and not (info.tiny * TARGET_MARGIN <= abs(target) <= info.max / TARGET_MARGIN):
+        raise ValueError(f"{what}: the dual target t/c_a = {target:.3g} of {name} is outside what {info.dtype} can "
+                         "carry (its norm coefficient c_a is too large or too small: rescale the network's blocks, "
+                         "e.g. residual(block, L), or use float64 weights)")
+    return target
+
+
 class Module(nn.Module):
     """Base class. Subclasses define ``mass``, ``sensitivity``, ``sharpness`` and
     ``_coefficient_map`` (atoms → norm coefficient)."""
@@ -159,8 +176,10 @@ class Module(nn.Module):
         return atoms, tensors
 
     @torch.no_grad()
-    def norm(self, tensors=None) -> torch.Tensor:
-        """Modular norm max_a c_a ‖t_a‖_a of the weights (or of weight-shaped ``tensors``)."""
+    def norm(self, tensors=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Modular norm max_a c_a ‖t_a‖_a of the weights (or of weight-shaped ``tensors``), accumulated
+        in float64 and returned in ``dtype`` (float32 gives inf past 3.4e38: the coefficients of deep
+        ``**`` stacks reach 1e40; ask for torch.float64 there)."""
         if tensors is None and any(a.weight is None for a in self.atoms()):
             raise ValueError("norm(): this module has symbolic dimensions and so no weights; build it with numbers, "
                              "or pass weight-shaped tensors (its constants: modula_mhc.symbolic.describe)")
@@ -170,10 +189,11 @@ class Module(nn.Module):
             c = S.to_number(c)
             if t is None or c == S.INF:
                 continue
-            values.append(c * a.weight_norm(t))
+            # float64: coefficients of deep stacks reach 1e±40–60 ((0.1·M) ** 64: 6.4e-63), past float32
+            values.append(c * a.weight_norm(t).double())
         if not values:
-            return torch.zeros(())
-        return torch.stack([v.float().reshape(()) for v in values]).max()
+            return torch.zeros((), dtype=dtype)
+        return torch.stack([v.reshape(()) for v in values]).max().to(dtype)
 
     def dualize(self, grads, target_norm: float = 1.0) -> list:
         """Steepest direction in the modular norm: atom a gets its own dual with norm
@@ -189,7 +209,7 @@ class Module(nn.Module):
             elif c == S.INF or c == 0:
                 out.append(torch.zeros_like(g))
             else:
-                out.append(a.dualize_weight(g, target_norm / c))
+                out.append(a.dualize_weight(g, check_dual_target(target_norm / c, g, type(a).__name__, "dualize")))
         return out
 
     @torch.no_grad()

@@ -164,3 +164,35 @@ def test_sensitivity_formula_equals_built_for_scaled_residual_powers():
         built = make(5, depth)
         assert symbolic.evaluate(sym.sensitivity, d=5, L=depth) == pytest.approx(float(built.sensitivity), rel=1e-12)
         assert symbolic.evaluate(sym.mass, d=5, L=depth) == pytest.approx(float(built.mass), rel=1e-12)
+
+
+@pytest.mark.parametrize("build,finite_norm", [
+    (lambda: (0.1 * atoms.Linear(8, 8)) ** 64, 6.4),            # c_a down to 6.4e-63: targets 1.6e62
+    (lambda: (1e-6 * atoms.Linear(8, 8)) ** 8, 8e-6),            # c_a down to 8e-48
+    (lambda: (Identity() + atoms.Linear(8, 8)) ** 128, None),    # c_a up to 2.2e40: targets 4.5e-41
+])
+def test_deep_power_coefficients_beyond_float32_raise_instead_of_inf_or_zero_updates(build, finite_norm):
+    """Norm coefficients of deep ``**`` stacks leave float32's range: ``norm`` accumulates in float64
+    and is finite in float64 (it was inf for (I + Linear) ** 128), and ``dualize`` and DualizeRetract
+    refuse a dual target float32 cannot carry (the update had non-finite entries, or vanished,
+    without an error)."""
+    from modula_mhc import optim
+    torch.manual_seed(0)
+    net = build()
+    value = net.norm(dtype=torch.float64)
+    assert torch.isfinite(value) and net.norm().dtype == torch.float32
+    if finite_norm is not None:
+        assert float(value) == pytest.approx(finite_norm, rel=1e-3)
+    grads = [torch.randn_like(p) for p in net.parameters()]
+    with pytest.raises(ValueError, match="dual target"):
+        net.dualize(grads)
+    with pytest.raises(ValueError, match="dual target"):
+        optim.DualizeRetract(net)
+
+
+def test_deep_power_within_range_keeps_the_dual_norm_promise():
+    """A deep stack whose coefficients stay within the margin still dualizes to norm t exactly."""
+    torch.manual_seed(1)
+    net = (0.5 * atoms.Linear(8, 8)) ** 24                        # c_a down to ~1e-6
+    grads = [torch.randn_like(p) for p in net.parameters()]
+    assert float(net.norm(net.dualize(grads, 2.0))) == pytest.approx(2.0, rel=1e-4)

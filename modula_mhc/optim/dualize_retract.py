@@ -11,7 +11,7 @@ from torch.optim import Optimizer
 
 from .. import scalars as S
 from ..manifolds.base import as_tall, from_tall, is_wide
-from ..module import Atom, Module
+from ..module import Atom, Module, check_dual_target
 
 #: what a step does when a gradient holds NaN or Inf (docs/faults.md)
 NONFINITE_POLICIES = ("skip", "raise", "ignore")
@@ -204,8 +204,9 @@ class DualizeRetract(Optimizer):
                     raise ValueError("DualizeRetract: the module is symbolic (no tensors); build it with numbers")
                 if id(a.weight) in self._targets:
                     continue  # a shared atom appears once
-                self._targets[id(a.weight)] = _target(c)
                 self._names[id(a.weight)] = names.get(a, "") or type(a).__name__
+                self._targets[id(a.weight)] = check_dual_target(_target(c), a.weight, self._names[id(a.weight)],
+                                                                "DualizeRetract")
                 self._atom_refs[id(a.weight)] = weakref.ref(a)
                 params.append(a.weight)
             if not params:

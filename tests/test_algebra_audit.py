@@ -196,3 +196,13 @@ def test_deep_power_within_range_keeps_the_dual_norm_promise():
     net = (0.5 * atoms.Linear(8, 8)) ** 24                        # c_a down to ~1e-6
     grads = [torch.randn_like(p) for p in net.parameters()]
     assert float(net.norm(net.dualize(grads, 2.0))) == pytest.approx(2.0, rel=1e-4)
+
+
+@pytest.mark.parametrize("measure", ["measure_sensitivity", "measure_weight_gain", "measure_sharpness"])
+def test_measuring_a_tuple_output_model_names_the_problem(measure):
+    """A Parallel returns a tuple, which the measurements' norms cannot read: a TypeError that says
+    so (it was "unsupported operand type(s) for -: 'tuple' and 'tuple'" from inside the estimator)."""
+    from modula_mhc.algebra import Parallel
+    net = Parallel(atoms.Linear(8, 8), atoms.Linear(8, 8))
+    with pytest.raises(TypeError, match="returns tuple, not a tensor"):
+        getattr(claims, measure)(net, torch.randn(4, 8))

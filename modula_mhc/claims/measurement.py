@@ -100,6 +100,11 @@ def _prepared(f, x, who, restarts, steps, float_x=True):
     say that the input/output is a feature map (then ``x`` is returned with its channels last)."""
     check_measurement(who, f, x, restarts, steps, float_x=float_x)
     f, x = _float64(f, x)
+    with torch.no_grad():
+        out = f(x)
+    if not torch.is_tensor(out):  # a Parallel's tuple: the norms here measure one tensor
+        raise TypeError(f"{who}: the model returns {type(out).__name__}, not a tensor; measure each output's "
+                        "module on its own (e.g. the branches of a Parallel)")
     ins = float_x and _feature_map(f, 0) and x.ndim >= 3
     return f, _last(x, ins), ins, _feature_map(f, -1)
 

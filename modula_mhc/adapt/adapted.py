@@ -250,9 +250,10 @@ def _place_on_manifolds(chosen, retract):
     """Give each view its manifold and (``retract``) project its weight onto it once. A frozen
     weight (requires_grad=False) stays Euclidean and untouched: adapt must not rewrite what the
     user froze (a pretrained backbone), and nothing would ever step it back."""
-    for v, m in chosen.items():
-        if not v.weight.requires_grad:
-            continue
+    live = {v: m for v, m in chosen.items() if v.weight.requires_grad}
+    for v, m in live.items():  # all checks first: a refused model is left as it was
+        v.check_start(m)
+    for v, m in live.items():
         v.manifold = v._check_manifold(m)
         if retract and m.name != "euclidean":
             with torch.no_grad():

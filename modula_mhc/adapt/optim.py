@@ -43,6 +43,16 @@ def _step_without_global_hooks(opt: torch.optim.Optimizer) -> None:
         hook(opt, args, kwargs)
 
 
+def _refuse_sparse(atoms) -> None:
+    """TypeError for an nn.Embedding/EmbeddingBag(sparse=True) weight: its gradient is sparse, which
+    neither inner optimizer supports (the first step failed in torch with NotImplementedError)."""
+    for a in atoms:
+        owner = getattr(a, "_owner", None)
+        if isinstance(owner, (nn.Embedding, nn.EmbeddingBag)) and owner.sparse and a.weight.requires_grad:
+            raise TypeError(f"DualizeAdamW: {getattr(a, 'name', 'an embedding')} has sparse gradients "
+                            "(sparse=True), which neither DualizeRetract nor AdamW supports: use sparse=False")
+
+
 class _AtomSubset(Module):
     """The chosen atoms of a module with the module's own norm coefficients (for DualizeRetract)."""
 
@@ -127,6 +137,7 @@ class DualizeAdamW(torch.optim.Optimizer):
         self._patch_step_function()  # step runs the step hooks, once per DualizeAdamW.step
 
         atoms, coefs = module.atoms(), module.norm_coefficients()
+        _refuse_sparse(atoms)
         dual = [(a, c) for a, c in zip(atoms, coefs) if not self._to_adamw(a)]
         plain, seen = [], set()
         for a in atoms:

@@ -1,9 +1,11 @@
 """Role inference: what each parameter of an existing model is, from module types and names.
 
-Roles (the ones the library's presets read): ``embed``, ``attn_q``, ``attn_k``, ``attn_v``,
-``attn_qkv`` (fused), ``attn_o``, ``mlp_in``, ``mlp_out``, ``head``, ``conv``, ``matrix`` (any
-other weight with ≥ 2 dims), ``norm_gain``, ``bias`` (a norm layer's or a matrix's bias) and
-``vector`` (every other parameter).
+Roles (the ones the library's presets read): ``embed`` (nn.Embedding, nn.EmbeddingBag),
+``attn_q``, ``attn_k``, ``attn_v``, ``attn_qkv`` (fused), ``attn_o``, ``mlp_in``, ``mlp_out``,
+``head``, ``conv``, ``matrix`` (any other weight with ≥ 2 dims, read as nn.Linear's (out, in)),
+``norm_gain``, ``bias`` (a norm layer's or a matrix's bias, and any parameter named ``*bias*``:
+MultiheadAttention's bias_k/bias_v) and ``vector`` (every other parameter, including bare
+tensors of ≥ 3 dims with a leading 1, which are added to activations: cls tokens, position tables).
 
 ``infer(model)`` returns one :class:`ParamInfo` per distinct parameter (tied weights appear once,
 under their first name) in ``model.named_parameters()`` order.
@@ -160,8 +162,11 @@ def infer(model: nn.Module) -> list[ParamInfo]:
         out.append(info)
         if is_latent(mod, pname):  # the layer's weight is a function of it, not it: a plain vector
             info.note = "parametrization latent"
-        elif isinstance(mod, nn.Embedding) and pname == "weight":
+        elif isinstance(mod, (nn.Embedding, nn.EmbeddingBag)) and pname == "weight":
             info.kind, info.role = "embed", "embed"
+        elif p.ndim >= 2 and _added_not_applied(mod, pname, p):
+            info.role = "bias" if "bias" in pname.lower() else "vector"
+            info.note = "added to activations, not a matrix"
         elif p.ndim <= 1:
             if is_norm_module(mod) and pname == "weight":
                 info.kind, info.role = "gain", "norm_gain"
@@ -170,6 +175,23 @@ def infer(model: nn.Module) -> list[ParamInfo]:
         else:
             _classify_matrix(info, model, modules_by_name, p, head_name, conv1d)
     return out
+
+
+#: layers whose ≥ 2-D parameters are the matrices of linear maps (everything else is a bare tensor)
+_MATRIX_LAYERS = (nn.Linear, nn.Bilinear, nn.MultiheadAttention, nn.RNNBase) + _CONVS
+
+
+def _added_not_applied(mod: nn.Module, pname: str, p) -> bool:
+    """True for a ≥ 2-D bare tensor that is added to activations rather than applied to them: a
+    leading singleton dimension of ≥ 3 dims (ViT's cls token (1, 1, D) and position table
+    (1, N, D), nn.MultiheadAttention's bias_k/bias_v) or a name with "bias" (a relative-position
+    bias table). Read as a 1-row matrix its norm was D·RMS (N·D·RMS), so it barely moved."""
+    if "bias" in pname.lower():
+        return True
+    conv1d = hf_conv1d_type()
+    if isinstance(mod, _MATRIX_LAYERS + ((conv1d,) if conv1d else ())):
+        return False
+    return p.ndim >= 3 and p.shape[0] == 1
 
 
 def is_latent(mod: nn.Module, pname: str) -> bool:
@@ -226,7 +248,8 @@ def _classify_matrix(info, model, modules_by_name, p, head_name, conv1d):
         info.heads = mod.num_heads
         info.head_dim = mod.head_dim
     elif isinstance(mod, nn.MultiheadAttention) and pname in ("q_proj_weight", "k_proj_weight", "v_proj_weight"):
-        info.role = "attn_" + pname[0]
+        info.role = "attn_" + pname[0]  # kdim/vdim ≠ embed_dim: rows are still num_heads·head_dim
+        info.heads, info.head_dim = mod.num_heads, mod.head_dim
     elif mname == head_name:
         info.role = "head"
     elif in_attn or attn_owner:

@@ -240,6 +240,25 @@ class MatrixView(AtomView):
                 new.append(self.manifold._retract(P) * gain)
         W.copy_(self._unmatrix(torch.cat(new, dim=0), W).to(W.dtype))
 
+    def check_start(self, manifold):
+        """ValueError (naming the parameter) when the weight cannot start on ``manifold``: DGram
+        fixes every column norm (row norm of a wide piece), so a zero one (a zero-initialised
+        output projection) stays zero for ever and makes WᵀW singular; the first dual solve would
+        fail inside the optimizer, far from the cause."""
+        if manifold.name != "dgram":
+            return
+        for P in self._pieces_of(self._matrix(self.weight.detach()).float()):
+            norms = torch.linalg.vector_norm(P, dim=-1 if P.shape[-2] < P.shape[-1] else -2)
+            self._check_dgram_norms(norms, P)
+
+    def _check_dgram_norms(self, norms, P):
+        if bool((norms.square() == 0).any()):
+            which = "row" if P.shape[-2] < P.shape[-1] else "column"
+            raise ValueError(f"adapt: {self.name} ({self.role}, shape {self.shape}) has a zero {which}; DGram keeps "
+                             f"{which} norms, so it could never move and the dual solve is singular. Initialise it "
+                             f"non-zero, or give it another manifold, e.g. adapt(model, {{{self.name!r}: 'stiefel', "
+                             "...}}) or the 'muon' preset")
+
     def diagnostics(self):
         M = self._matrix(self.weight.detach())
         out = {}

@@ -31,13 +31,7 @@ if EXAMPLES not in sys.path:
     sys.path.insert(0, EXAMPLES)
 import adapt_models as M
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hf():

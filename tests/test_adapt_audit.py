@@ -20,13 +20,7 @@ from torch import nn
 import modula_mhc as mm
 from modula_mhc.adapt.views import EmbedView, MatrixView, VectorView
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rms(t):

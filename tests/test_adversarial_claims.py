@@ -19,12 +19,7 @@ from modula_mhc.optim import DualizeRetract
 SLACK = 1 + 1e-6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny float64 models: threads only contend on a shared machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _x(shape, seed=0):

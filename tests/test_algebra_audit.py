@@ -16,12 +16,7 @@ L = sympy.Symbol("L", positive=True, integer=True)
 d = sympy.Symbol("d", positive=True, integer=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny float64 models: threads only contend on a shared machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _x(shape, seed=0, dtype=torch.float64):

@@ -105,6 +105,14 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([t, pad], dim=0)
 
 
+def _weight_slot(atom):
+    """(module, name) of the registered parameter that ``atom.weight`` reads: the atom's own
+    ``weight``, or for an adapt view (which registers none) its model module's parameter."""
+    if "weight" in atom._parameters:
+        return atom, "weight"
+    return atom._owner, atom.param_name
+
+
 class _FullWeight:
     """Temporarily give an atom a full, plain weight so its own dualize/step code (which reads
     ``atom.weight``) runs on the whole matrix; the sharded parameter is put back afterwards."""
@@ -113,15 +121,18 @@ class _FullWeight:
         self.atom, self.full = atom, full
 
     def __enter__(self):
-        self.saved = self.atom._parameters["weight"]
-        self.swap = self.full is not self.saved
+        # a replicated weight is already whole: nothing to swap (adapt views could not be swapped
+        # through the atom: their parameter belongs to the model's module)
+        self.swap = self.full is not self.atom.weight
         if self.swap:
-            self.atom._parameters["weight"] = torch.nn.Parameter(self.full, requires_grad=False)
+            self.module, self.name = _weight_slot(self.atom)
+            self.saved = self.module._parameters[self.name]
+            self.module._parameters[self.name] = torch.nn.Parameter(self.full, requires_grad=False)
         return self
 
     def __exit__(self, *exc):
         if self.swap:
-            self.atom._parameters["weight"] = self.saved
+            self.module._parameters[self.name] = self.saved
         return False
 
 
@@ -164,6 +175,27 @@ class DistributedDualizeRetract(DualizeRetract):
         self._owner = {id(p): r for p, r in zip(params, owners)}
         self._layout = {id(p): _row_layout(p, self.world) for p in params}
 
+    def add_param_group(self, param_group):
+        """DualizeRetract's add_param_group (hyperparameters and duplicates checked first), then an
+        owner for each new parameter: ``assign_owners`` over the new group's shapes, identical on
+        every rank. The parameters must be on ``opt.device`` (ValueError, nothing added)."""
+        registered = hasattr(self, "_owner")  # False while the constructor adds its own group
+        if registered and isinstance(param_group, dict) and not isinstance(param_group.get("params"),
+                                                                           (torch.Tensor, set, type(None))):
+            param_group["params"] = list(param_group["params"])  # a generator is read once
+        if registered and isinstance(param_group, dict):
+            params = param_group.get("params")
+            tensors = [params] if isinstance(params, torch.Tensor) else list(params or ())
+            devices = {_local(p).device for p in tensors if isinstance(p, torch.Tensor)} - {self.device}
+            if devices:
+                raise ValueError("DistributedDualizeRetract: all parameters must be on one device "
+                                 f"({self.device}); the new group has {sorted(map(str, devices))}")
+        super().add_param_group(param_group)
+        if registered:
+            new = [p for p in self.param_groups[-1]["params"] if id(p) not in self._owner]
+            for p, r in zip(new, assign_owners([tuple(p.shape) for p in new], self.world)):
+                self._owner[id(p)], self._layout[id(p)] = r, _row_layout(p, self.world)
+
     # ------------------------------------------------------------------ queries
     def owner_of(self, p) -> int:
         """Rank that updates parameter ``p`` and keeps its optimizer state."""
@@ -184,6 +216,20 @@ class DistributedDualizeRetract(DualizeRetract):
         if self.distributed:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.group)
         return bad.item() == 0
+
+    def _raise_if_any_failed(self, error: BaseException | None) -> None:
+        """Re-raise ``error`` (this rank's owner update failed) after every rank has learnt, by one
+        all-reduce of a flag, whether any update failed; the others raise RuntimeError. Without it
+        they waited in the broadcast or scatter for the failed rank until the process group's
+        timeout (30 minutes by default for gloo)."""
+        if self.distributed and self.world > 1:
+            failed = torch.tensor([float(error is not None)], device=self.device)
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self.group)
+            if error is None and failed.item() != 0:
+                raise RuntimeError("DistributedDualizeRetract: another rank's update failed (its error is in that "
+                                   "rank's output); no weights were exchanged in this step")
+        if error is not None:
+            raise error
 
     def _update_full(self, p, W, G, group):
         """DualizeRetract's per-parameter step on the full matrix W (updated in place)."""
@@ -215,10 +261,15 @@ class DistributedDualizeRetract(DualizeRetract):
 
     def _step_replicated(self, work):
         mine = [(p, group) for p, group in work if self._owner[id(p)] == self.rank]
-        with contextlib.ExitStack() as full:  # one batched update of everything this rank owns
-            for p, _ in mine:
-                full.enter_context(_FullWeight(self._atom(p), _local(p)))
-            self._update_many([(p, _local(p.grad), group) for p, group in mine])
+        error = None
+        try:
+            with contextlib.ExitStack() as full:  # one batched update of everything this rank owns
+                for p, _ in mine:
+                    full.enter_context(_FullWeight(self._atom(p), _local(p)))
+                self._update_many([(p, _local(p.grad), group) for p, group in mine])
+        except Exception as e:  # every rank must hear of it before the broadcasts below
+            error = e
+        self._raise_if_any_failed(error)
         if not self.distributed or self.world == 1:
             return
         # one flat broadcast per owner rank, in parameter order (identical on every rank)
@@ -251,16 +302,21 @@ class DistributedDualizeRetract(DualizeRetract):
         for h in handles:
             h.wait()
         # 2. owners update their full matrices
-        new_rows = []
-        for (p, group), bufs in zip(work, gathered):
-            _, chunk, rows = self._layout[id(p)]
-            if bufs is None:
-                new_rows.append(None)
-                continue
-            W = torch.cat([b[0][:n] for b, n in zip(bufs, rows)])
-            G = torch.cat([b[1][:n] for b, n in zip(bufs, rows)])
-            self._update_full(p, W, G, group)
-            new_rows.append([_pad_rows(W[r * chunk: r * chunk + n], chunk) for r, n in enumerate(rows)])
+        new_rows: list = []
+        error = None
+        try:
+            for (p, group), bufs in zip(work, gathered):
+                _, chunk, rows = self._layout[id(p)]
+                if bufs is None:
+                    new_rows.append(None)
+                    continue
+                W = torch.cat([b[0][:n] for b, n in zip(bufs, rows)])
+                G = torch.cat([b[1][:n] for b, n in zip(bufs, rows)])
+                self._update_full(p, W, G, group)
+                new_rows.append([_pad_rows(W[r * chunk: r * chunk + n], chunk) for r, n in enumerate(rows)])
+        except Exception as e:  # every rank must hear of it before the scatters below
+            error = e
+        self._raise_if_any_failed(error)
         # 3. scatter the new rows back to every rank's shard
         handles, outs = [], []
         for (p, _), chunks in zip(work, new_rows):
@@ -276,10 +332,19 @@ class DistributedDualizeRetract(DualizeRetract):
             local.copy_(out[:local.shape[0]])
 
     # ------------------------------------------------------------------ state
+    def state_dict(self):
+        """This rank's share of the state (the parameters it owns), marked ``rank_share`` = {rank,
+        world_size} when there are several ranks: ``load_state_dict`` refuses a share anywhere else."""
+        sd = super().state_dict()
+        if self.world > 1:
+            sd["rank_share"] = {"rank": self.rank, "world_size": self.world}
+        return sd
+
     def full_state_dict(self):
         """The whole optimizer state on every rank (a collective): each owner contributes the
         state of its parameters. Loadable by DualizeRetract and by this class at any world size."""
         sd = self.state_dict()
+        sd.pop("rank_share", None)
         if not self.distributed or self.world == 1:
             return sd
         pieces = [None] * self.world
@@ -291,7 +356,18 @@ class DistributedDualizeRetract(DualizeRetract):
         return sd
 
     def load_state_dict(self, state_dict):
-        """Load a full or per-rank state dict; entries for parameters another rank owns are dropped."""
+        """Load a full state dict (``full_state_dict()``, DualizeRetract's) or this rank's own share
+        (``state_dict()`` at the same rank and world size); entries another rank owns are dropped.
+        ValueError for another rank's share: the state of what this rank owns would be missing and
+        its momentum would restart from zero without a word."""
+        share = state_dict.get("rank_share") if isinstance(state_dict, dict) else None
+        if share is not None:
+            if (share.get("rank"), share.get("world_size")) != (self.rank, self.world):
+                raise ValueError(f"DistributedDualizeRetract.load_state_dict: this is rank {share.get('rank')}'s share "
+                                 f"of a {share.get('world_size')}-process optimizer (state_dict()), loaded on rank "
+                                 f"{self.rank} of {self.world}: it lacks the state of the parameters this rank owns. "
+                                 "Save full_state_dict() to move a checkpoint between ranks or world sizes")
+            state_dict = {k: v for k, v in state_dict.items() if k != "rank_share"}
         super().load_state_dict(state_dict)
         for p in self._all_params():
             if self._owner[id(p)] != self.rank:

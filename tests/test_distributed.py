@@ -152,16 +152,7 @@ def spawned(tmp_path_factory):
     return out
 
 
-pytestmark = pytest.mark.distributed
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny float64 models: one thread is ~50x faster than oversubscribed threads on a busy box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.distributed, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.mark.parametrize("kind, residual", [("ddp", "plain"), ("fsdp", "mhc")])

@@ -25,13 +25,7 @@ from modula_mhc.optim import DualizeRetract
 MANIFOLDS = ["euclidean", "stiefel", "dgram", "oblique", "sphere", "birkhoff"]
 SCALES = [0.0, 1e-30, 1e30]
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _shapes(name):

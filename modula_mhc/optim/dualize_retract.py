@@ -355,8 +355,12 @@ class DualizeRetract(Optimizer):
 
     def load_state_dict(self, state_dict):
         """torch.optim's load_state_dict (plus ``skipped_steps``); ValueError, with nothing changed,
-        when a saved buffer's shape does not fit its parameter (``check_state_shapes``)."""
+        when a saved buffer's shape does not fit its parameter (``check_state_shapes``) or the dict is
+        one rank's share of a distributed state."""
         state_dict = dict(state_dict)
+        if state_dict.get("rank_share") is not None:  # one rank's part: the others' momentum would restart at 0
+            raise ValueError(f"{type(self).__name__}.load_state_dict: this is one rank's share of a "
+                             "DistributedDualizeRetract state (state_dict()); save and load its full_state_dict()")
         params = self._all_params()
         check_state_shapes(type(self).__name__, state_dict, params, [self._names.get(id(p)) for p in params])
         skipped = int(state_dict.pop("skipped_steps", 0))

@@ -22,10 +22,17 @@ def activation(spec) -> Bond:
     raise TypeError(f"activation must be a name, a Bond class or a Bond, got {spec!r}")
 
 
+def is_count(v) -> bool:
+    """An int ≥ 1 that is not a bool (True == 1 would silently mean one)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
 def check_positive_int(name, value, allow_symbolic=True):
+    """Raise ValueError unless value is an integer ≥ 1 (or symbolic). A bool is refused: True == 1
+    would silently build, e.g., a depth-1 GPT."""
     if allow_symbolic and S.is_symbolic(value):
         return
-    if not S.is_number(value) or int(value) != value or value < 1:
+    if isinstance(value, bool) or not S.is_number(value) or int(value) != value or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 

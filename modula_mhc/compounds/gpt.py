@@ -23,6 +23,11 @@ def mlp_branch(width, ratio=4, manifold="euclidean", activation_fn=None):
     """x ↦ W_out φ(W_in RMSNorm(x)) with hidden width ratio·width."""
     act = activation_fn if activation_fn is not None else bonds.GELU()
     hidden = ratio * width
+    if not S.is_symbolic(hidden):  # named here: Linear's own error says only "dimensions (C, 2.4)"
+        if isinstance(ratio, bool) or not S.is_number(hidden) or int(hidden) != hidden or hidden < 1:
+            raise ValueError(f"mlp_ratio·width (the MLP's hidden width) must be a positive integer, "
+                             f"got mlp_ratio={ratio!r}, width={width!r}")
+        hidden = int(hidden)
     return atoms.Linear(hidden, width, manifold=manifold, role="mlp_out") @ act \
         @ atoms.Linear(width, hidden, manifold=manifold, role="mlp_in") @ bonds.RMSNorm()
 

@@ -25,6 +25,7 @@ from .. import atoms, kernels
 from .. import scalars as S
 from ..atoms.mix import Gate, Mix, StaticCoefficients
 from ..module import Bond, Module, Sharpness, static_constants
+from ._util import is_count as _is_count
 from .hyper_bounds import sensitivity_constants
 
 __all__ = ["HyperConnections", "ExpandStreams", "CollapseStreams", "residual_init_logit"]
@@ -57,11 +58,11 @@ def _as_module(branch, width):
     return HyperBranch(branch, width=width)
 
 
-def _check_options(branch, streams, width, depth, sinkhorn_iters, sinkhorn_tol, coeff_mass, norm_at) -> int:
-    """Validate the constructor's options; returns the stream width C."""
+def _check_options(branch, streams, width, depth, iters, sinkhorn_tol, coeff_mass, norm_at) -> int:
+    """Validate the constructor's options (iters: sinkhorn_iters, sinkhorn_max_iters); returns the width C."""
     if norm_at not in ("init", "bound"):
         raise ValueError(f"norm_at must be 'init' or 'bound', got {norm_at!r}")
-    if isinstance(streams, bool) or not isinstance(streams, int) or streams < 1:
+    if not _is_count(streams):
         raise ValueError(f"streams must be a positive int, got {streams!r}")
     width = width if width is not None else branch.in_dim
     if width is None or S.is_symbolic(width) or not S.is_number(width) or int(width) != width or width < 1:
@@ -70,10 +71,11 @@ def _check_options(branch, streams, width, depth, sinkhorn_iters, sinkhorn_tol, 
     out = branch.out_dim if branch.out_dim is not None else (width if branch.preserves_dim else None)
     if out is not None and S.is_number(out) and out != width:
         raise ValueError(f"the branch must map width {width} to itself, it maps to {out}")
-    if depth is not None and (not S.is_number(depth) or int(depth) != depth or depth < 1):
+    if depth is not None and (isinstance(depth, bool) or not S.is_number(depth) or int(depth) != depth or depth < 1):
         raise ValueError(f"depth must be a positive integer or None, got {depth!r}")
-    if not isinstance(sinkhorn_iters, int) or sinkhorn_iters < 1:
-        raise ValueError(f"sinkhorn_iters must be a positive int, got {sinkhorn_iters!r}")
+    for name, v in zip(("sinkhorn_iters", "sinkhorn_max_iters"), iters):
+        if not _is_count(v):
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
     if sinkhorn_tol is not None and not (isinstance(sinkhorn_tol, (int, float)) and sinkhorn_tol > 0):
         raise ValueError(f"sinkhorn_tol must be a positive number or None, got {sinkhorn_tol!r}")
     if not (isinstance(coeff_mass, (int, float)) and coeff_mass > 0):
@@ -81,9 +83,8 @@ def _check_options(branch, streams, width, depth, sinkhorn_iters, sinkhorn_tol, 
     return width
 
 
-def _check_bound(branch_output_bound):
+def _check_bound(b):
     """M_F: None (then ν_F) or a finite number ≥ 0 (a negative one made the claimed sensitivity negative)."""
-    b = branch_output_bound
     if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b) or b < 0):
         raise ValueError(f"branch_output_bound must be a finite number >= 0 or None, got {b!r}")
     return b
@@ -125,7 +126,7 @@ class _StreamsBond(Bond):
 
     def __init__(self, streams: int):
         super().__init__()
-        if not isinstance(streams, int) or streams < 1:
+        if not _is_count(streams):
             raise ValueError(f"streams must be a positive int, got {streams!r}")
         self.streams = streams
 
@@ -175,9 +176,9 @@ class HyperConnections(Module):
                  coeff_mass=0.5, branch_output_bound=None, sinkhorn_max_iters=1000, norm_at="init"):
         super().__init__()
         branch = _as_module(branch, width)
-        width = _check_options(branch, streams, width, depth, sinkhorn_iters, sinkhorn_tol, coeff_mass, norm_at)
-        self.norm_at = norm_at
-        self.branch, self.streams, self.width = branch, streams, width
+        width = _check_options(branch, streams, width, depth, (sinkhorn_iters, sinkhorn_max_iters), sinkhorn_tol,
+                               coeff_mass, norm_at)
+        self.norm_at, self.branch, self.streams, self.width = norm_at, branch, streams, width
         self.dynamic, self.constrained, self.recompute = bool(dynamic), bool(constrained), bool(recompute)
         self.sinkhorn_iters, self.sinkhorn_tol, self.sinkhorn_max_iters = sinkhorn_iters, sinkhorn_tol, sinkhorn_max_iters
         self.depth = None if depth is None else int(depth)

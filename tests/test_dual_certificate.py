@@ -15,6 +15,12 @@ import torch
 from modula_mhc.manifolds import DGram, Stiefel, dual_ascent, gram_ops, quasi_newton, warm_start
 from modula_mhc.manifolds.dual_ascent import off_diagonal
 
+# One thread (conftest.one_thread): The claims here are the solver's maths, which no thread count
+# changes; MKL's threaded eigh of these 32-128 wide matrices only contends for a 2-core machine
+# (measured 2-495 ms a call with 2 threads on a busy machine, 0.3-3.4 ms with 1; this file: 16 s
+# with 2 threads and 12 s with 1 on an idle 2-core machine, 225 s and 13 s on a busy one).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def gradient(kind, m, n, g):
     if kind == "gauss":

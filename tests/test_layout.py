@@ -15,7 +15,7 @@ def test_no_package_source_file_over_400_lines():
 
 
 # hooks that torch or pytest call by name, never the code itself
-CALLED_BY_FRAMEWORKS = {"extra_repr", "_one_thread", "one_thread", "_force_triton", "fresh_library", "_interpreted_triton"}
+CALLED_BY_FRAMEWORKS = {"extra_repr", "one_thread", "_force_triton", "fresh_library", "_interpreted_triton"}
 
 
 def test_no_dead_code():

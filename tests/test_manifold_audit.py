@@ -26,6 +26,12 @@ from modula_mhc import manifolds
 from modula_mhc.manifolds import Birkhoff, DGram, Euclidean, Oblique, Sphere, Stiefel
 from modula_mhc.manifolds.base import CONTAINS_TOL, containment_tol
 
+# One thread (conftest.one_thread): The claims here are maths that no thread count changes, on
+# tensors too small for a second thread to help: it only contends for the cores (this file: 15 s
+# either way on an idle 2-core machine, 103 s with 2 threads and 38 s with 1 on a busy one).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 ALL = ["euclidean", "stiefel", "dgram", "oblique", "sphere", "birkhoff"]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 HALF = (torch.bfloat16, torch.float16)

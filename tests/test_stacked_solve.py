@@ -13,6 +13,12 @@ import torch
 from modula_mhc.manifolds import DGram, Stiefel, dual_ascent
 from modula_mhc.manifolds.dual_ascent import off_diagonal
 
+# One thread (conftest.one_thread): The claims here are maths that no thread count changes, on
+# tensors too small for a second thread to help: it only contends for the cores (this file: 4 s
+# either way on an idle 2-core machine, 21 s with 2 threads and 7 s with 1 on a busy one).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 F64 = torch.float64
 
 

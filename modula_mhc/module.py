@@ -28,6 +28,7 @@ from . import manifolds
 from . import scalars as S
 from ._repr import compact_repr, short_number
 from .atom_tag import AtomTag, _no_tag  # noqa: F401  (_no_tag: models pickled before it moved name it here)
+from .dual_target import check_dual_target
 
 _STATIC_DEPTH = [0]  # > 0 inside static_constants(): local (measured) stats are ignored
 
@@ -66,23 +67,6 @@ class Sharpness(NamedTuple):
     alpha: object = 0.0
     beta: object = 0.0
     gamma: object = 0.0
-
-
-#: a dual target t/c_a must stay this factor inside the range of the dtype its dual is computed in
-#: (float32, or float64 for float64 tensors): the dual's entries are of the target's order, and
-#: past that they overflow to inf or vanish to 0 without an error ((0.1·M) ** 64 has c_a = 6.4e-63)
-TARGET_MARGIN = 1e6
-
-
-def check_dual_target(target: float, like: torch.Tensor, name: str, what: str) -> float:
-    """``target`` (t/c_a), or ValueError when |target| is outside [tiny, max]/``TARGET_MARGIN`` of
-    the dtype ``like``'s dual is computed in (0 passes: an atom without influence)."""
-    info = torch.finfo(manifolds.base.compute_dtype(like))
-    if target != 0 and not (info.tiny * TARGET_MARGIN <= abs(target) <= info.max / TARGET_MARGIN):
-        raise ValueError(f"{what}: the dual target t/c_a = {target:.3g} of {name} is outside what {info.dtype} can "
-                         "carry (its norm coefficient c_a is too large or too small: rescale the network's blocks, "
-                         "e.g. residual(block, L), or use float64 weights)")
-    return target
 
 
 class Module(nn.Module):

@@ -10,8 +10,9 @@ import torch
 from torch.optim import Optimizer
 
 from .. import scalars as S
+from ..dual_target import check_dual_target
 from ..manifolds.base import as_tall, from_tall, is_wide
-from ..module import Atom, Module, check_dual_target
+from ..module import Atom, Module
 
 #: what a step does when a gradient holds NaN or Inf (docs/faults.md)
 NONFINITE_POLICIES = ("skip", "raise", "ignore")

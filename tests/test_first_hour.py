@@ -140,9 +140,15 @@ def test_print_of_a_gpt_is_compact():
 
 
 def test_import_does_not_load_sympy():
-    """sympy (~0.4 s to import) loads only with modula_mhc.symbolic or a symbolic dimension."""
+    """sympy (~0.4 s to import) loads only with modula_mhc.symbolic or a symbolic dimension; building
+    an optimizer does not import torch._dynamo (~3 s: torch's add_param_group imported it) and an
+    mHC layer does not import transformers (~2 s: only to recognise its Conv1D)."""
     code = ("import sys, modula_mhc as mm; assert 'sympy' not in sys.modules, 'sympy imported';"
-            "mm.compounds.GPT(11, 8, 8, 2, 2); assert 'sympy' not in sys.modules, 'sympy by GPT';"
+            "gpt = mm.compounds.GPT(11, 8, 8, 2, 2); assert 'sympy' not in sys.modules, 'sympy by GPT';"
+            "mm.optim.DualizeRetract(gpt); assert 'torch._dynamo' not in sys.modules, 'dynamo by the optimizer';"
+            "from modula_mhc.compounds.hyper import HyperConnections;"
+            "import torch; HyperConnections(torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.Linear(8, 8)), streams=2, width=8);"
+            "assert 'transformers' not in sys.modules, 'transformers by HyperConnections';"
             "mm.symbolic; assert 'sympy' in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
 

@@ -13,6 +13,7 @@ under their first name) in ``model.named_parameters()`` order.
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -35,12 +36,11 @@ _HEAD = re.compile(r"^(lm_head|head|classifier|score|fc_out|output_projection|ou
 
 
 def hf_conv1d_type():
-    """transformers' Conv1D class (weight stored (in, out)), or None without transformers."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # no transformers: nothing to recognise
-        return None
-    return Conv1D
+    """transformers' Conv1D class (weight stored (in, out)), or None when transformers' module that
+    defines it was never imported: no layer can then be one, and importing transformers only to
+    check cost ~2 s in every process that builds a HyperConnections layer."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)
 
 
 def is_norm_module(m: nn.Module) -> bool:

@@ -248,7 +248,11 @@ class DualizeRetract(Optimizer):
                      and registering and id(p) not in self._targets}
         else:
             atoms = {}
-        super().add_param_group(param_group)
+        base = Optimizer.add_param_group
+        # torch wraps it in a lazy dynamo.disable that imports torch._dynamo (~3 s and sympy) on the
+        # first call, i.e. in every process that builds an optimizer; as in ``step``, only a process
+        # that imported dynamo itself can be compiling
+        (base if "torch._dynamo" in sys.modules else getattr(base, "__wrapped__", base))(self, param_group)
         for p in param_group["params"]:
             if id(p) in atoms:
                 self._targets[id(p)] = 1.0

@@ -80,7 +80,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                                                                       "baseline [dualize]")
     g.add_argument("--manifolds", metavar=_choices(MANIFOLD_PRESETS),
                    help="weight manifolds: muon = unconstrained (fastest); hetero = Stiefel attention + DGram MLP "
-                        "(certified dual solves: ~13x AdamW per step on a CPU, ~37x Muon on an H100) [muon]")
+                        "(certified dual solves: ~10x AdamW per step on a CPU, ~37x Muon on an H100) [muon]")
     g.add_argument("--lr", type=float,
                    help=f"peak learning rate [dualize {REFERENCE_LR:g}·min(1, √({REFERENCE_STEPS}/steps)): "
                         f"tiny {lr_for_steps(PRESETS['tiny']['steps']):.3g}, small {lr_for_steps(PRESETS['small']['steps']):.3g}; "

@@ -606,8 +606,9 @@ def test_changing_threads_dtype_or_device_on_resume_prints_a_note(tmp_path, caps
 
 def test_quoted_hetero_cost_is_the_measured_one(capsys):
     """README and --help quote the anchor's Hetero/AdamW step ratio that the committed benchmark
-    result measured (benchmarks/results/train_step_anchor_hetero.json), rounded."""
-    with open(os.path.join(REPO, "benchmarks", "results", "train_step_anchor_hetero.json"), encoding="utf-8") as f:
+    result measured last (benchmarks/results/train_step_anchor_hetero_hetero-floor.json), rounded."""
+    with open(os.path.join(REPO, "benchmarks", "results", "train_step_anchor_hetero_hetero-floor.json"),
+              encoding="utf-8") as f:
         rows = {r["method"]: r for r in json.load(f)["rows"]}
     ratio = round(rows["hetero"]["ratio_vs_adamw"])
     with pytest.raises(SystemExit):

@@ -45,7 +45,7 @@ FLOOR = "hetero-floor"
 def floor_of(run):
     """A copy of a warmed Hetero (model, optimizer) whose Stiefel and DGram solves stop after one
     dual iteration: the step's cost without the iterations that certify it."""
-    gpt, opt = copy.deepcopy(run[0]), None
+    gpt = copy.deepcopy(run[0])
     for atom in gpt.atoms():
         if getattr(atom.manifold, "max_iters", None) is not None:
             capped = copy.copy(atom.manifold)

@@ -12,8 +12,8 @@ __all__ = ["check_claims"]
 def check_claims(model: Module, x, measure=True, restarts=3, steps=20, sharpness=False, seed=0) -> dict:
     """The runtime check: :func:`certify` at x, and (``measure=True``) adversarial measurements
     (input sensitivity of the part after any embedding, starting at x; weight gain at x; with
-    ``sharpness=True`` also γ), on a float64 copy of a model of lower precision. ``ok`` is True when every measurement is ≤ its certified value.
-    Input ascent moves x, so the certificate is re-evaluated at the worst input found. Raises
+    ``sharpness=True`` also γ), on a float64 copy of a model of lower precision. ``ok`` is True when
+    every measurement is ≤ its certified value. Input ascent moves x, so the certificate is re-evaluated at the worst input found. Raises
     ValueError for a NaN or inf in x or a weight, and for restarts or steps that are not positive ints."""
     if measure:  # before the certificate's forward pass, not after it
         check_counts("check_claims", restarts=restarts, steps=steps)

@@ -27,12 +27,17 @@ def is_count(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
+def is_positive_integer(value) -> bool:
+    """A number equal to an integer ≥ 1 (2.0 passes), never a bool (True == 1 would silently mean one)."""
+    return not isinstance(value, bool) and S.is_number(value) and int(value) == value and value >= 1
+
+
 def check_positive_int(name, value, allow_symbolic=True):
     """Raise ValueError unless value is an integer ≥ 1 (or symbolic). A bool is refused: True == 1
     would silently build, e.g., a depth-1 GPT."""
     if allow_symbolic and S.is_symbolic(value):
         return
-    if isinstance(value, bool) or not S.is_number(value) or int(value) != value or value < 1:
+    if not is_positive_integer(value):
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 

@@ -5,7 +5,7 @@ from .. import atoms, bonds
 from .. import scalars as S
 from .._inputs import check_input
 from ..algebra import Compose, repeat, residual
-from ._util import check_positive_int, set_total_mass
+from ._util import check_positive_int, is_positive_integer, set_total_mass
 from .attention import Attention
 from .hyper import CollapseStreams, ExpandStreams, HyperConnections
 
@@ -24,7 +24,7 @@ def mlp_branch(width, ratio=4, manifold="euclidean", activation_fn=None):
     act = activation_fn if activation_fn is not None else bonds.GELU()
     hidden = ratio * width
     if not S.is_symbolic(hidden):  # named here: Linear's own error says only "dimensions (C, 2.4)"
-        if isinstance(ratio, bool) or not S.is_number(hidden) or int(hidden) != hidden or hidden < 1:
+        if isinstance(ratio, bool) or not is_positive_integer(hidden):
             raise ValueError(f"mlp_ratio·width (the MLP's hidden width) must be a positive integer, "
                              f"got mlp_ratio={ratio!r}, width={width!r}")
         hidden = int(hidden)

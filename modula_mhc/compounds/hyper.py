@@ -25,7 +25,7 @@ from .. import atoms, kernels
 from .. import scalars as S
 from ..atoms.mix import Gate, Mix, StaticCoefficients
 from ..module import Bond, Module, Sharpness, static_constants
-from ._util import is_count as _is_count
+from ._util import is_count, is_positive_integer
 from .hyper_bounds import sensitivity_constants
 
 __all__ = ["HyperConnections", "ExpandStreams", "CollapseStreams", "residual_init_logit"]
@@ -62,7 +62,7 @@ def _check_options(branch, streams, width, depth, iters, sinkhorn_tol, coeff_mas
     """Validate the constructor's options (iters: sinkhorn_iters, sinkhorn_max_iters); returns the width C."""
     if norm_at not in ("init", "bound"):
         raise ValueError(f"norm_at must be 'init' or 'bound', got {norm_at!r}")
-    if not _is_count(streams):
+    if not is_count(streams):
         raise ValueError(f"streams must be a positive int, got {streams!r}")
     width = width if width is not None else branch.in_dim
     if width is None or S.is_symbolic(width) or not S.is_number(width) or int(width) != width or width < 1:
@@ -71,10 +71,10 @@ def _check_options(branch, streams, width, depth, iters, sinkhorn_tol, coeff_mas
     out = branch.out_dim if branch.out_dim is not None else (width if branch.preserves_dim else None)
     if out is not None and S.is_number(out) and out != width:
         raise ValueError(f"the branch must map width {width} to itself, it maps to {out}")
-    if depth is not None and (isinstance(depth, bool) or not S.is_number(depth) or int(depth) != depth or depth < 1):
+    if depth is not None and not is_positive_integer(depth):
         raise ValueError(f"depth must be a positive integer or None, got {depth!r}")
     for name, v in zip(("sinkhorn_iters", "sinkhorn_max_iters"), iters):
-        if not _is_count(v):
+        if not is_count(v):
             raise ValueError(f"{name} must be a positive int, got {v!r}")
     if sinkhorn_tol is not None and not (isinstance(sinkhorn_tol, (int, float)) and sinkhorn_tol > 0):
         raise ValueError(f"sinkhorn_tol must be a positive number or None, got {sinkhorn_tol!r}")
@@ -126,7 +126,7 @@ class _StreamsBond(Bond):
 
     def __init__(self, streams: int):
         super().__init__()
-        if not _is_count(streams):
+        if not is_count(streams):
             raise ValueError(f"streams must be a positive int, got {streams!r}")
         self.streams = streams
 
